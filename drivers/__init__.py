@@ -1,0 +1,1 @@
+"""Southbound protocol adapters. They speak to devices and know nothing of the twin."""

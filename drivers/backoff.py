@@ -1,0 +1,33 @@
+"""Capped exponential backoff with full jitter, as a small pure object."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Backoff:
+    """Delays that double from `initial` up to `cap`, each drawn uniformly from [d/2, d]."""
+
+    initial: float = 0.5
+    cap: float = 30.0
+    factor: float = 2.0
+    rng: random.Random = field(default_factory=random.Random)
+    _attempt: int = 0
+
+    def next_delay(self) -> float:
+        """Return the delay before the next attempt and count the attempt."""
+        ceiling = min(self.cap, self.initial * self.factor**self._attempt)
+        self._attempt += 1
+        # Half-jitter: never zero (no reconnect storms against a restarting PLC), never above cap.
+        return ceiling / 2 + self.rng.random() * ceiling / 2
+
+    def reset(self) -> None:
+        """Start again from `initial` after a success."""
+        self._attempt = 0
+
+    @property
+    def attempts(self) -> int:
+        """Attempts counted since the last reset."""
+        return self._attempt

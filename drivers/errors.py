@@ -1,0 +1,31 @@
+"""Errors raised by drivers; each names the device and, where it applies, the address."""
+
+from __future__ import annotations
+
+
+class DriverError(Exception):
+    """Root of every error a driver raises."""
+
+
+class ConfigurationError(DriverError):
+    """A point or device option the driver cannot work with."""
+
+
+class NotConnectedError(DriverError):
+    """The request needs a connection the driver does not have right now."""
+
+
+class ConnectionLostError(DriverError):
+    """The connection dropped while the request was pending."""
+
+
+class DeviceError(DriverError):
+    """The device answered, but with an error (exception code, bad status)."""
+
+
+class WriteRejectedError(DriverError):
+    """A write the driver refused to send: not writable, outside the point's limits, bad type."""
+
+
+class WriteVerifyError(DriverError):
+    """The value read back after a write differs from the value written."""

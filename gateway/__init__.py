@@ -1,0 +1,3 @@
+"""OpsTwin Gateway: the core package."""
+
+__version__ = "0.1.0"
