@@ -1,0 +1,138 @@
+"""The `opstwin` command: run, check, demo, and read-only views of a gateway's twin database."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from gateway import __version__
+from gateway.config import SiteConfig, load_config
+from gateway.errors import ConfigError, GatewayError
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_CONFIG = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse arguments and run one subcommand; return the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return EXIT_CONFIG
+    try:
+        return int(args.handler(args) or EXIT_OK)
+    except ConfigError as exc:
+        print(f"opstwin: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except GatewayError as exc:
+        print(f"opstwin: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand (the README documents each one)."""
+    parser = argparse.ArgumentParser(
+        prog="opstwin",
+        description="OpsTwin Gateway: industrial edge gateway with a digital twin.",
+    )
+    parser.add_argument("--version", action="version", version=f"opstwin {__version__}")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the gateway with a site config until SIGTERM/SIGINT")
+    run.add_argument("--config", "-c", required=True, help="site config YAML file")
+    run.set_defaults(handler=cmd_run)
+
+    check = sub.add_parser("check", help="validate a site config and print what it declares")
+    check.add_argument("config", help="site config YAML file")
+    check.set_defaults(handler=cmd_check)
+
+    demo = sub.add_parser(
+        "demo", help="start the simulated plant and a gateway reading it; print where to look"
+    )
+    demo.add_argument(
+        "--state-dir", default="opstwin-demo", help="folder for the demo config and database"
+    )
+    demo.add_argument("--http-port", type=int, default=8000, help="gateway HTTP port (0 = free)")
+    demo.add_argument("--seed", type=int, default=7, help="simulated plant seed")
+    demo.add_argument(
+        "--duration", type=float, default=None, help="stop after this many seconds (default: run)"
+    )
+    demo.set_defaults(handler=cmd_demo)
+
+    from gateway.views import add_view_commands  # read-only views share their own module
+
+    add_view_commands(sub)
+    return parser
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the gateway."""
+    from gateway.serve import serve
+
+    config = load_config(args.config)
+    setup_logging(config.log_level)
+    asyncio.run(serve(config))
+    return EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Validate a config and describe it."""
+    config = load_config(args.config)
+    print(describe(config, args.config))
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run the demo plant and gateway."""
+    from gateway.demo import run_demo
+
+    setup_logging("INFO")
+    return run_demo(
+        state_dir=args.state_dir, http_port=args.http_port, seed=args.seed, duration=args.duration
+    )
+
+
+def describe(config: SiteConfig, source: str) -> str:
+    """A human summary of what a config declares."""
+    npoints = sum(len(d.points) for d in config.devices)
+    lines = [
+        f"{source}: OK",
+        f"site {config.site_id}, gateway {config.gateway_id}",
+        f"storage {config.storage.path} (history {config.storage.history_days:g} d, "
+        f"events {config.storage.events_days:g} d)",
+        f"http {config.http.host}:{config.http.port}",
+        f"{len(config.devices)} device(s), {npoints} point(s):",
+    ]
+    for device in config.devices:
+        state = "" if device.enabled else " [disabled]"
+        lines.append(f"  {device.name} ({device.driver}) {device.endpoint}{state}")
+        for point in device.points:
+            rng = f" [{point.range.lo:g}..{point.range.hi:g}]" if point.range else ""
+            flags = " writable" if point.writable else ""
+            unit = f" {point.unit}" if point.unit else ""
+            lines.append(
+                f"    {point.id:<44} {point.address:<14} {point.datatype:<8}{unit}{rng}{flags}"
+            )
+    return "\n".join(lines)
+
+
+def setup_logging(level: str) -> None:
+    """Log to stderr with timestamps (journald adds its own, but a console run needs them)."""
+    logging.basicConfig(
+        level=getattr(logging, level),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # pymodbus logs every failed request at ERROR; the driver logs transitions itself.
+    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""Load a site config once, validate everything, and report every problem with file, path and line."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import ValidationError
+
+from gateway.config.model import ModbusDeviceConfig, SiteConfig
+from gateway.config.yamlpos import YamlDocument, format_path, parse_yaml
+from gateway.errors import ConfigError
+
+__all__ = ["Problem", "check_site", "load_config", "parse_config"]
+
+PathParts = tuple[str | int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing wrong with a config: where, and what is expected instead."""
+
+    path: PathParts
+    message: str
+
+
+def load_config(path: str | Path) -> SiteConfig:
+    """Read, validate and return a site config; raise ConfigError naming every problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from exc
+    config = parse_config(text, source=str(path))
+    storage = config.storage
+    if not storage.path.is_absolute():
+        # Relative to the config file, not the working directory: systemd and a shell in
+        # another folder must find the same database.
+        resolved = (path.parent / storage.path).resolve()
+        config = config.model_copy(update={"storage": storage.model_copy(update={"path": resolved})})
+    return config
+
+
+def parse_config(text: str, *, source: str = "<config>") -> SiteConfig:
+    """Validate config text; raise ConfigError listing each problem with its key path and line."""
+    try:
+        doc = parse_yaml(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f", line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{source}{where}: invalid YAML: {problem}") from exc
+    if not isinstance(doc.data, dict):
+        kind = "empty" if doc.data is None else f"a {type(doc.data).__name__}"
+        raise ConfigError(f"{source}: expected a mapping of settings at the top level, got {kind}")
+    try:
+        config = SiteConfig.model_validate(doc.data)
+    except ValidationError as exc:
+        problems = [_from_pydantic(err) for err in exc.errors()]
+        raise ConfigError(_render(source, doc, problems)) from None
+    problems = check_site(config)
+    if problems:
+        raise ConfigError(_render(source, doc, problems))
+    return config
+
+
+def check_site(config: SiteConfig) -> list[Problem]:
+    """Cross-field checks pydantic cannot express per field; pure, so tests need no files."""
+    return [*_unique_names(config), *_each_device(config)]
+
+
+# -- cross-field checks -----------------------------------------------------------------------
+
+
+def _unique_names(config: SiteConfig) -> Iterator[Problem]:
+    devices: dict[str, int] = {}
+    points: dict[str, PathParts] = {}
+    for d, device in enumerate(config.devices):
+        if device.name in devices:
+            yield Problem(
+                ("devices", d, "name"),
+                f"device name {device.name!r} is already used by devices[{devices[device.name]}]",
+            )
+        devices.setdefault(device.name, d)
+        for p, point in enumerate(device.points):
+            where = ("devices", d, "points", p)
+            if point.id in points:
+                yield Problem(
+                    (*where, "id"),
+                    f"point id {point.id!r} is already declared at {format_path(points[point.id])}",
+                )
+            points.setdefault(point.id, where)
+
+
+def _each_device(config: SiteConfig) -> Iterator[Problem]:
+    for d, device in enumerate(config.devices):
+        base: PathParts = ("devices", d)
+        yield from _check_endpoint(base, device.endpoint)
+        for p, point in enumerate(device.points):
+            where = (*base, "points", p)
+            if point.range is not None and not point.range.lo < point.range.hi:
+                yield Problem(
+                    (*where, "range"),
+                    f"lo must be below hi, got lo={point.range.lo:g} hi={point.range.hi:g}",
+                )
+            if point.writable and point.range is None and point.datatype not in ("bool", "string"):
+                yield Problem(
+                    (*where, "range"),
+                    "a writable numeric point needs an engineering range {lo, hi}: the gateway "
+                    "never writes a value it cannot check against limits",
+                )
+            if point.scale == 0:
+                yield Problem((*where, "scale"), "scale must not be 0")
+            if point.datatype == "string" and point.length is None:
+                yield Problem((*where, "length"), "a string point needs `length` (characters)")
+            if point.datatype != "string" and point.length is not None:
+                yield Problem((*where, "length"), "`length` applies only to string points")
+            if point.datatype in ("bool", "string") and point.deadband:
+                yield Problem(
+                    (*where, "deadband"), f"a deadband needs a numeric point, not {point.datatype}"
+                )
+        check = _DRIVER_CHECKS.get(device.driver)
+        if check is not None:
+            yield from check(base, device)
+
+
+def _check_endpoint(base: PathParts, endpoint: str) -> Iterator[Problem]:
+    where = (*base, "endpoint")
+    parts = urlsplit(endpoint)
+    if parts.scheme == "tcp":
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        if not parts.hostname or port is None or not 0 < port < 65536:
+            yield Problem(where, f"expected tcp://HOST:PORT with a port 1-65535, got {endpoint!r}")
+    elif parts.scheme == "serial":
+        if not parts.path.startswith("/"):
+            yield Problem(where, f"expected serial:///dev/NAME, got {endpoint!r}")
+    else:
+        yield Problem(
+            where, f"expected tcp://HOST:PORT or serial:///dev/NAME, got {endpoint!r}"
+        )
+
+
+def _check_modbus(base: PathParts, device: Any) -> Iterator[Problem]:
+    from gateway.devices import modbus_point  # the driver's own rules, one place
+
+    assert isinstance(device, ModbusDeviceConfig)
+    for p, point in enumerate(device.points):
+        try:
+            modbus_point(point, device.options)
+        except Exception as exc:  # driver validation errors carry the field they blame
+            field = getattr(exc, "field", None) or "address"
+            yield Problem((*base, "points", p, field), str(exc))
+
+
+_DRIVER_CHECKS: dict[str, Callable[[PathParts, Any], Iterator[Problem]]] = {
+    "modbus": _check_modbus,
+}
+
+
+# -- rendering ---------------------------------------------------------------------------------
+
+
+def _from_pydantic(err: Any) -> Problem:
+    loc = tuple(err["loc"])
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return Problem(loc, "unknown key (check its spelling and where it is indented)")
+    if kind == "missing":
+        return Problem(loc, "required key is missing")
+    message = err["msg"]
+    if "input" in err and kind not in ("model_type", "dict_type"):
+        message = f"{message}, got {err['input']!r}"
+    if kind == "string_pattern_mismatch" and loc and loc[-1] == "id":
+        message = "expected a path like area/line/asset/signal (lower case, digits, _ . -)" + (
+            f", got {err['input']!r}" if "input" in err else ""
+        )
+    return Problem(loc, message)
+
+
+def _render(source: str, doc: YamlDocument, problems: Sequence[Problem]) -> str:
+    lines = [f"{source}: {len(problems)} problem{'s' if len(problems) != 1 else ''}:"]
+    for problem in problems:
+        line = doc.line_of(problem.path)
+        at = f" (line {line})" if line else ""
+        lines.append(f"  {format_path(problem.path)}{at}: {problem.message}")
+    return "\n".join(lines)
