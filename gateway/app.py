@@ -82,15 +82,9 @@ class Gateway:
             raise DeviceError(f"{point_id}: point is not writable")
         # The driver checks limits too; checking here as well means a refusal never depends on
         # one layer alone.
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value) or (
-                point.lo is not None
-                and point.hi is not None
-                and not point.lo <= value <= point.hi
-            ):
-                raise DeviceError(
-                    f"{point_id}: value {value!r} outside limits [{point.lo:g}, {point.hi:g}]"
-                )
+        if _outside_limits(point, value):
+            limits = f"[{point.lo}, {point.hi}]"
+            raise DeviceError(f"{point_id}: value {value!r} outside limits {limits}")
         driver = self.drivers[point.device]
         try:
             return await driver.write(point_id, value)
@@ -126,3 +120,11 @@ class Gateway:
                 await asyncio.to_thread(self.store.prune)
             except Exception:
                 log.exception("history pruning failed; will retry in an hour")
+
+
+def _outside_limits(point: PointDef, value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False  # the driver checks non-numeric values against the datatype
+    if not math.isfinite(value):
+        return True
+    return point.lo is not None and point.hi is not None and not point.lo <= value <= point.hi

@@ -1,4 +1,4 @@
-"""The gateway's error hierarchy: one root, a subclass per kind of failure a user must tell apart."""
+"""The gateway's error hierarchy: one root, a subclass per kind of failure a user tells apart."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Load a site config once, validate everything, and report every problem with file, path and line."""
+"""Load a site config once, validate it, and report every problem with file, key path and line."""
 
 from __future__ import annotations
 
@@ -41,12 +41,13 @@ def load_config(path: str | Path) -> SiteConfig:
         # Relative to the config file, not the working directory: systemd and a shell in
         # another folder must find the same database.
         resolved = (path.parent / storage.path).resolve()
-        config = config.model_copy(update={"storage": storage.model_copy(update={"path": resolved})})
+        storage = storage.model_copy(update={"path": resolved})
+        config = config.model_copy(update={"storage": storage})
     return config
 
 
 def parse_config(text: str, *, source: str = "<config>") -> SiteConfig:
-    """Validate config text; raise ConfigError listing each problem with its key path and line."""
+    """Validate config text; raise ConfigError listing each problem with key path and line."""
     try:
         doc = parse_yaml(text)
     except yaml.YAMLError as exc:

@@ -49,13 +49,19 @@ class PointConfig(_Strict):
     id: Annotated[str, Field(pattern=POINT_ID_PATTERN)] = Field(
         description="Path `area/line/asset/signal`, unique across the site."
     )
-    address: str = Field(description="Protocol address, e.g. `holding:0`, `input:3`, `holding:5.2`.")
+    address: str = Field(
+        description="Protocol address, e.g. `holding:0`, `input:3`, `holding:5.2`."
+    )
     datatype: DataType = Field(description="Raw datatype on the device.")
     unit: str = Field("", description="Engineering unit, e.g. `m`, `°C`, `kW`.")
-    range: Range | None = Field(None, description="Engineering range `{lo, hi}`; required if writable.")
+    range: Range | None = Field(
+        None, description="Engineering range `{lo, hi}`; required if writable and numeric."
+    )
     writable: bool = Field(False, description="Whether setpoints may be written to this point.")
-    deadband: float = Field(0.0, ge=0, description="Absolute change below which updates are dropped.")
-    scale: float = Field(1.0, description="Engineering value = raw × scale + offset.")
+    deadband: float = Field(
+        0.0, ge=0, description="Absolute change below which updates are dropped."
+    )
+    scale: float = Field(1.0, description="Engineering value = raw * scale + offset.")
     offset: float = Field(0.0, description="See `scale`.")
     length: int | None = Field(None, ge=1, le=246, description="Characters, for `string` points.")
     byte_order: Literal["big", "little"] | None = Field(

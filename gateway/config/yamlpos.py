@@ -33,7 +33,7 @@ class YamlDocument:
 
 
 def parse_yaml(text: str) -> YamlDocument:
-    """Parse one YAML document; raise yaml.YAMLError (with a mark) on bad syntax or duplicate keys."""
+    """Parse one YAML document; raise yaml.YAMLError (with a mark) on bad syntax or duplicates."""
     root = yaml.compose(text, Loader=yaml.SafeLoader)
     if root is not None:
         _refuse_duplicate_keys(root)

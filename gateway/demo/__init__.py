@@ -74,11 +74,12 @@ def write_demo_config(state: Path, tank_port: int, meter_port: int, http_port: i
 
 async def _run(config, config_path: Path, sim_log: Path, duration: float | None) -> None:
     stop = asyncio.Event()
+    tasks: set[asyncio.Task[None]] = set()  # held so the script task is not garbage-collected
 
     async def on_ready(gateway: Gateway, urls: list[str]) -> None:
         base = urls[0] if urls else f"http://{config.http.host}:{config.http.port}"
         _banner(gateway, base, config_path, sim_log)
-        asyncio.create_task(_script(gateway, stop, duration), name="demo:script")
+        tasks.add(asyncio.create_task(_script(gateway, stop, duration), name="demo:script"))
 
     await serve(config, on_ready=on_ready, stop=stop)
 

@@ -127,7 +127,8 @@ CASES = [
      "devices[0].points[3].length", "length"),
     ("http port out of range", _set(("http",), {"port": 70000}), "http.port", "65535"),
     ("unknown driver", _set(("devices", 0, "driver"), "profibus"), "devices[0].driver", "modbus"),
-    ("device without points", _set(("devices", 2, "points"), []), "devices[2].points", "at least 1"),
+    ("device without points", _set(("devices", 2, "points"), []),
+     "devices[2].points", "at least 1"),
     ("unknown point key", _set(("devices", 0, "points", 0, "deadbnd"), 0.1),
      "devices[0].points[0].deadbnd", "unknown key"),
 ]
@@ -146,7 +147,8 @@ def test_error_gives_the_line_of_the_bad_key(tmp_path):
     path = write(tmp_path, broken(_set(("devices", 2, "points", 5, "address"), "hold:5")))
     lines = path.read_text().splitlines()
     expected = next(i for i, ln in enumerate(lines, 1) if "hold:5" in ln)
-    with pytest.raises(ConfigError, match=rf"devices\[2\]\.points\[5\]\.address \(line {expected}\)"):
+    where = rf"devices\[2\]\.points\[5\]\.address \(line {expected}\)"
+    with pytest.raises(ConfigError, match=where):
         load_config(path)
 
 

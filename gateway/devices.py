@@ -1,0 +1,61 @@
+"""Turn the site config into twin point definitions and protocol drivers."""
+
+from __future__ import annotations
+
+from drivers.base import Driver
+from drivers.modbus import ModbusDriver, ModbusPoint
+from drivers.modbus.options import ModbusOptions
+from gateway.config.model import ModbusDeviceConfig, PointConfig, SiteConfig
+from gateway.twin.model import PointDef
+
+__all__ = ["build_drivers", "modbus_point", "point_defs"]
+
+
+def point_defs(config: SiteConfig) -> list[PointDef]:
+    """Every declared point, enabled device or not (a disabled device's points stay in the twin)."""
+    return [
+        PointDef(
+            id=p.id,
+            device=d.name,
+            datatype=p.datatype,
+            unit=p.unit,
+            lo=p.range.lo if p.range else None,
+            hi=p.range.hi if p.range else None,
+            writable=p.writable,
+            deadband=p.deadband,
+            description=p.description,
+        )
+        for d in config.devices
+        for p in d.points
+    ]
+
+
+def build_drivers(config: SiteConfig) -> dict[str, Driver]:
+    """One driver per enabled device, keyed by device name."""
+    drivers: dict[str, Driver] = {}
+    for device in config.devices:
+        if device.enabled:
+            drivers[device.name] = _modbus_driver(device)
+    return drivers
+
+
+def modbus_point(point: PointConfig, options: ModbusOptions) -> ModbusPoint:
+    """The driver's view of a configured point; raises the driver's own validation errors."""
+    return ModbusPoint(
+        key=point.id,
+        address=point.address,
+        datatype=point.datatype,
+        length=point.length,
+        byte_order=point.byte_order,
+        word_order=point.word_order,
+        scale=point.scale,
+        offset=point.offset,
+        lo=point.range.lo if point.range else None,
+        hi=point.range.hi if point.range else None,
+        writable=point.writable,
+    )
+
+
+def _modbus_driver(device: ModbusDeviceConfig) -> Driver:
+    points = [modbus_point(p, device.options) for p in device.points]
+    return ModbusDriver(device.name, device.endpoint, device.options, points)

@@ -1,0 +1,470 @@
+"""The twin store: in-memory current state in front of the SQLite event log and history.
+
+Public API (all methods are safe to call from the event-loop thread: none waits on SQLite except
+those marked *blocking*, which the loop runs through `asyncio.to_thread`):
+
+    TwinStore(path, points, *, flush_interval_s=0.005, flush_rows=5000, history_days=30,
+              events_days=7, clock=time.time)
+    open() -> None                       blocking: migrate, load current values + rev, start writer
+    close() -> None                      blocking: commit everything, stop the writer
+    ingest(batch: Iterable[Sample]) -> int         accepted count; never blocks on SQLite
+    append_event(type, data, *, point_id=None, asset_id=None) -> int     the event's rev
+    get(point_id) -> PointValue                    UnknownPointError if not declared
+    snapshot() -> tuple[int, dict[str, PointValue]]
+    rev: int                             newest rev assigned in memory (may not be committed yet)
+    committed_rev: int                   newest rev known to be in the database
+    flush(timeout=10.0) -> None          blocking: wait until `rev` (as of the call) is committed
+    aflush() -> None                     the same, awaitable (off-loop thread)
+    prune(now=None) -> PruneResult       blocking: retention, run on the writer thread
+    history(point_id, start, end, limit=1000) -> list[HistoryRow]      blocking reads, see
+    aggregate(point_id, start, end, bucket_s) -> list[Bucket]          `gateway.twin.history`
+    events_since(rev, limit=1000) -> list[EventRecord]
+    stats -> StoreStats                  accepted / filtered / unknown / invalid, writer counters
+
+Ingest filters on change: the first sample of a point is always accepted; a quality change is
+always accepted; otherwise a value is accepted when it differs from the last accepted one by more
+than the point's deadband (deadband 0: any change). A sample with `value=None` keeps the last
+value and can only change the quality. Values outside a point's lo/hi are stored unchanged; the
+driver decides quality. Every accepted change gets the next rev and becomes a `TelemetryChanged`
+event whose data is the point's state after it (value, quality, source_ts, reason).
+
+Revs are assigned in memory at ingest, in the same order the writer commits them. Until the
+writer commits, `rev` is ahead of `committed_rev`; a crash loses that tail, and the reopened
+store hands the same rev numbers out again. Anything that leaves the process with a rev (an ETag,
+an SSE id, an MQTT diff) is safe when it comes from the event log, which only holds committed
+events; a rev taken from `rev`/`snapshot()` may be reused after a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import numbers
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from drivers.base import Quality, Sample
+from gateway.errors import StoreError, UnknownPointError
+from gateway.twin.history import Bucket, HistoryReader, HistoryRow, decode_value
+from gateway.twin.model import EventRecord, PointDef, PointValue, asset_of
+from gateway.twin.schema import QUALITIES, QUALITY_CODE, TELEMETRY, connect, migrate
+from gateway.twin.writer import PruneResult, TelemetryRow, Writer
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PruneResult", "StoreStats", "TwinStore"]
+
+DAY_S = 86400.0
+# Logged once each, then only counted: a misconfigured device would otherwise flood the log.
+MAX_LOGGED_UNKNOWN = 100
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+@dataclass(slots=True)
+class StoreStats:
+    """Counters since open."""
+
+    accepted: int
+    filtered: int
+    unknown: int
+    invalid: int
+    rev: int
+    committed_rev: int
+    batches: int
+    rows_written: int
+    current_rows_written: int
+    writer_backlog: int
+    writer_error: str | None
+
+
+class TwinStore:
+    """The twin's current state in memory, its event log and history in SQLite."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        points: Sequence[PointDef],
+        *,
+        flush_interval_s: float = 0.005,
+        flush_rows: int = 5000,
+        history_days: float = 30,
+        events_days: float = 7,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if flush_interval_s <= 0 or flush_rows < 1:
+            raise ValueError("flush_interval_s must be > 0 and flush_rows >= 1")
+        if history_days <= 0 or events_days <= 0:
+            raise ValueError("history_days and events_days must be > 0")
+        self.path = Path(path)
+        self.points: dict[str, PointDef] = {}
+        for point in points:
+            if point.id in self.points:
+                raise StoreError(f"point {point.id!r} is declared twice")
+            self.points[point.id] = point
+        self.flush_interval_s = flush_interval_s
+        self.flush_rows = flush_rows
+        self.history_days = history_days
+        self.events_days = events_days
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._writer: Writer | None = None
+        self._reader: HistoryReader | None = None
+        self._open = False
+        self._rev = 0
+        # point id -> [pid, deadband, last row]; the last row is the TelemetryRow that the writer
+        # also gets, so an accepted update allocates one tuple and nothing else.
+        self._state: dict[str, list[Any]] = {}
+        self._decode: dict[str, Callable[[Any], Any]] = {}
+        self._accepted = 0
+        self._filtered = 0
+        self._unknown = 0
+        self._invalid = 0
+        self._unknown_seen: set[str] = set()
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Migrate the database, load current values and rev, and start the writer thread."""
+        if self._open:
+            raise StoreError(f"{self.path}: twin store is already open")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = connect(self.path)
+        try:
+            migrate(conn, path=self.path)
+            pids = self._declare_points(conn)
+            rev, log_start = self._load(conn, pids)
+        except StoreError:
+            raise
+        except Exception as exc:
+            raise StoreError(f"{self.path}: cannot open the twin store: {exc}") from exc
+        finally:
+            conn.close()
+        self._rev = rev
+        writer = Writer(
+            self.path,
+            committed_rev=rev,
+            log_start_rev=log_start,
+            flush_interval_s=self.flush_interval_s,
+            flush_rows=self.flush_rows,
+            history_s=self.history_days * DAY_S,
+            events_s=self.events_days * DAY_S,
+            clock=self._clock,
+        )
+        writer.start()
+        self._writer = writer
+        self._reader = HistoryReader(self.path)
+        self._open = True
+        log.info("%s: twin store open at rev %d with %d points", self.path, rev, len(self.points))
+
+    def close(self) -> None:
+        """Commit everything ingested so far, stop the writer and close every connection."""
+        with self._lock:
+            if not self._open:
+                return
+            self._open = False
+        try:
+            if self._writer is not None:
+                self._writer.stop(timeout=60.0)
+        finally:
+            if self._reader is not None:
+                self._reader.close()
+
+    def __enter__(self) -> TwinStore:
+        self.open()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- writes -----------------------------------------------------------------------------------
+
+    def ingest(self, batch: Iterable[Sample]) -> int:
+        """Apply a batch of samples; return how many were accepted as changes."""
+        now = self._clock()
+        rows: list[TelemetryRow] = []
+        append = rows.append
+        state = self._state
+        qcode = QUALITY_CODE
+        plain = _PLAIN_TYPES
+        filtered = unknown = invalid = 0
+        with self._lock:
+            if not self._open:
+                raise StoreError(f"{self.path}: twin store is not open")
+            rev = self._rev
+            for sample in batch:
+                entry = state.get(sample.key)
+                if entry is None:
+                    unknown += 1
+                    self._note_unknown(sample.key)
+                    continue
+                quality = qcode.get(sample.quality)
+                value = sample.value
+                if quality is None or (value is not None and type(value) not in plain):
+                    value = _coerce(value)
+                    if quality is None or value is _INVALID:
+                        invalid += 1
+                        continue
+                last = entry[2]
+                if last is not None:
+                    if value is None:
+                        if quality == last[4]:
+                            filtered += 1
+                            continue
+                        value = last[3]
+                    elif quality == last[4]:
+                        previous = last[3]
+                        if value == previous:
+                            filtered += 1
+                            continue
+                        deadband = entry[1]
+                        if deadband:
+                            try:
+                                if abs(value - previous) <= deadband:
+                                    filtered += 1
+                                    continue
+                            except TypeError:
+                                pass  # not numbers (text, a None previous): changed is changed
+                rev += 1
+                row = (rev, now, entry[0], value, quality, sample.source_ts, sample.reason)
+                entry[2] = row
+                append(row)
+            if rows:
+                self._rev = rev
+                assert self._writer is not None
+                self._writer.submit_telemetry(rows)
+            self._accepted += len(rows)
+            self._filtered += filtered
+            self._unknown += unknown
+            self._invalid += invalid
+        return len(rows)
+
+    def append_event(
+        self,
+        type: str,
+        data: dict[str, Any],
+        *,
+        point_id: str | None = None,
+        asset_id: str | None = None,
+    ) -> int:
+        """Append a non-telemetry event (e.g. `DeviceStateChanged`); return its rev."""
+        if type == TELEMETRY:
+            raise StoreError(f"{TELEMETRY} events come from ingest(), not append_event()")
+        if not type:
+            raise StoreError("an event needs a type")
+        try:
+            payload = json.dumps(data, separators=(",", ":"), default=str)
+        except (TypeError, ValueError) as exc:
+            raise StoreError(f"{type}: event data is not JSON-serialisable: {exc}") from exc
+        now = self._clock()
+        with self._lock:
+            if not self._open:
+                raise StoreError(f"{self.path}: twin store is not open")
+            pid = None
+            if point_id is not None:
+                entry = self._state.get(point_id)
+                if entry is None:
+                    raise UnknownPointError(f"unknown point {point_id!r}")
+                pid = entry[0]
+                if asset_id is None:
+                    asset_id = asset_of(point_id)
+            self._rev += 1
+            rev = self._rev
+            assert self._writer is not None
+            self._writer.submit_event((rev, now, type, pid, asset_id, payload))
+        return rev
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Block until everything ingested so far is committed; StoreError if it cannot be."""
+        writer = self._require_writer()
+        writer.flush(self._rev, timeout)
+
+    async def aflush(self) -> None:
+        """Wait, off the event loop, until everything ingested so far is committed."""
+        await asyncio.to_thread(self.flush)
+
+    def prune(self, now: float | None = None, timeout: float = 600.0) -> PruneResult:
+        """Drop history older than `history_days` and events older than `events_days`."""
+        writer = self._require_writer()
+        result = writer.prune(self._clock() if now is None else now, timeout)
+        log.info(
+            "%s: pruned %d history rows and %d events; the event log starts at rev %d",
+            self.path,
+            result.history_rows,
+            result.events,
+            result.log_start_rev,
+        )
+        return result
+
+    # -- reads ------------------------------------------------------------------------------------
+
+    @property
+    def rev(self) -> int:
+        """The newest rev assigned (in memory; see `committed_rev` for what is durable)."""
+        return self._rev
+
+    @property
+    def committed_rev(self) -> int:
+        """The newest rev known to be committed to the database."""
+        return self._writer.committed_rev if self._writer is not None else self._rev
+
+    @property
+    def log_start_rev(self) -> int:
+        """The oldest rev the event log still serves (retention moves it up)."""
+        return self._writer.log_start_rev if self._writer is not None else 1
+
+    def get(self, point_id: str) -> PointValue:
+        """The current value of one point."""
+        entry = self._state.get(point_id)
+        if entry is None:
+            raise UnknownPointError(f"unknown point {point_id!r}")
+        return self._value_of(point_id, entry[2])
+
+    def snapshot(self) -> tuple[int, dict[str, PointValue]]:
+        """Every point's current value and the rev they were taken at."""
+        with self._lock:
+            rev = self._rev
+            rows = [(point_id, entry[2]) for point_id, entry in self._state.items()]
+        return rev, {point_id: self._value_of(point_id, row) for point_id, row in rows}
+
+    def history(
+        self, point_id: str, start: float, end: float, limit: int = 1000
+    ) -> list[HistoryRow]:
+        """One point's committed history in [start, end], oldest first (blocking)."""
+        return self._require_reader().history(point_id, start, end, limit)
+
+    def aggregate(self, point_id: str, start: float, end: float, bucket_s: float) -> list[Bucket]:
+        """Time-bucket min/max/mean/last/count of one point (blocking)."""
+        return self._require_reader().aggregate(point_id, start, end, bucket_s)
+
+    def events_since(self, rev: int, limit: int = 1000) -> list[EventRecord]:
+        """Committed events after `rev`, in rev order (blocking)."""
+        return self._require_reader().events_since(rev, limit)
+
+    @property
+    def stats(self) -> StoreStats:
+        """Ingest and writer counters."""
+        writer = self._writer
+        return StoreStats(
+            accepted=self._accepted,
+            filtered=self._filtered,
+            unknown=self._unknown,
+            invalid=self._invalid,
+            rev=self._rev,
+            committed_rev=self.committed_rev,
+            batches=writer.batches if writer else 0,
+            rows_written=writer.rows_written if writer else 0,
+            current_rows_written=writer.current_rows_written if writer else 0,
+            writer_backlog=writer.backlog if writer else 0,
+            writer_error=None if writer is None or writer.error is None else str(writer.error),
+        )
+
+    # -- helpers ----------------------------------------------------------------------------------
+
+    def _value_of(self, point_id: str, row: TelemetryRow | None) -> PointValue:
+        if row is None:
+            # Declared, never heard from: OPC UA's BadWaitingForInitialData.
+            return PointValue(point_id, None, Quality.BAD, None, 0.0, 0, "waiting for initial data")
+        rev, ts, _pid, value, quality, source_ts, reason = row
+        return PointValue(point_id, value, QUALITIES[quality], source_ts, ts, rev, reason)
+
+    def _declare_points(self, conn: Any) -> dict[str, int]:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("UPDATE points SET declared = 0")
+            conn.executemany(
+                "INSERT INTO points(id, device, datatype, unit, lo, hi, writable, deadband, "
+                "description, declared) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 1) "
+                "ON CONFLICT(id) DO UPDATE SET device = excluded.device, "
+                "datatype = excluded.datatype, unit = excluded.unit, lo = excluded.lo, "
+                "hi = excluded.hi, writable = excluded.writable, deadband = excluded.deadband, "
+                "description = excluded.description, declared = 1",
+                [
+                    (
+                        p.id,
+                        p.device,
+                        p.datatype,
+                        p.unit,
+                        p.lo,
+                        p.hi,
+                        int(p.writable),
+                        p.deadband,
+                        p.description,
+                    )
+                    for p in self.points.values()
+                ],
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return dict(conn.execute("SELECT id, pid FROM points WHERE declared = 1").fetchall())
+
+    def _load(self, conn: Any, pids: dict[str, int]) -> tuple[int, int]:
+        current = {
+            row[2]: row
+            for row in conn.execute(
+                "SELECT rev, ts, pid, value, quality, source_ts, reason FROM current"
+            )
+        }
+        self._state = {}
+        for point_id, point in self.points.items():
+            pid = pids[point_id]
+            row = current.get(pid)
+            if row is not None:
+                decode = decode_value(point.datatype)
+                if decode is not None:
+                    row = (*row[:3], decode(row[3]), *row[4:])
+            deadband = point.deadband if point.deadband and point.deadband > 0 else 0.0
+            self._state[point_id] = [pid, deadband, row]
+        top_event = conn.execute("SELECT max(rev) FROM events").fetchone()[0] or 0
+        top_current = conn.execute("SELECT max(rev) FROM current").fetchone()[0] or 0
+        log_start = int(
+            conn.execute("SELECT value FROM meta WHERE key = 'log_start_rev'").fetchone()[0]
+        )
+        # Retention may have emptied the log; the rev still never goes back.
+        return max(top_event, top_current, log_start - 1), log_start
+
+    def _note_unknown(self, key: str) -> None:
+        if key not in self._unknown_seen and len(self._unknown_seen) < MAX_LOGGED_UNKNOWN:
+            self._unknown_seen.add(key)
+            log.warning("%s: ignoring samples of undeclared point %r", self.path, key)
+
+    def _require_writer(self) -> Writer:
+        if self._writer is None:
+            raise StoreError(f"{self.path}: twin store was never opened")
+        return self._writer
+
+    def _require_reader(self) -> HistoryReader:
+        if self._reader is None:
+            raise StoreError(f"{self.path}: twin store was never opened")
+        return self._reader
+
+
+# -- value checks ----------------------------------------------------------------------------------
+
+# Types SQLite binds as they are. int is not here: it has a range to check (see _coerce).
+_PLAIN_TYPES = frozenset({float, str})
+_INVALID = object()
+
+
+def _coerce(value: Any) -> Any:
+    """A value SQLite can store and compare, or _INVALID (lists, dicts, huge ints, …)."""
+    if value is None or type(value) is bool:
+        return value
+    if isinstance(value, str):  # a StrEnum member and the like: store the text
+        return str(value)
+    if isinstance(value, int):
+        return value if _INT64[0] <= value <= _INT64[1] else float(value)
+    if isinstance(value, numbers.Integral):  # numpy integers
+        return _coerce(int(value))
+    if isinstance(value, numbers.Real):  # numpy floats, Decimal, Fraction
+        return float(value)
+    if isinstance(value, bytes):
+        return value
+    return _INVALID

@@ -1,0 +1,429 @@
+"""The single SQLite writer thread: every twin write goes through its queue, in rev order.
+
+The store puts whole lists of telemetry rows (one list per ingested batch), single generic-event
+rows and commands on one `queue.SimpleQueue`; `put` never blocks, so the event loop never waits
+on SQLite. The thread gathers rows for `flush_interval_s` or until `flush_rows`, then writes them
+in one transaction: the events with `executemany`, and `current` coalesced to one row per point.
+
+Because the queue holds revs in ascending order, `committed_rev` (set only after COMMIT returns)
+means every rev up to it is in the database. A failing commit (disk full, I/O error, a locked
+file) is rolled back, logged on the transition, kept in `error`, and retried with backoff; the
+rows stay queued in memory, and every flush waiting meanwhile fails with the cause.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gateway.errors import StoreError
+from gateway.twin.schema import TELEMETRY, connect
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EventRow", "PruneResult", "TelemetryRow", "Writer"]
+
+# (rev, ts, pid, value, quality code, source_ts, reason): bound as-is by INSERT_TELEMETRY.
+TelemetryRow = tuple[int, float, int, Any, int, "float | None", "str | None"]
+# (rev, ts, type, pid, asset_id, data JSON)
+EventRow = tuple[int, float, str, "int | None", "str | None", str]
+
+INSERT_TELEMETRY = (
+    "INSERT INTO events(rev, ts, type, pid, value, quality, source_ts, reason) "
+    f"VALUES (?, ?, '{TELEMETRY}', ?, ?, ?, ?, ?)"
+)
+INSERT_EVENT = "INSERT INTO events(rev, ts, type, pid, asset_id, data) VALUES (?, ?, ?, ?, ?, ?)"
+UPSERT_CURRENT = (
+    "INSERT INTO current(rev, ts, pid, value, quality, source_ts, reason) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(pid) DO UPDATE SET rev = excluded.rev, "
+    "ts = excluded.ts, value = excluded.value, quality = excluded.quality, "
+    "source_ts = excluded.source_ts, reason = excluded.reason"
+)
+DELETE_TELEMETRY = f"DELETE FROM events WHERE rev >= ? AND rev < ? AND type = '{TELEMETRY}'"
+DELETE_OTHER = f"DELETE FROM events WHERE rev >= ? AND rev < ? AND type != '{TELEMETRY}'"
+
+RETRY_MIN_S = 0.05
+RETRY_MAX_S = 5.0
+# Rows deleted per prune transaction; between chunks the writer commits what was ingested.
+PRUNE_CHUNK = 20_000
+
+
+@dataclass(slots=True)
+class PruneResult:
+    """What one `prune` removed and where the event log now starts."""
+
+    history_rows: int = 0
+    events: int = 0
+    log_start_rev: int = 1
+
+
+@dataclass(slots=True)
+class _Command:
+    kind: str  # "flush" | "prune" | "stop"
+    arg: Any = None
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Any = None
+    error: BaseException | None = None
+
+
+@dataclass(slots=True)
+class _PruneJob:
+    command: _Command
+    planned: bool = False
+    moved_start: bool = False
+    log_start: int = 1  # the first rev the log keeps from now on
+    # [lo, hi) rev ranges still to delete, and whether every type goes or only non-telemetry.
+    ranges: list[tuple[int, int, bool]] = field(default_factory=list)
+    result: PruneResult = field(default_factory=PruneResult)
+
+
+class Writer:
+    """Owns the write connection on its own thread; fed through `submit_*`."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        committed_rev: int,
+        log_start_rev: int,
+        flush_interval_s: float,
+        flush_rows: int,
+        history_s: float,
+        events_s: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = Path(path)
+        self.committed_rev = committed_rev
+        self.log_start_rev = log_start_rev
+        self.error: BaseException | None = None
+        self.batches = 0
+        self.rows_written = 0
+        self.current_rows_written = 0
+        self.failures = 0
+        self._flush_interval = flush_interval_s
+        self._flush_rows = flush_rows
+        self._history_s = history_s
+        self._events_s = events_s
+        self._clock = clock
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._cond = threading.Condition()
+        self._conn: sqlite3.Connection | None = None
+        self._thread = threading.Thread(target=self._run, name="twin-writer", daemon=True)
+        self._started = threading.Event()
+        self._start_error: BaseException | None = None
+        # Gathered, not yet committed.
+        self._telemetry: list[list[TelemetryRow]] = []
+        self._events: list[EventRow] = []
+        self._pending_rows = 0
+        self._pending_top = committed_rev
+        self._prune: _PruneJob | None = None
+
+    # -- called from other threads ----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Open the write connection on the writer thread; raise if that fails."""
+        self._thread.start()
+        self._started.wait()
+        if self._start_error is not None:
+            self._thread.join()
+            cause = self._start_error
+            raise StoreError(f"{self.path}: cannot start the twin writer: {cause}") from cause
+
+    def submit_telemetry(self, rows: list[TelemetryRow]) -> None:
+        """Queue one ingested batch (revs ascending, above everything queued before)."""
+        self._queue.put(rows)
+
+    def submit_event(self, row: EventRow) -> None:
+        """Queue one generic event."""
+        self._queue.put(row)
+
+    def flush(self, target_rev: int, timeout: float) -> None:
+        """Block until `target_rev` is committed; StoreError if a commit fails or time runs out."""
+        with self._cond:
+            if self.committed_rev >= target_rev:
+                return
+            failures = self.failures
+        self._queue.put(_Command("flush"))
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self.committed_rev < target_rev:
+                if self.failures > failures:
+                    raise StoreError(
+                        f"{self.path}: twin writer cannot commit (committed rev "
+                        f"{self.committed_rev}, waiting for {target_rev}): {self.error}"
+                    ) from self.error
+                if not self._thread.is_alive():
+                    raise StoreError(f"{self.path}: twin writer has stopped") from self.error
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise StoreError(
+                        f"{self.path}: twin writer did not commit rev {target_rev} within "
+                        f"{timeout:g} s (committed {self.committed_rev})"
+                        + (f"; last error: {self.error}" if self.error else "")
+                    ) from self.error
+                self._cond.wait(min(remaining, 0.5))
+
+    def prune(self, now: float, timeout: float) -> PruneResult:
+        """Run retention on the writer thread and wait for it."""
+        command = _Command("prune", now)
+        self._queue.put(command)
+        if not command.done.wait(timeout):
+            raise StoreError(f"{self.path}: prune did not finish within {timeout:g} s")
+        if command.error is not None:
+            raise StoreError(f"{self.path}: prune failed: {command.error}") from command.error
+        result: PruneResult = command.result
+        return result
+
+    def stop(self, timeout: float) -> None:
+        """Commit everything queued, stop the thread and close the connection."""
+        if not self._thread.is_alive():
+            return
+        command = _Command("stop")
+        self._queue.put(command)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise StoreError(f"{self.path}: twin writer did not stop within {timeout:g} s")
+        if command.error is not None:
+            raise StoreError(
+                f"{self.path}: twin store closed with uncommitted changes after rev "
+                f"{self.committed_rev}: {command.error}"
+            ) from command.error
+
+    @property
+    def backlog(self) -> int:
+        """Items queued but not yet taken by the writer (a rough lag gauge)."""
+        return self._queue.qsize()
+
+    # -- the thread -------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._conn = connect(self.path)
+        except BaseException as exc:
+            self._start_error = exc
+            self._started.set()
+            return
+        self._started.set()
+        try:
+            self._loop()
+        finally:
+            self._conn.close()
+            with self._cond:
+                self._cond.notify_all()
+
+    def _loop(self) -> None:
+        get = self._queue.get
+        monotonic = time.monotonic
+        retry_at = 0.0
+        retry_delay = RETRY_MIN_S
+        deadline = 0.0
+        stop: _Command | None = None
+        while True:
+            force = False
+            if self._prune is not None and not self.error:
+                wait: float | None = 0.0
+            elif self._pending_rows:
+                wait = max((retry_at if self.error else deadline) - monotonic(), 0.0)
+            else:
+                wait = None
+            try:
+                item = get(timeout=wait) if wait is not None else get()
+            except queue.Empty:
+                item = None
+            if item is not None:
+                kind = type(item)
+                if kind is list or kind is tuple:
+                    if not self._pending_rows:
+                        deadline = monotonic() + self._flush_interval
+                    if kind is list:
+                        self._telemetry.append(item)
+                        self._pending_rows += len(item)
+                        self._pending_top = item[-1][0]
+                    else:
+                        self._events.append(item)
+                        self._pending_rows += 1
+                        self._pending_top = item[0]
+                    if self._pending_rows < self._flush_rows and (
+                        monotonic() < (retry_at if self.error else deadline)
+                    ):
+                        continue
+                else:
+                    force = True
+                    if item.kind == "stop":
+                        stop = item
+                    elif item.kind == "prune":
+                        self._request_prune(item)
+            if self._pending_rows and (
+                force
+                or self._pending_rows >= self._flush_rows
+                or monotonic() >= (retry_at if self.error else deadline)
+            ):
+                if self._commit():
+                    retry_delay = RETRY_MIN_S
+                else:
+                    retry_at = monotonic() + retry_delay
+                    retry_delay = min(retry_delay * 2, RETRY_MAX_S)
+            if self._prune is not None and not self._pending_rows and not self.error:
+                self._prune_step()
+            if stop is not None:
+                if self._prune is not None:
+                    self._finish_prune(StoreError("the store closed during prune"))
+                if self._pending_rows:
+                    stop.error = self.error
+                    log.error(
+                        "%s: twin store closing with uncommitted revs %d..%d: %s",
+                        self.path,
+                        self.committed_rev + 1,
+                        self._pending_top,
+                        self.error,
+                    )
+                stop.done.set()
+                return
+
+    def _commit(self) -> bool:
+        conn = self._conn
+        assert conn is not None
+        telemetry, events = self._telemetry, self._events
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                if telemetry:
+                    rows = itertools.chain.from_iterable(telemetry)
+                    conn.executemany(INSERT_TELEMETRY, rows)
+                    # One current row per point per transaction, the newest (revs ascend).
+                    latest = {row[2]: row for batch in telemetry for row in batch}
+                    conn.executemany(UPSERT_CURRENT, latest.values())
+                    self.current_rows_written += len(latest)
+                if events:
+                    conn.executemany(INSERT_EVENT, events)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except Exception as exc:
+            self._fail(exc, "commit")
+            return False
+        self.batches += 1
+        self.rows_written += self._pending_rows
+        self._telemetry, self._events = [], []
+        self._pending_rows = 0
+        with self._cond:
+            self.committed_rev = self._pending_top
+            if self.error is not None:
+                log.warning(
+                    "%s: twin writer recovered; committed up to rev %d",
+                    self.path,
+                    self._pending_top,
+                )
+                self.error = None
+            self._cond.notify_all()
+        return True
+
+    def _fail(self, exc: BaseException, what: str) -> None:
+        with self._cond:
+            if self.error is None:
+                log.error(
+                    "%s: twin writer %s failed, keeping %d rows in memory and retrying: %s",
+                    self.path,
+                    what,
+                    self._pending_rows,
+                    exc,
+                )
+            self.error = exc
+            self.failures += 1
+            self._cond.notify_all()
+
+    # -- retention --------------------------------------------------------------------------------
+
+    def _request_prune(self, command: _Command) -> None:
+        if self._prune is not None:
+            command.error = StoreError("a prune is already running")
+            command.done.set()
+            return
+        # Planned in the first step, once everything queued before it is committed: a row still
+        # in memory must not be mistaken for a missing one.
+        self._prune = _PruneJob(command)
+
+    def _plan_prune(self, job: _PruneJob) -> None:
+        conn = self._conn
+        assert conn is not None
+        now = float(job.command.arg)
+        top = self.committed_rev
+        first = conn.execute("SELECT min(rev) FROM events").fetchone()[0] or top + 1
+        events_cut = now - self._events_s
+        # Telemetry rows are history too: they stay while either retention still wants them.
+        rows_cut = min(events_cut, now - self._history_s)
+        old_start = max(self.log_start_rev, first)
+        log_start = max(self._first_rev_at(old_start, events_cut, top), self.log_start_rev)
+        delete_below = min(self._first_rev_at(first, rows_cut, top), log_start)
+        job.log_start = log_start
+        job.result.log_start_rev = log_start
+        # Below `delete_below` every row goes; from there to the new log start only the
+        # non-telemetry events (already gone below the old start).
+        job.ranges = [(first, delete_below, True), (max(old_start, delete_below), log_start, False)]
+        job.planned = True
+
+    def _first_rev_at(self, start: int, cut: float, top: int) -> int:
+        # The log is kept as a contiguous suffix: everything before the first event at or after
+        # `cut` goes, so a clock step backwards cannot punch holes into it.
+        assert self._conn is not None
+        row = self._conn.execute(
+            "SELECT rev FROM events WHERE rev >= ? AND ts >= ? ORDER BY rev LIMIT 1", (start, cut)
+        ).fetchone()
+        return int(row[0]) if row else top + 1
+
+    def _prune_step(self) -> None:
+        job = self._prune
+        conn = self._conn
+        assert job is not None and conn is not None
+        try:
+            if not job.planned:
+                self._plan_prune(job)
+            while job.ranges and job.ranges[0][0] >= job.ranges[0][1]:
+                job.ranges.pop(0)
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                if not job.moved_start:
+                    # The log start moves first, so a reader never sees a half-deleted log:
+                    # a cursor below it gets "expired", never a gap.
+                    conn.execute(
+                        "UPDATE meta SET value = ? WHERE key = 'log_start_rev'", (job.log_start,)
+                    )
+                if job.ranges:
+                    lo, hi, every_type = job.ranges[0]
+                    upto = min(lo + PRUNE_CHUNK, hi)
+                    if every_type:
+                        job.result.history_rows += conn.execute(
+                            DELETE_TELEMETRY, (lo, upto)
+                        ).rowcount
+                    job.result.events += conn.execute(DELETE_OTHER, (lo, upto)).rowcount
+                    job.ranges[0] = (upto, hi, every_type)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except Exception as exc:
+            self._finish_prune(exc)
+            return
+        if not job.moved_start:
+            job.moved_start = True
+            self.log_start_rev = job.log_start
+        if not any(lo < hi for lo, hi, _ in job.ranges):
+            self._finish_prune(None)
+
+    def _finish_prune(self, error: BaseException | None) -> None:
+        job, self._prune = self._prune, None
+        assert job is not None
+        job.command.error = error
+        job.command.result = job.result
+        job.command.done.set()
