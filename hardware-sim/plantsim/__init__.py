@@ -1,0 +1,29 @@
+"""The simulated plant: process physics behind real protocol servers, with fault injection.
+
+Tests start devices in-process on free ports; the demo runs `python -m plantsim`. Imports
+nothing from `gateway` or `drivers`: it is the plant, not the product.
+"""
+
+from __future__ import annotations
+
+from .device import Device, Model
+from .devices import MeterDevice, Plant, TankDevice
+from .faults import Faults, ModbusFaults
+from .meter import MeterModel, MeterParams
+from .modbus.device import ModbusDevice
+from .tank import TankModel, TankParams
+
+__all__ = [
+    "Device",
+    "Faults",
+    "MeterDevice",
+    "MeterModel",
+    "MeterParams",
+    "ModbusDevice",
+    "ModbusFaults",
+    "Model",
+    "Plant",
+    "TankDevice",
+    "TankModel",
+    "TankParams",
+]

@@ -1,0 +1,171 @@
+"""`python -m plantsim`: run the simulated plant until SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import threading
+
+from .control import USAGE, FaultCommand, FaultSpecError, apply_fault, parse_fault
+from .device import Device
+from .devices import Plant
+
+log = logging.getLogger("plantsim")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line, run the plant, return an exit code."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        faults = [parse_fault(text) for text in args.fault]
+    except FaultSpecError as exc:
+        print(f"plantsim: {exc}", file=sys.stderr)
+        return 2
+    plant = Plant(
+        args.seed,
+        host=args.host,
+        tank_port=args.tank_port,
+        meter_port=args.meter_port,
+        framer=args.framer,
+        meter_word_order=args.meter_word_order,
+        speed=args.speed,
+    )
+    try:
+        asyncio.run(_run(plant, faults, args))
+    except OSError as exc:
+        print(f"plantsim: cannot serve: {exc}", file=sys.stderr)
+        return 1
+    except FaultSpecError as exc:
+        print(f"plantsim: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+async def _run(plant: Plant, faults: list[FaultCommand], args: argparse.Namespace) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with plant:
+        for device in plant.devices.values():
+            log.info("%s", describe(device, args.seed))
+        tasks = [asyncio.create_task(_later(c, plant.devices)) for c in faults if c.delay_s]
+        for command in faults:
+            if not command.delay_s:
+                log.info("%s", await apply_fault(command, plant.devices))
+        if args.stdin:
+            tasks.append(asyncio.create_task(_read_stdin(plant.devices)))
+        await stop.wait()
+        log.info("stopping")
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    log.info("stopped")
+
+
+def describe(device: Device, seed: int) -> str:
+    """Return the start-up line for a device: name, protocol, endpoint."""
+    framer = getattr(device, "framer", "")
+    unit = getattr(device, "unit_id", None)
+    extra = f" framer {framer}, unit {unit}," if framer else ""
+    return (
+        f"{device.name} listening on {device.endpoint} ({device.protocol}{extra} "
+        f"seed {seed}, speed {device.speed:g})"
+    )
+
+
+async def _later(command: FaultCommand, devices: dict[str, Device]) -> None:
+    await asyncio.sleep(command.delay_s)
+    try:
+        log.info("%s", await apply_fault(command, devices))
+    except FaultSpecError as exc:
+        log.error("%s", exc)
+
+
+async def _read_stdin(devices: dict[str, Device]) -> None:
+    """Apply one fault command per line of stdin (the demo's tiny control channel)."""
+    loop = asyncio.get_running_loop()
+    lines: asyncio.Queue[str] = asyncio.Queue()
+
+    def pump() -> None:
+        # A daemon thread, not the loop's executor: a blocked readline must not delay exit.
+        for line in sys.stdin:
+            loop.call_soon_threadsafe(lines.put_nowait, line)
+        loop.call_soon_threadsafe(lines.put_nowait, "")
+
+    threading.Thread(target=pump, name="plantsim-stdin", daemon=True).start()
+    pending: set[asyncio.Task[None]] = set()
+    while line := await lines.get():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            command = parse_fault(line)
+            if command.delay_s:
+                task = asyncio.create_task(_later(command, devices))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+            else:
+                log.info("%s", await apply_fault(command, devices))
+        except FaultSpecError as exc:
+            log.error("%s", exc)
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m plantsim",
+        description="Run the simulated plant (cooling-water tank and energy meter over Modbus "
+        "TCP) until SIGINT or SIGTERM.",
+        epilog=USAGE + "\n\nDEVICE is tank or meter. Example: --fault tank:spike:level,1.0,10@30",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of every random process")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--tank-port", type=int, default=5020, help="tank's port; 0 picks a free one")
+    p.add_argument("--meter-port", type=int, default=5021, help="meter's port; 0 picks one")
+    p.add_argument("--speed", type=_non_negative, default=1.0, help="plant seconds per wall second")
+    p.add_argument(
+        "--meter-word-order",
+        choices=("little", "big"),
+        default="little",
+        help="word order of the meter's 32/64-bit values (default little = CDAB)",
+    )
+    p.add_argument(
+        "--framer",
+        choices=("socket", "rtu"),
+        default="socket",
+        help="Modbus TCP (socket, MBAP) or RTU framing over TCP",
+    )
+    p.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="DEVICE:FAULT[:ARGS][@S]",
+        help="inject a fault at start (or S seconds later); repeatable",
+    )
+    p.add_argument(
+        "--stdin", action="store_true", help="also read fault commands, one per line, from stdin"
+    )
+    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    return p
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Fault commands as text, `DEVICE:FAULT[:ARGS][@DELAY]`, for the command line and stdin.
+
+ARGS are comma-separated. Examples: `tank:spike:level,1.0,10`, `meter:exception:4,input,0-1`,
+`tank:refuse:on`, `tank:restart:2`, `meter:slow:0.5@30` (30 s after start), `tank:clear`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .device import Device
+
+USAGE = """\
+faults (DEVICE:FAULT[:ARGS][@DELAY_S]):
+  drop_connections                 close every client connection now
+  refuse[:on|off]                  close new connections at once (port stays bound)
+  restart[:DOWNTIME_S]             stop the server and start it again on the same port
+  exception:CODE[,TABLE[,ADDR|LO-HI]...]   answer matching requests with a Modbus exception
+  freeze:SIGNAL[,on|off]           hold a signal at its current value
+  spike:SIGNAL,DELTA,DURATION_S    add DELTA to a signal for a while
+  noise:SIGNAL,SIGMA               extra Gaussian noise (0 turns it off)
+  slow:SECONDS                     delay every response
+  garbage[:on|off]                 answer with malformed frames
+  clear                            remove every fault"""
+
+_ON = {
+    "on": True,
+    "true": True,
+    "1": True,
+    "yes": True,
+    "off": False,
+    "false": False,
+    "0": False,
+    "no": False,
+}
+
+
+class FaultSpecError(ValueError):
+    """A fault command that cannot be parsed or applied."""
+
+
+@dataclass(frozen=True)
+class FaultCommand:
+    """A parsed fault command."""
+
+    device: str
+    fault: str
+    args: tuple[str, ...]
+    delay_s: float = 0.0
+    text: str = ""
+
+
+def parse_fault(text: str) -> FaultCommand:
+    """Parse `DEVICE:FAULT[:ARGS][@DELAY]`."""
+    spec = text.strip()
+    delay = 0.0
+    if "@" in spec:
+        spec, _, when = spec.rpartition("@")
+        delay = _number(when, text, "delay")
+    parts = spec.split(":", 2)
+    if len(parts) < 2 or not parts[0] or not parts[1]:
+        raise FaultSpecError(f"{text!r}: expected DEVICE:FAULT[:ARGS], e.g. tank:spike:level,1,10")
+    args = tuple(a.strip() for a in parts[2].split(",")) if len(parts) == 3 and parts[2] else ()
+    return FaultCommand(parts[0], parts[1], args, delay, text.strip())
+
+
+async def apply_fault(command: FaultCommand, devices: dict[str, Device]) -> str:
+    """Apply a parsed command to its device; return a line describing what was done."""
+    device = devices.get(command.device)
+    if device is None:
+        raise FaultSpecError(
+            f"{command.text!r}: no device {command.device!r}; devices: {', '.join(devices)}"
+        )
+    f, a, t = device.faults, command.args, command.text
+    try:
+        match command.fault:
+            case "drop_connections" | "drop":
+                return f"{device.name}: dropped {f.drop_connections()} connection(s)"
+            case "refuse":
+                f.refuse(_flag(a, t))
+            case "restart":
+                await f.restart(_number(a[0], t, "downtime") if a else 0.0)
+            case "exception":
+                _exception(device, a, t)
+            case "freeze":
+                f.freeze(_arg(a, 0, t, "SIGNAL"), _flag(a[1:], t))
+            case "spike":
+                f.spike(
+                    _arg(a, 0, t, "SIGNAL"),
+                    _number(_arg(a, 1, t, "DELTA"), t, "delta"),
+                    _number(_arg(a, 2, t, "DURATION_S"), t, "duration"),
+                )
+            case "noise":
+                f.noise(_arg(a, 0, t, "SIGNAL"), _number(_arg(a, 1, t, "SIGMA"), t, "sigma"))
+            case "slow":
+                f.slow(_number(_arg(a, 0, t, "SECONDS"), t, "seconds"))
+            case "garbage":
+                f.garbage(_flag(a, t))
+            case "clear":
+                f.clear()
+            case other:
+                raise FaultSpecError(f"{t!r}: unknown fault {other!r}\n{USAGE}")
+    except (KeyError, ValueError, RuntimeError) as exc:
+        if isinstance(exc, FaultSpecError):
+            raise
+        raise FaultSpecError(f"{t!r}: {exc.args[0] if exc.args else exc}") from exc
+    return f"{device.name}: {command.fault}({', '.join(a)}) applied; active: {f.active()}"
+
+
+def _exception(device: Device, args: tuple[str, ...], text: str) -> None:
+    exception = getattr(device.faults, "exception", None)
+    if exception is None:
+        raise FaultSpecError(f"{text!r}: {device.name} has no Modbus exception fault")
+    code = int(_number(_arg(args, 0, text, "CODE"), text, "code"))
+    table = args[1] if len(args) > 1 and args[1] else None
+    addresses: list[int] | None = None
+    for item in args[2:]:
+        lo, _, hi = item.partition("-")
+        first, last = int(_number(lo, text, "address")), int(_number(hi or lo, text, "address"))
+        addresses = [*(addresses or []), *range(first, last + 1)]
+    exception(code, table, addresses)
+
+
+def _arg(args: tuple[str, ...], i: int, text: str, name: str) -> str:
+    if len(args) <= i or not args[i]:
+        raise FaultSpecError(f"{text!r}: missing {name}\n{USAGE}")
+    return args[i]
+
+
+def _flag(args: tuple[str, ...], text: str) -> bool:
+    if not args:
+        return True
+    try:
+        return _ON[args[0].lower()]
+    except KeyError:
+        raise FaultSpecError(f"{text!r}: {args[0]!r} is not on/off") from None
+
+
+def _number(value: str, text: str, name: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise FaultSpecError(f"{text!r}: {name} {value!r} is not a number") from None

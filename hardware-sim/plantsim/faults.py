@@ -1,0 +1,232 @@
+"""Fault injection: switches a test or the demo flips on a running device.
+
+Signal faults (freeze, spike, noise) change what a device *reports*, never the physics behind
+it: a stuck transmitter does not stop the water. Link faults (refuse, slow, garbage, drop,
+restart) act on the device's server. Protocol-specific faults live in subclasses
+(`ModbusFaults.exception`); a future OPC UA device adds its bad status codes the same way.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from .modbus.codec import TABLES
+
+
+class Link(Protocol):
+    """What the faults need from the device that owns them."""
+
+    def drop_connections(self) -> int:
+        """Close every client connection now; return how many."""
+        ...
+
+    async def restart(self, downtime: float = 0.0) -> None:
+        """Stop the server and start it again on the same port."""
+        ...
+
+
+@dataclass(frozen=True)
+class _Spike:
+    delta: float
+    until: float
+
+
+class Faults:
+    """The fault switches every device has."""
+
+    def __init__(
+        self,
+        signals: Iterable[str],
+        *,
+        seed: int = 0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """Create with every fault off; `signals` are the names freeze/spike/noise accept."""
+        self.signals = frozenset(signals)
+        self._rng = random.Random(f"faults/{seed}")
+        self._clock = clock
+        self._link: Link | None = None
+        self._served: dict[str, float | bool] = {}
+        self.on_change: Callable[[], None] | None = None
+        self._reset()
+
+    # -- link faults -------------------------------------------------------------------------
+
+    def drop_connections(self) -> int:
+        """Close every client connection now; return how many were open."""
+        return self._require_link().drop_connections()
+
+    async def restart(self, downtime: float = 0.0) -> None:
+        """Stop the server, wait `downtime` seconds, start it again on the same port."""
+        await self._require_link().restart(downtime)
+
+    def refuse(self, on: bool = True) -> None:
+        """Close new connections at once (the port stays bound); False accepts again."""
+        self.refusing = bool(on)
+
+    def slow(self, seconds: float) -> None:
+        """Delay every response by `seconds` (0 turns it off)."""
+        if seconds < 0:
+            raise ValueError(f"slow: negative delay {seconds}")
+        self.delay_s = float(seconds)
+
+    def garbage(self, on: bool = True) -> None:
+        """Answer every request with a malformed frame."""
+        self.garbled = bool(on)
+
+    # -- signal faults -----------------------------------------------------------------------
+
+    def freeze(self, signal: str, on: bool = True) -> None:
+        """Hold `signal` at the value served now; False lets it move again."""
+        self._check(signal)
+        if on:
+            self._frozen[signal] = self._served.get(signal)
+        else:
+            self._frozen.pop(signal, None)
+        self._changed()
+
+    def spike(self, signal: str, delta: float, duration_s: float) -> None:
+        """Add `delta` to `signal` for `duration_s` seconds (wall clock)."""
+        self._check(signal, numeric=True)
+        if duration_s <= 0:
+            raise ValueError(f"spike: duration {duration_s} s must be positive")
+        self._spikes[signal] = _Spike(float(delta), self._clock() + duration_s)
+        self._changed()
+
+    def noise(self, signal: str, sigma: float) -> None:
+        """Add Gaussian noise of standard deviation `sigma` to `signal` (0 turns it off)."""
+        self._check(signal, numeric=True)
+        if sigma < 0:
+            raise ValueError(f"noise: negative sigma {sigma}")
+        if sigma:
+            self._noise[signal] = float(sigma)
+        else:
+            self._noise.pop(signal, None)
+        self._changed()
+
+    def clear(self) -> None:
+        """Remove every fault."""
+        self._reset()
+        self._changed()
+
+    def active(self) -> dict[str, object]:
+        """Describe the faults that are on (for logs and the CLI)."""
+        now = self._clock()
+        out: dict[str, object] = {}
+        if self.refusing:
+            out["refuse"] = True
+        if self.delay_s:
+            out["slow"] = self.delay_s
+        if self.garbled:
+            out["garbage"] = True
+        if self._frozen:
+            out["freeze"] = sorted(self._frozen)
+        spikes = {k: s.delta for k, s in self._spikes.items() if s.until > now}
+        if spikes:
+            out["spike"] = spikes
+        if self._noise:
+            out["noise"] = dict(self._noise)
+        return out
+
+    # -- used by the device ------------------------------------------------------------------
+
+    def attach(self, link: Link) -> None:
+        """Bind to the device whose server the link faults act on."""
+        self._link = link
+
+    def apply(self, values: Mapping[str, float | bool]) -> dict[str, float | bool]:
+        """Return `values` as the device reports them with the signal faults applied."""
+        now = self._clock()
+        out = dict(values)
+        for name, spike in list(self._spikes.items()):
+            if spike.until <= now:
+                del self._spikes[name]
+            else:
+                out[name] = float(out[name]) + spike.delta
+        for name, sigma in self._noise.items():
+            out[name] = float(out[name]) + self._rng.gauss(0.0, sigma)
+        for name, held in self._frozen.items():
+            if held is None:
+                # Frozen before anything was served: hold the first value served.
+                self._frozen[name] = held = out[name]
+            out[name] = held
+        self._served = out
+        return out
+
+    def _reset(self) -> None:
+        self.refusing = False
+        self.delay_s = 0.0
+        self.garbled = False
+        self._frozen: dict[str, float | bool | None] = {}
+        self._spikes: dict[str, _Spike] = {}
+        self._noise: dict[str, float] = {}
+
+    def _changed(self) -> None:
+        if self.on_change:
+            self.on_change()
+
+    def _check(self, signal: str, numeric: bool = False) -> None:
+        if signal not in self.signals:
+            known = ", ".join(sorted(self.signals))
+            raise KeyError(f"unknown signal {signal!r}; this device has: {known}")
+        if numeric and isinstance(self._served.get(signal), bool):
+            raise ValueError(f"{signal!r} is a boolean signal; only freeze applies to it")
+
+    def _require_link(self) -> Link:
+        if self._link is None:
+            raise RuntimeError("these faults are not attached to a running device")
+        return self._link
+
+
+@dataclass(frozen=True)
+class _ExceptionRule:
+    code: int
+    table: str | None
+    addresses: frozenset[int] | None
+
+
+class ModbusFaults(Faults):
+    """Faults of a Modbus device: the common switches plus exception responses."""
+
+    def exception(
+        self, code: int, table: str | None = None, addresses: Iterable[int] | None = None
+    ) -> None:
+        """Answer requests (reads and writes) touching `table`/`addresses` with exception `code`.
+
+        No `table` means every table; no `addresses` means every address. Rules add up; the
+        newest matching one wins. `clear()` removes them.
+        """
+        if not 1 <= code <= 255:
+            raise ValueError(f"exception: code {code} outside 1..255")
+        if table is not None and table not in TABLES:
+            raise ValueError(f"exception: table {table!r}; use one of {', '.join(TABLES)}")
+        chosen = frozenset(addresses) if addresses is not None else None
+        self._rules.insert(0, _ExceptionRule(code, table, chosen))
+
+    def exception_for(self, table: str, address: int, count: int) -> int | None:
+        """Return the exception code to answer a request with, or None."""
+        for rule in self._rules:
+            if rule.table is not None and rule.table != table:
+                continue
+            if rule.addresses is None or any(
+                a in rule.addresses for a in range(address, address + count)
+            ):
+                return rule.code
+        return None
+
+    def active(self) -> dict[str, object]:
+        """Describe the faults that are on, exception rules included."""
+        out = super().active()
+        if self._rules:
+            out["exception"] = [
+                (r.code, r.table, sorted(r.addresses) if r.addresses else None) for r in self._rules
+            ]
+        return out
+
+    def _reset(self) -> None:
+        super()._reset()
+        self._rules: list[_ExceptionRule] = []

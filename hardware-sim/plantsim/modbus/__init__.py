@@ -1,0 +1,1 @@
+"""Modbus side of the simulator: register maps and codec, PDUs and frames, the TCP server."""
