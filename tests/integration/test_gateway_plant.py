@@ -12,13 +12,13 @@ from typing import Any
 
 import pytest
 import yaml
-from plantsim import MeterDevice, TankDevice
 
 from drivers.base import Quality
 from gateway.app import Gateway
 from gateway.config import SiteConfig, parse_config
 from gateway.errors import DeviceError
 from gateway.http import create_app
+from plantsim import MeterDevice, TankDevice
 
 LEVEL = "utilities/cooling/tank1/level"
 VALVE = "utilities/cooling/tank1/inlet_valve"
@@ -29,15 +29,15 @@ POWER = "utilities/power/meter1/power"
 ENERGY = "utilities/power/meter1/energy"
 
 
-async def eventually(check: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
-    """Poll `check` until it returns a truthy value; fail with `what` after `timeout` s."""
-    deadline = time.monotonic() + timeout
+async def eventually(check: Callable[[], Any], within: float = 10.0, what: str = "") -> Any:
+    """Poll `check` until it returns a truthy value; fail with `what` after `within` s."""
+    deadline = time.monotonic() + within
     while True:
         result = check()
         if result:
             return result
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what or check}")
+            pytest.fail(f"timed out after {within}s waiting for {what or check}")
         await asyncio.sleep(0.05)
 
 
@@ -151,7 +151,7 @@ async def test_restart_mid_poll_points_go_stale_then_recover(gateway, tank):
     assert stale.value is not None, "a STALE point keeps its last value"
     assert gateway.drivers["tank1"].state.value != "CONNECTED"
     await restart
-    await eventually(lambda: quality(gateway, LEVEL) is Quality.GOOD, timeout=15,
+    await eventually(lambda: quality(gateway, LEVEL) is Quality.GOOD, within=15,
                      what="level GOOD again after the restart, without a gateway restart")
     # the meter was never affected
     assert quality(gateway, POWER) is Quality.GOOD
@@ -174,7 +174,7 @@ async def test_device_killed_and_replaced_on_the_same_port(gateway, tank, tmp_pa
         await eventually(
             lambda: gateway.store.get(LEVEL).quality is Quality.GOOD
             and gateway.store.get(LEVEL).value == pytest.approx(replacement.served["level"]),
-            timeout=15,
+            within=15,
             what="the replacement's values GOOD",
         )
 
@@ -190,7 +190,7 @@ async def test_illegal_address_marks_only_those_points_bad(gateway, tank):
     assert quality(gateway, LEVEL) is Quality.GOOD, "the rest keeps polling"
     assert quality(gateway, VIBRATION) is Quality.BAD
     tank.faults.clear()
-    await eventually(lambda: quality(gateway, VIBRATION) is Quality.GOOD, timeout=15,
+    await eventually(lambda: quality(gateway, VIBRATION) is Quality.GOOD, within=15,
                      what="vibration GOOD after the fault clears")
 
 
@@ -203,7 +203,7 @@ async def test_device_failure_marks_the_block_bad_and_the_rest_keeps_polling(gat
     assert quality(gateway, VALVE) is Quality.GOOD, "holding registers keep polling"
     assert gateway.drivers["tank1"].connected
     tank.faults.clear()
-    await eventually(lambda: quality(gateway, LEVEL) is Quality.GOOD, timeout=15,
+    await eventually(lambda: quality(gateway, LEVEL) is Quality.GOOD, within=15,
                      what="level GOOD after the fault clears")
 
 
@@ -220,7 +220,7 @@ async def test_garbage_or_timeouts_mark_points_bad_then_recover(gateway, tank, f
     )
     assert quality(gateway, POWER) is Quality.GOOD
     tank.faults.clear()
-    await eventually(lambda: quality(gateway, LEVEL) is Quality.GOOD, timeout=15,
+    await eventually(lambda: quality(gateway, LEVEL) is Quality.GOOD, within=15,
                      what=f"level GOOD after {fault} clears")
 
 
