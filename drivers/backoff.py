@@ -18,7 +18,12 @@ class Backoff:
 
     def next_delay(self) -> float:
         """Return the delay before the next attempt and count the attempt."""
-        ceiling = min(self.cap, self.initial * self.factor**self._attempt)
+        try:
+            ceiling = min(self.cap, self.initial * self.factor**self._attempt)
+        except OverflowError:
+            # factor**attempt leaves the float range after ~1000 attempts (about 8 hours of
+            # outage at a 30 s cap); raising here would kill the supervisor for good.
+            ceiling = self.cap
         self._attempt += 1
         # Half-jitter: never zero (no reconnect storms against a restarting PLC), never above cap.
         return ceiling / 2 + self.rng.random() * ceiling / 2

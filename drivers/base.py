@@ -75,6 +75,7 @@ class Driver(ABC):
         self._listeners: list[StateListener] = []
         self._task: asyncio.Task[None] | None = None
         self._lost: asyncio.Future[None] | None = None
+        self._drop_cause: BaseException | None = None
         self._ever_connected = False
         self.dropped_batches = 0
 
@@ -156,16 +157,34 @@ class Driver(ABC):
         if lost is None or self.state is not ConnectionState.CONNECTED:
             if asyncio.iscoroutine(awaitable):
                 awaitable.close()
-            raise NotConnectedError(f"{self.name}: not connected ({self.last_error or 'starting'})")
+            # Between a drop and the supervisor noticing it, last_error is still unset; the
+            # cause that failed the pending requests is the honest reason.
+            dropped = _describe(self._drop_cause) if self._drop_cause else None
+            why = self.last_error or dropped or "starting"
+            raise NotConnectedError(f"{self.name}: not connected ({why})")
         task = asyncio.ensure_future(awaitable)
-        done, _ = await asyncio.wait({task, lost}, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            done, _ = await asyncio.wait({task, lost}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            # asyncio.wait does not cancel what it waits for: without this the request would
+            # run on, orphaned, after its caller gave up.
+            task.cancel()
+            raise
         if task in done:
             return task.result()
         task.cancel()
-        with contextlib.suppress(BaseException):
+        try:
             await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # we were cancelled ourselves while cleaning up: never swallow that
+        except BaseException:
+            pass  # the request's own failure is moot: the connection is gone
         cause = lost.exception()
-        raise ConnectionLostError(f"{self.name}: connection lost during request: {cause}") from cause
+        raise ConnectionLostError(
+            f"{self.name}: connection lost during request: {cause}"
+        ) from cause
 
     # -- the supervisor -------------------------------------------------------------------------
 
@@ -183,6 +202,7 @@ class Driver(ABC):
                 await self._sleep_backoff()
                 continue
             self._lost = loop.create_future()
+            self._drop_cause = None
             self._ever_connected = True
             self.last_error = None
             self._set_state(ConnectionState.CONNECTED, None)
@@ -218,6 +238,7 @@ class Driver(ABC):
     def _fail_pending(self, cause: BaseException) -> None:
         lost, self._lost = self._lost, None
         if lost is not None and not lost.done():
+            self._drop_cause = cause
             lost.set_exception(cause)
             # Mark retrieved: nobody may be waiting, and that is fine.
             lost.exception()

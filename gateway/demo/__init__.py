@@ -27,6 +27,16 @@ WATCHED = [
     "utilities/power/meter1/energy",
 ]
 VALVE = "utilities/cooling/tank1/inlet_valve"
+# The real tank's time constant is about 13 minutes; at 10x a level change shows within the
+# first minute of the demo.
+PLANT_SPEED = 10
+# (seconds after start, what happens): a setpoint written and read back, a controller restart
+# the gateway rides through by itself, and the setpoint put back.
+SCRIPT = [
+    (8.0, ("write", VALVE, 65.0)),
+    (20.0, ("plant", "tank:restart:3")),
+    (45.0, ("write", VALVE, 50.0)),
+]
 
 
 def run_demo(*, state_dir: str, http_port: int, seed: int, duration: float | None) -> int:
@@ -38,8 +48,9 @@ def run_demo(*, state_dir: str, http_port: int, seed: int, duration: float | Non
     with sim_log.open("w") as log_file:
         # Its own process, as real hardware would be: the gateway reaches it only over TCP.
         sim = subprocess.Popen(
-            [sys.executable, "-m", "plantsim", "--seed", str(seed),
-             "--tank-port", str(tank_port), "--meter-port", str(meter_port)],
+            [sys.executable, "-m", "plantsim", "--seed", str(seed), "--speed", str(PLANT_SPEED),
+             "--tank-port", str(tank_port), "--meter-port", str(meter_port), "--stdin"],
+            stdin=subprocess.PIPE,
             stdout=log_file,
             stderr=subprocess.STDOUT,
         )
@@ -47,7 +58,7 @@ def run_demo(*, state_dir: str, http_port: int, seed: int, duration: float | Non
         _wait_for_ports(sim, [tank_port, meter_port], sim_log)
         config_path = write_demo_config(state, tank_port, meter_port, http_port)
         config = load_config(config_path)
-        asyncio.run(_run(config, config_path, sim_log, duration))
+        asyncio.run(_run(config, config_path, sim, sim_log, duration))
     finally:
         sim.terminate()
         try:
@@ -72,14 +83,17 @@ def write_demo_config(state: Path, tank_port: int, meter_port: int, http_port: i
     return path
 
 
-async def _run(config, config_path: Path, sim_log: Path, duration: float | None) -> None:
+async def _run(
+    config, config_path: Path, sim: subprocess.Popen, sim_log: Path, duration: float | None
+) -> None:
     stop = asyncio.Event()
     tasks: set[asyncio.Task[None]] = set()  # held so the script task is not garbage-collected
 
     async def on_ready(gateway: Gateway, urls: list[str]) -> None:
         base = urls[0] if urls else f"http://{config.http.host}:{config.http.port}"
         _banner(gateway, base, config_path, sim_log)
-        tasks.add(asyncio.create_task(_script(gateway, stop, duration), name="demo:script"))
+        script = _script(gateway, sim, stop, duration)
+        tasks.add(asyncio.create_task(script, name="demo:script"))
 
     await serve(config, on_ready=on_ready, stop=stop)
 
@@ -111,17 +125,22 @@ Press Ctrl-C to stop.
     )
 
 
-async def _script(gateway: Gateway, stop: asyncio.Event, duration: float | None) -> None:
-    """Show values moving, then a setpoint written and read back, as a user would watch it."""
+async def _script(
+    gateway: Gateway, sim: subprocess.Popen, stop: asyncio.Event, duration: float | None
+) -> None:
+    """Show values moving, a setpoint written and read back, and a device outage ridden out."""
     t0 = time.monotonic()
-    steps = [(8.0, 65.0), (40.0, 50.0)]
+    steps = list(SCRIPT)
     try:
         while duration is None or time.monotonic() - t0 < duration:
             await asyncio.sleep(2.0)
             elapsed = time.monotonic() - t0
             while steps and elapsed >= steps[0][0]:
-                _, setpoint = steps.pop(0)
-                await _write(gateway, VALVE, setpoint)
+                _, (kind, *args) = steps.pop(0)
+                if kind == "write":
+                    await _write(gateway, *args)
+                else:
+                    _plant_command(sim, *args)
             _table(gateway, elapsed)
     finally:
         if duration is not None:
@@ -136,6 +155,14 @@ async def _write(gateway: Gateway, point_id: str, value: float) -> None:
         return
     unit = gateway.points[point_id].unit
     print(f"  setpoint {point_id} <- {value:g} {unit}: read back {readback:g} {unit}", flush=True)
+
+
+def _plant_command(sim: subprocess.Popen, command: str) -> None:
+    print(f"  plant: {command} (a fault injected in the simulator; watch the tank go STALE "
+          "and come back by itself)", flush=True)
+    if sim.stdin is not None:
+        sim.stdin.write(f"{command}\n".encode())
+        sim.stdin.flush()
 
 
 def _table(gateway: Gateway, elapsed: float) -> None:

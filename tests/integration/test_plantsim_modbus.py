@@ -8,10 +8,11 @@ import socket
 import time
 
 import pytest
-from plantsim import MeterDevice, Plant, TankDevice
 from pymodbus import FramerType
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
+
+from plantsim import MeterDevice, Plant, TankDevice
 
 DT = AsyncModbusTcpClient.DATATYPE
 FRAMERS = {"socket": FramerType.SOCKET, "rtu": FramerType.RTU}

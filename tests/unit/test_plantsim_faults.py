@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from plantsim import Faults, ModbusFaults, TankDevice
 from plantsim.control import FaultSpecError, apply_fault, parse_fault
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from pymodbus.framer.rtu import FramerRTU
+
 from plantsim.modbus.pdu import (
     FramingError,
     ModbusError,
@@ -14,7 +16,6 @@ from plantsim.modbus.pdu import (
     execute,
     parse_request,
 )
-from pymodbus.framer.rtu import FramerRTU
 
 
 class DictStore:

@@ -7,6 +7,7 @@ import math
 import statistics
 
 import pytest
+
 from plantsim import MeterModel, MeterParams, TankModel, TankParams
 
 

@@ -6,10 +6,11 @@ import re
 from pathlib import Path
 
 import pytest
+from pymodbus.client.mixin import ModbusClientMixin
+
 from plantsim import MeterModel, TankModel
 from plantsim.modbus.codec import Point, RegisterMap, decode, encode
 from plantsim.modbus.maps import TANK_TAG, meter_map, tank_map
-from pymodbus.client.mixin import ModbusClientMixin
 
 DT = ModbusClientMixin.DATATYPE
 README = Path(__file__).parents[2] / "hardware-sim" / "README.md"

@@ -1,0 +1,271 @@
+"""The physical Modbus link: one pymodbus client, one lock and the pacing between frames.
+
+A serial line (and an RTU-over-TCP converter, which is a serial line behind a socket) is one bus:
+its devices take turns, one transaction at a time, with a silent gap between frames. Every
+driver on such a bus shares one `Bus` (and one connection); a Modbus TCP device (`socket`
+framer) gets a bus of its own. The bus opens the connection for its first user, closes it when
+the last one leaves, and tells every user at once when the link drops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
+
+from pymodbus import FramerType
+from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
+from pymodbus.client.base import ModbusBaseClient
+
+from drivers.errors import ConfigurationError, ConnectionLostError
+
+__all__ = ["Bus", "BusSettings", "Endpoint", "get_bus", "parse_endpoint"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+LostListener = Callable[[BaseException], None]
+
+# pymodbus closes a TCP link by itself after a few silent requests; the driver decides that
+# (failures_before_reconnect), so push pymodbus's own limit out of reach.
+_NEVER = 2**31
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where a device is: `tcp://host:port` or `serial:///dev/ttyUSB0`."""
+
+    kind: Literal["tcp", "serial"]
+    host: str = ""
+    port: int = 502
+    device: str = ""
+
+    def __str__(self) -> str:
+        if self.kind == "serial":
+            return f"serial://{self.device}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"tcp://{host}:{self.port}"
+
+
+def parse_endpoint(text: str) -> Endpoint:
+    """Parse `tcp://HOST[:PORT]` (port 502 by default) or `serial:///dev/NAME`."""
+    expected = "expected tcp://HOST:PORT or serial:///dev/NAME"
+    parts = urlsplit(text.strip()) if isinstance(text, str) else None
+    if parts is None or parts.scheme not in ("tcp", "serial"):
+        raise ConfigurationError(f"{expected}, got {text!r}")
+    if parts.scheme == "tcp":
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if not parts.hostname or port == -1 or (port is not None and not 0 < port < 65536):
+            raise ConfigurationError(f"{expected} with a port 1..65535, got {text!r}")
+        return Endpoint("tcp", host=parts.hostname, port=port or 502)
+    device = parts.netloc + parts.path  # serial:///dev/ttyUSB0 or serial://COM3
+    if not device:
+        raise ConfigurationError(f"{expected}, got {text!r} (no device)")
+    return Endpoint("serial", device=device)
+
+
+@dataclass(frozen=True, slots=True)
+class BusSettings:
+    """What every device on one bus must agree on."""
+
+    framer: Literal["socket", "rtu"]
+    timeout_s: float
+    inter_frame_delay_s: float
+    baudrate: int = 19200
+    parity: str = "N"
+    stopbits: int = 1
+    bytesize: int = 8
+
+
+class Bus:
+    """One link to one or more devices; use `exclusive()` around every transaction."""
+
+    def __init__(self, endpoint: Endpoint, settings: BusSettings) -> None:
+        self.endpoint = endpoint
+        self.settings = settings
+        self._client: ModbusBaseClient | None = None
+        self._generation = 0
+        self._listeners: dict[int, LostListener] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock: asyncio.Lock | None = None
+        self._connect_lock: asyncio.Lock | None = None
+        self._quiet_until = 0.0
+        self.last_answer = 0.0  # loop time of the last response from any device on the bus
+
+    @property
+    def shared(self) -> bool:
+        """True when several devices may share this bus (RTU framing)."""
+        return self.settings.framer == "rtu"
+
+    @property
+    def users(self) -> int:
+        """Drivers attached right now."""
+        return len(self._listeners)
+
+    async def attach(self, user: object, on_lost: LostListener) -> None:
+        """Join the bus, opening the connection if nobody has; raise ConnectionError if it fails."""
+        self._bind_loop()
+        assert self._connect_lock is not None
+        async with self._connect_lock:
+            if self._client is None or not self._client.connected:
+                self._drop_client()
+                self._client = await self._open()
+            self._listeners[id(user)] = on_lost
+
+    async def detach(self, user: object) -> None:
+        """Leave the bus; the last user out closes the connection. Never raises."""
+        self._listeners.pop(id(user), None)
+        if not self._listeners:
+            self._drop_client()
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        """Hold the bus for one or more transactions (a read-modify-write stays atomic)."""
+        self._bind_loop()
+        assert self._lock is not None
+        async with self._lock:
+            yield
+
+    async def request(self, make: Callable[[ModbusBaseClient], Awaitable[T]]) -> T:
+        """Run one transaction on the held bus, after the inter-frame silence."""
+        loop = asyncio.get_running_loop()
+        wait = self._quiet_until - loop.time()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        client = self._client
+        if client is None or not client.connected:
+            raise ConnectionLostError(f"{self.endpoint}: not connected")
+        try:
+            response = await make(client)
+        finally:
+            self._quiet_until = loop.time() + self.settings.inter_frame_delay_s
+        self.last_answer = loop.time()  # any frame back, even an exception, proves the link
+        return response
+
+    def drop_if_silent(self, since: float) -> None:
+        """On a shared bus, reopen the link for every user unless a device answered since `since`.
+
+        One silent device must not disturb the others; but when none answers, the link itself
+        is dead (a half-open socket, an unplugged converter) and each driver leaving and
+        rejoining in turn would never close it.
+        """
+        if not self.shared or self.last_answer >= since or self._client is None:
+            return
+        log.warning("%s: no device on the bus answers; reopening the link", self.endpoint)
+        self._drop_client()
+        self._notify(ConnectionLostError(f"{self.endpoint}: no device on the bus answers"))
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _bind_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            # A bus outlives nothing but its drivers; a new loop (tests, a restarted app) starts
+            # from scratch rather than touching primitives bound to a dead loop.
+            self._loop = loop
+            self._lock = asyncio.Lock()
+            self._connect_lock = asyncio.Lock()
+            self._client = None
+            self._listeners.clear()
+            self._quiet_until = 0.0
+
+    async def _open(self) -> ModbusBaseClient:
+        self._generation += 1
+        generation = self._generation
+        s = self.settings
+
+        def trace_connect(up: bool) -> None:
+            if not up:
+                self._on_link_down(generation)
+
+        common: dict[str, Any] = {
+            "timeout": s.timeout_s,
+            "retries": 0,
+            "reconnect_delay": 0,  # the driver's supervisor owns reconnection
+            "trace_connect": trace_connect,
+            "name": str(self.endpoint),
+        }
+        client: ModbusBaseClient
+        if self.endpoint.kind == "serial":
+            client = AsyncModbusSerialClient(
+                self.endpoint.device,
+                framer=FramerType.RTU,
+                baudrate=s.baudrate,
+                parity=s.parity,
+                stopbits=s.stopbits,
+                bytesize=s.bytesize,
+                **common,
+            )
+        else:
+            client = AsyncModbusTcpClient(
+                self.endpoint.host, port=self.endpoint.port, framer=FramerType(s.framer), **common
+            )
+        client.set_max_no_responses(_NEVER)
+        try:
+            ok = await client.connect()
+        except Exception as exc:  # pyserial raises its own errors for a missing device
+            client.close()
+            raise ConnectionError(f"cannot open {self.endpoint}: {exc}") from exc
+        if not ok:
+            client.close()
+            raise ConnectionError(
+                f"cannot connect to {self.endpoint} within {s.timeout_s:g} s "
+                "(refused, unreachable or not answering)"
+            )
+        return client
+
+    def _on_link_down(self, generation: int) -> None:
+        if generation != self._generation or self._client is None:
+            return  # an old connection, or one we closed ourselves
+        self._drop_client()
+        self._notify(ConnectionLostError(f"{self.endpoint}: connection closed by the device"))
+
+    def _notify(self, cause: BaseException) -> None:
+        for listener in list(self._listeners.values()):
+            try:
+                listener(cause)
+            except Exception:
+                log.exception("%s: connection-lost listener failed", self.endpoint)
+
+    def _drop_client(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            self._generation += 1  # its late callbacks are no longer news
+            with contextlib.suppress(Exception):
+                client.close()
+
+
+_SHARED: weakref.WeakValueDictionary[tuple[Any, ...], Bus] = weakref.WeakValueDictionary()
+
+
+def get_bus(endpoint: Endpoint, settings: BusSettings) -> Bus:
+    """Return the bus for a driver: shared per endpoint for RTU, a private one for Modbus TCP."""
+    if settings.framer != "rtu":
+        return Bus(endpoint, settings)
+    key = (endpoint.kind, endpoint.host.lower(), endpoint.port, endpoint.device)
+    bus = _SHARED.get(key)
+    if bus is None:
+        bus = Bus(endpoint, settings)
+        _SHARED[key] = bus
+    elif bus.settings != settings:
+        raise ConfigurationError(
+            f"{endpoint} is one bus: every device on it needs the same framer, timeout_s, "
+            f"inter_frame_delay_s and serial settings (in use: {_describe(bus.settings)}; "
+            f"this device: {_describe(settings)})"
+        )
+    return bus
+
+
+def _describe(s: BusSettings) -> str:
+    return (
+        f"framer {s.framer}, timeout_s {s.timeout_s:g}, inter_frame_delay_s "
+        f"{s.inter_frame_delay_s:g}, {s.baudrate} {s.bytesize}{s.parity}{s.stopbits}"
+    )

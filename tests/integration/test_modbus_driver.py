@@ -1,0 +1,714 @@
+"""The Modbus driver over real TCP against a plain pymodbus server started in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import socket
+import struct
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from pymodbus import FramerType
+from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
+from pymodbus.constants import ExcCodes
+from pymodbus.server import ModbusTcpServer
+from pymodbus.simulator import DataType, SimAction, SimData, SimDevice
+
+from drivers.backoff import Backoff
+from drivers.base import ConnectionState, Quality, Sample
+from drivers.errors import (
+    ConfigurationError,
+    DeviceError,
+    NotConnectedError,
+    WriteRejectedError,
+    WriteVerifyError,
+)
+from drivers.modbus import ModbusDriver, ModbusPoint
+
+pytestmark = pytest.mark.timeout(30)
+
+FAST = {"poll_interval_s": 0.05, "timeout_s": 0.5}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def words(fmt: str, value: Any) -> list[int]:
+    raw = struct.pack(">" + fmt, value)
+    return [int.from_bytes(raw[i : i + 2], "big") for i in range(0, len(raw), 2)]
+
+
+# The device under test. Holding 20 is deliberately missing (unmapped address).
+HOLDING = {
+    0: [500],  # setpoint, raw 0.1 units
+    1: words("h", -1234),
+    2: words("f", 21.5),  # float32 ABCD
+    4: words("I", 123456)[::-1],  # uint32 CDAB
+    6: [0b0000_0000_0000_0101],  # bit field
+    7: [0],
+    8: words("f", math.nan),
+    10: [0x5441, 0x4E4B, 0x2D30, 0x3100],  # "TANK-01"
+    19: [19],
+    21: [21],
+    22: [0] * 8,
+}
+INPUT = {0: words("f", 2.75), 2: [300]}
+
+
+def device(unit: int = 1, offset: int = 0, action: SimAction | None = None) -> SimDevice:
+    holding = [
+        SimData(
+            addr,
+            values=[v + offset if addr in (19, 21) else v for v in vals],
+            datatype=DataType.REGISTERS,
+        )
+        for addr, vals in HOLDING.items()
+    ]
+    holding.insert(0, SimData(20, datatype=DataType.INVALID))
+    return SimDevice(
+        id=unit,
+        action=action,
+        simdata=(
+            [SimData(0, count=16, values=False, datatype=DataType.BITS)],
+            [SimData(0, values=[True, False] * 8, datatype=DataType.BITS)],
+            holding,
+            [
+                SimData(addr, values=vals, datatype=DataType.REGISTERS)
+                for addr, vals in INPUT.items()
+            ],
+        ),
+    )
+
+
+class Plant:
+    """A pymodbus server on a fixed free port that a test can stop and start again."""
+
+    def __init__(
+        self,
+        framer: FramerType = FramerType.SOCKET,
+        units: tuple[int, ...] = (1,),
+        action: SimAction | None = None,
+    ) -> None:
+        self.port = free_port()
+        self.framer = framer
+        self.units = units
+        self.action = action
+        self.server: ModbusTcpServer | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"tcp://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        devices = [device(u, 100 * (u - 1), self.action) for u in self.units]
+        self.server = ModbusTcpServer(devices, framer=self.framer, address=("127.0.0.1", self.port))
+        await self.server.serve_forever(background=True)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.shutdown()
+            self.server = None
+
+    async def read(self, table: str, address: int, count: int = 1, unit: int = 1) -> list[Any]:
+        """Look at the device through a separate client, as an operator panel would."""
+        client = AsyncModbusTcpClient("127.0.0.1", port=self.port, framer=self.framer, timeout=1)
+        assert await client.connect()
+        try:
+            if table == "holding":
+                return list(
+                    (
+                        await client.read_holding_registers(address, count=count, device_id=unit)
+                    ).registers
+                )
+            bits = (await client.read_coils(address, count=count, device_id=unit)).bits
+            return list(bits[:count])
+        finally:
+            client.close()
+
+
+class Recorder:
+    """Consumes a driver's sample stream and keeps the latest sample per key."""
+
+    def __init__(self, driver: ModbusDriver) -> None:
+        self.driver = driver
+        self.latest: dict[str, Sample] = {}
+        self.batches: list[list[Sample]] = []
+        self.states: list[ConnectionState] = []
+        driver.add_state_listener(lambda name, state, reason: self.states.append(state))
+        self._task = asyncio.create_task(self._consume())
+
+    async def _consume(self) -> None:
+        async for batch in self.driver.samples():
+            self.batches.append(batch)
+            for s in batch:
+                self.latest[s.key] = s
+
+    async def until(self, check: Callable[[dict[str, Sample]], bool], within: float = 5.0) -> None:
+        deadline = time.monotonic() + within
+        while not check(self.latest):
+            if time.monotonic() > deadline:
+                got = {k: (s.quality.value, s.value, s.reason) for k, s in self.latest.items()}
+                raise AssertionError(f"condition not met within {within} s; latest: {got}")
+            await asyncio.sleep(0.01)
+
+    async def all(
+        self, quality: Quality, keys: list[str] | None = None, within: float = 5.0
+    ) -> None:
+        wanted = keys or list(self.driver.keys)
+        await self.until(
+            lambda latest: all(k in latest and latest[k].quality is quality for k in wanted),
+            within,
+        )
+
+    async def stop(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
+POINTS = [
+    ModbusPoint("setpoint", "holding:0", "uint16", scale=0.1, lo=0, hi=100, writable=True),
+    ModbusPoint("signed", "holding:1", "int16"),
+    ModbusPoint("temp", "holding:2", "float32"),
+    ModbusPoint("hours", "holding:4", "uint32", word_order="little"),
+    ModbusPoint("bit0", "holding:6.0", writable=True),
+    ModbusPoint("bit1", "holding:6.1", writable=True),
+    ModbusPoint("bit2", "holding:6.2"),
+    ModbusPoint("tag", "holding:10", "string", length=8),
+    ModbusPoint("level", "input:0", "float32", lo=0, hi=5),
+    ModbusPoint("flow", "input:2", "int16", scale=0.01, lo=0, hi=2),
+    ModbusPoint("pump", "coil:3", writable=True),
+    ModbusPoint("switch0", "discrete:0"),
+    ModbusPoint("switch1", "discrete:1"),
+]
+
+
+@pytest.fixture
+async def plant() -> AsyncIterator[Plant]:
+    p = Plant()
+    await p.start()
+    yield p
+    await p.stop()
+
+
+@contextlib.asynccontextmanager
+async def running(
+    plant: Plant, points: list[ModbusPoint] = POINTS, merge_retry_s: float = 60.0, **options: Any
+) -> AsyncIterator[tuple[ModbusDriver, Recorder]]:
+    driver = ModbusDriver(
+        "tank",
+        plant.endpoint,
+        {**FAST, **options},
+        points,
+        backoff=Backoff(initial=0.05, cap=0.5),
+        merge_retry_s=merge_retry_s,
+    )
+    recorder = Recorder(driver)
+    await driver.start()
+    try:
+        yield driver, recorder
+    finally:
+        await driver.close()
+        await recorder.stop()
+
+
+async def test_polling_produces_good_samples_with_the_right_values(plant: Plant) -> None:
+    async with running(plant) as (driver, rec):
+        await rec.until(lambda latest: len(latest) == len(POINTS))
+        values = {k: s.value for k, s in rec.latest.items()}
+        assert values == {
+            "setpoint": pytest.approx(50.0),
+            "signed": -1234,
+            "temp": 21.5,
+            "hours": 123456,
+            "bit0": True,
+            "bit1": False,
+            "bit2": True,
+            "tag": "TANK-01",
+            "level": 2.75,
+            "flow": pytest.approx(3.0),
+            "pump": False,
+            "switch0": True,
+            "switch1": False,
+        }
+        quality = {k: s.quality for k, s in rec.latest.items()}
+        assert quality.pop("flow") is Quality.UNCERTAIN  # 3.0 outside [0, 2]
+        assert set(quality.values()) == {Quality.GOOD}
+        assert "outside engineering range [0, 2]" in (rec.latest["flow"].reason or "")
+        # One batch per poll cycle carrying every point, stamped with the response time.
+        full = [b for b in rec.batches if len(b) == len(POINTS)]
+        assert full and {s.key for s in full[0]} == set(driver.keys)
+        ts = rec.latest["temp"].source_ts
+        assert ts is not None and abs(ts - time.time()) < 2
+        # Merged: coils, discretes, holding 0..13 (gap 7 <= 8), inputs.
+        assert [str(b) for b in driver.read_plan] == [
+            "coil 3",
+            "discrete 0..1",
+            "holding 0..13",
+            "input 0..2",
+        ]
+
+
+async def test_polls_at_a_fixed_rate(plant: Plant) -> None:
+    # The schedule itself is tested with a fake clock (test_modbus_plan); this only checks the
+    # loop follows it, loosely enough for a busy CI machine.
+    async with running(plant, poll_interval_s=0.1) as (_, rec):
+        await rec.until(lambda latest: len(latest) == len(POINTS))
+        start = len(rec.batches)
+        await asyncio.sleep(1.0)
+        assert 5 <= len(rec.batches) - start <= 12
+
+
+@pytest.mark.parametrize("write_multiple", [False, True], ids=["FC6", "FC16"])
+async def test_write_to_a_holding_register_is_read_back(plant: Plant, write_multiple: bool) -> None:
+    async with running(plant, write_multiple=write_multiple) as (driver, rec):
+        await rec.all(Quality.GOOD, ["setpoint"])
+        assert await driver.write("setpoint", 42.5) == pytest.approx(42.5)
+        assert await plant.read("holding", 0) == [425]
+        await rec.until(lambda latest: latest["setpoint"].value == pytest.approx(42.5))
+        assert rec.latest["setpoint"].quality is Quality.GOOD
+
+
+@pytest.mark.parametrize("write_multiple", [False, True], ids=["FC5", "FC15"])
+async def test_coil_write(plant: Plant, write_multiple: bool) -> None:
+    async with running(plant, write_multiple=write_multiple) as (driver, rec):
+        await rec.all(Quality.GOOD, ["pump"])
+        assert await driver.write("pump", True) is True
+        assert await plant.read("coil", 0, 5) == [False, False, False, True, False]
+        assert await driver.write("pump", False) is False
+        assert await plant.read("coil", 3) == [False]
+
+
+async def test_bit_field_write_changes_only_its_bit(plant: Plant) -> None:
+    async with running(plant) as (driver, rec):
+        await rec.all(Quality.GOOD, ["bit1"])
+        assert await driver.write("bit1", True) is True
+        assert await plant.read("holding", 6) == [0b111]
+        assert await driver.write("bit0", False) is False
+        assert await plant.read("holding", 6) == [0b110]
+        await rec.until(
+            lambda latest: latest["bit0"].value is False and latest["bit2"].value is True
+        )
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "why"),
+    [
+        ("setpoint", 150, "outside the point's limits"),
+        ("setpoint", -0.1, "outside the point's limits"),
+        ("setpoint", math.nan, "not finite"),
+        ("setpoint", "50", "takes a number"),
+        ("setpoint", True, "takes a number"),
+        ("setpoint", 42.55, "not representable in uint16"),
+        ("temp", 20.0, "not writable"),
+        ("pump", 2, "true/false"),
+        ("nope", 1, "no point 'nope'"),
+    ],
+)
+async def test_refused_write_never_reaches_the_device(
+    plant: Plant, key: str, value: Any, why: str
+) -> None:
+    async with running(plant) as (driver, rec):
+        await rec.all(Quality.GOOD, ["setpoint"])
+        with pytest.raises(WriteRejectedError, match=why) as err:
+            await driver.write(key, value)
+        if key == "setpoint":
+            # The message says which device, address and value, and what the limits are.
+            text = str(err.value)
+            assert text.startswith("tank holding:0 (setpoint, limits [0, 100])")
+            assert repr(value) in text
+        assert await plant.read("holding", 0) == [500]
+
+
+async def stubborn(
+    function_code: int,
+    start_address: int,
+    address: int,
+    count: int,
+    registers: list[int],
+    set_values: list[int] | list[bool] | None,
+) -> ExcCodes | None:
+    """A device that clamps holding 0 to 300 and refuses any write to holding 7."""
+    if function_code in (6, 16) and set_values is not None:
+        if address <= 7 < address + count:
+            return ExcCodes.ILLEGAL_VALUE
+        if address == 0:
+            set_values[0] = min(int(set_values[0]), 300)
+    return None
+
+
+async def test_write_that_does_not_stick_fails_verification() -> None:
+    plant = Plant(action=stubborn)
+    await plant.start()
+    points = [
+        ModbusPoint("setpoint", "holding:0", "uint16", scale=0.1, lo=0, hi=100, writable=True),
+        ModbusPoint("locked", "holding:7", "uint16", writable=True),
+    ]
+    try:
+        async with running(plant, points) as (driver, rec):
+            await rec.all(Quality.GOOD)
+            assert await driver.write("setpoint", 25.0) == pytest.approx(25.0)
+            with pytest.raises(WriteVerifyError, match=r"wrote 42.5 but read back 30.0"):
+                await driver.write("setpoint", 42.5)
+            with pytest.raises(DeviceError, match=r"Modbus exception 3 \(ILLEGAL DATA VALUE\)"):
+                await driver.write("locked", 1)
+            assert driver.connected
+    finally:
+        await plant.stop()
+
+
+async def test_unmapped_address_marks_only_its_point_bad(
+    plant: Plant, caplog: pytest.LogCaptureFixture
+) -> None:
+    points = [
+        ModbusPoint("h19", "holding:19"),
+        ModbusPoint("h20", "holding:20"),  # not on the device
+        ModbusPoint("h21", "holding:21"),
+        ModbusPoint("h22", "holding:22", "float64"),
+    ]
+    caplog.set_level(logging.DEBUG, logger="drivers")
+    async with running(plant, points, merge_retry_s=0.3) as (driver, rec):
+        assert [str(b) for b in driver.read_plan] == ["holding 19..25"]
+        await rec.until(lambda latest: len(latest) == 4)
+        assert {k: s.quality for k, s in rec.latest.items()} == {
+            "h19": Quality.GOOD,
+            "h20": Quality.BAD,
+            "h21": Quality.GOOD,
+            "h22": Quality.GOOD,
+        }
+        assert (
+            rec.latest["h20"].reason
+            == "Modbus exception 2 (ILLEGAL DATA ADDRESS) reading holding 20"
+        )
+        assert rec.latest["h20"].value is None
+        assert (rec.latest["h19"].value, rec.latest["h21"].value) == (19, 21)
+        # Later polls keep it that way: the split plan is reused, and the merged read is tried
+        # again after merge_retry_s (a device may have been reconfigured meanwhile).
+        seen = len(rec.batches)
+        await rec.until(lambda _: len(rec.batches) >= seen + 12)
+        assert all(
+            [s.quality for s in batch].count(Quality.GOOD) == 3 for batch in rec.batches[seen:]
+        )
+        assert driver.connected
+        retries = [r.levelno for r in caplog.records if "refused as a whole" in r.getMessage()]
+        assert retries[0] == logging.INFO and len(retries) >= 2
+        assert set(retries[1:]) == {logging.DEBUG}
+        # Logged on the transition only, not on every poll.
+        went_bad = [r for r in caplog.records if "h20 BAD" in r.getMessage()]
+        assert len(went_bad) == 1
+
+
+def failing_at(code: ExcCodes, target: int) -> SimAction:
+    """A device action answering reads that cover holding `target` with exception `code`."""
+
+    async def action(
+        function_code: int,
+        start_address: int,
+        address: int,
+        count: int,
+        registers: list[int],
+        set_values: list[int] | list[bool] | None,
+    ) -> ExcCodes | None:
+        if function_code == 3 and address <= target < address + count:
+            return code
+        return None
+
+    return action
+
+
+@pytest.mark.parametrize(
+    ("code", "bad"),
+    [
+        (ExcCodes.DEVICE_FAILURE, {"b"}),  # a failed module: only its registers are bad
+        (ExcCodes.DEVICE_BUSY, {"a", "b"}),  # "try later" is about the device: no split
+    ],
+    ids=["4-split", "6-whole"],
+)
+async def test_exception_codes_split_only_when_they_can_concern_addresses(
+    code: ExcCodes, bad: set[str]
+) -> None:
+    plant = Plant(action=failing_at(code, 1))
+    await plant.start()
+    points = [ModbusPoint("a", "holding:0"), ModbusPoint("b", "holding:1")]
+    try:
+        async with running(plant, points) as (driver, rec):
+            assert [str(b) for b in driver.read_plan] == ["holding 0..1"]
+            await rec.until(lambda latest: len(latest) == 2)
+            assert {k for k, s in rec.latest.items() if s.quality is Quality.BAD} == bad
+            assert f"Modbus exception {int(code)}" in (rec.latest["b"].reason or "")
+    finally:
+        await plant.stop()
+
+
+async def test_hole_between_points_does_not_make_them_bad(plant: Plant) -> None:
+    points = [ModbusPoint("h19", "holding:19"), ModbusPoint("h21", "holding:21")]
+    async with running(plant, points) as (driver, rec):
+        assert [str(b) for b in driver.read_plan] == ["holding 19..21"]  # reads through 20
+        await rec.all(Quality.GOOD)
+        assert (rec.latest["h19"].value, rec.latest["h21"].value) == (19, 21)
+
+
+async def test_nan_is_bad_and_device_keeps_being_polled(plant: Plant) -> None:
+    points = [
+        ModbusPoint("nan", "holding:8", "float32"),
+        ModbusPoint("temp", "holding:2", "float32"),
+    ]
+    async with running(plant, points) as (_, rec):
+        await rec.until(lambda latest: len(latest) == 2)
+        assert rec.latest["nan"].quality is Quality.BAD
+        assert rec.latest["nan"].reason == "value not finite (nan)"
+        assert rec.latest["temp"].quality is Quality.GOOD
+
+
+async def test_server_restart_goes_stale_then_recovers_by_itself(plant: Plant) -> None:
+    async with running(plant) as (driver, rec):
+        await rec.all(Quality.GOOD, ["temp", "pump", "level"])
+        await plant.stop()
+        await rec.all(Quality.STALE)
+        assert all(
+            s.value is None and "disconnected" in (s.reason or "") for s in rec.latest.values()
+        )
+        assert ConnectionState.DISCONNECTED in rec.states
+        assert not driver.connected
+        with pytest.raises(NotConnectedError):
+            await driver.write("setpoint", 10)
+        await asyncio.sleep(0.3)  # a few refused reconnect attempts
+        await plant.start()
+        await rec.all(Quality.GOOD, ["temp", "pump", "level"])
+        assert driver.connected and rec.states[-1] is ConnectionState.CONNECTED
+        assert rec.latest["temp"].value == 21.5
+
+
+async def test_rtu_framer_over_tcp() -> None:
+    plant = Plant(framer=FramerType.RTU)
+    await plant.start()
+    try:
+        async with running(plant, framer="rtu") as (driver, rec):
+            await rec.until(lambda latest: len(latest) == len(POINTS))
+            assert rec.latest["temp"].value == 21.5
+            assert rec.latest["tag"].value == "TANK-01"
+            assert await driver.write("setpoint", 12.3) == pytest.approx(12.3)
+            assert await plant.read("holding", 0) == [123]
+    finally:
+        await plant.stop()
+
+
+async def test_devices_on_one_rtu_bus_share_the_connection() -> None:
+    plant = Plant(framer=FramerType.RTU, units=(1, 2))
+    await plant.start()
+    points = [ModbusPoint("h19", "holding:19"), ModbusPoint("h21", "holding:21")]
+    options = {**FAST, "framer": "rtu"}
+    backoff = Backoff(initial=0.05, cap=0.5)
+    one = ModbusDriver("one", plant.endpoint, {**options, "unit_id": 1}, points, backoff=backoff)
+    two = ModbusDriver("two", plant.endpoint, {**options, "unit_id": 2}, points, backoff=backoff)
+    rec_one, rec_two = Recorder(one), Recorder(two)
+    try:
+        assert one._bus is two._bus
+        await one.start()
+        await two.start()
+        await rec_one.all(Quality.GOOD)
+        await rec_two.all(Quality.GOOD)
+        assert (rec_one.latest["h19"].value, rec_two.latest["h19"].value) == (19, 119)
+        assert one._bus.users == 2
+        with pytest.raises(ConfigurationError, match="one bus"):
+            ModbusDriver("three", plant.endpoint, {**options, "timeout_s": 2}, points)
+    finally:
+        for d in (one, two):
+            await d.close()
+        await rec_one.stop()
+        await rec_two.stop()
+        await plant.stop()
+
+
+class FakeDevice:
+    """A raw TCP server that answers Modbus requests badly, counting the connections made."""
+
+    def __init__(self, answer: Callable[[bytes], bytes | None]) -> None:
+        self.answer = answer
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> FakeDevice:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+    @property
+    def endpoint(self) -> str:
+        assert self.server is not None
+        return f"tcp://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        with contextlib.suppress(Exception):
+            while request := await reader.read(256):
+                reply = self.answer(request)
+                if reply:
+                    writer.write(reply)
+                    await writer.drain()
+        writer.close()
+
+
+def silent(request: bytes) -> None:
+    return None
+
+
+def noise(request: bytes) -> bytes:
+    return b"\x00\x01\xff\xfe\x00\x03\x01\x83"
+
+
+def short_answer(request: bytes) -> bytes:
+    """A well-formed Modbus TCP response carrying one register, whatever was asked."""
+    tid, unit, fc = request[:2], request[6:7], request[7:8]
+    return tid + b"\x00\x00\x00\x05" + unit + fc + b"\x02\x00\x07"
+
+
+QUIET = {"poll_interval_s": 0.05, "timeout_s": 0.1, "failures_before_reconnect": 2}
+
+
+async def test_silent_device_times_out_and_the_driver_reconnects() -> None:
+    points = [ModbusPoint("a", "holding:0"), ModbusPoint("b", "input:0")]
+    async with FakeDevice(silent) as dev:
+        driver = ModbusDriver("mute", dev.endpoint, QUIET, points, backoff=Backoff(0.05, 0.2))
+        rec = Recorder(driver)
+        try:
+            await driver.start()
+            await rec.until(lambda latest: "a" in latest and latest["a"].quality is Quality.BAD)
+            assert rec.latest["a"].reason == "no response within 0.1 s reading holding 0"
+            await rec.until(lambda _: dev.connections >= 2)  # gave up on the link, reopened it
+            assert ConnectionState.DISCONNECTED in rec.states
+            assert driver._task is not None and not driver._task.done()
+        finally:
+            await driver.close()
+            await rec.stop()
+
+
+async def test_dead_shared_bus_is_reopened_for_all_its_devices() -> None:
+    """Two devices behind one RTU-over-TCP converter that stopped answering (half-open link)."""
+    points = [ModbusPoint("a", "holding:0")]
+    options = {**QUIET, "framer": "rtu"}
+    async with FakeDevice(silent) as dev:
+        one = ModbusDriver(
+            "one", dev.endpoint, {**options, "unit_id": 1}, points, backoff=Backoff(0.05, 0.2)
+        )
+        # The other device's driver is patient: it alone would never leave the bus.
+        patient = {**options, "unit_id": 2, "failures_before_reconnect": 1000}
+        two = ModbusDriver("two", dev.endpoint, patient, points, backoff=Backoff(0.05, 0.2))
+        recs = [Recorder(one), Recorder(two)]
+        try:
+            await one.start()
+            await two.start()
+            # Each driver alone leaving and rejoining would keep the dead link open for ever.
+            await recs[0].until(lambda _: dev.connections >= 2)
+        finally:
+            for d, r in zip((one, two), recs, strict=True):
+                await d.close()
+                await r.stop()
+
+
+@pytest.mark.parametrize(
+    ("answer", "reason"),
+    [
+        (noise, "no response within 0.1 s reading holding 0..1"),
+        (short_answer, "malformed response reading holding 0..1: 1 registers for 2"),
+    ],
+    ids=["noise", "short"],
+)
+async def test_garbage_answers_mark_points_bad_and_never_kill_the_driver(
+    answer: Callable[[bytes], bytes], reason: str
+) -> None:
+    async with FakeDevice(answer) as dev:
+        driver = ModbusDriver(
+            "junk",
+            dev.endpoint,
+            QUIET,
+            [ModbusPoint("a", "holding:0", "float32")],
+            backoff=Backoff(0.05, 0.2),
+        )
+        rec = Recorder(driver)
+        try:
+            await driver.start()
+            await rec.until(lambda latest: "a" in latest and latest["a"].quality is Quality.BAD)
+            assert rec.latest["a"].reason == reason
+            await rec.until(lambda _: dev.connections >= 2)  # and it reconnects by itself
+            assert driver._task is not None and not driver._task.done()
+            assert all(s.quality is not Quality.GOOD for b in rec.batches for s in b)
+        finally:
+            await driver.close()
+            await rec.stop()
+
+
+async def test_serial_endpoint_builds_an_rtu_serial_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    built: list[Any] = []
+
+    async def fake_connect(self: AsyncModbusSerialClient) -> bool:
+        built.append(self.comm_params)
+        return False  # no hardware here: the port "cannot be opened"
+
+    monkeypatch.setattr(AsyncModbusSerialClient, "connect", fake_connect)
+    driver = ModbusDriver(
+        "rs485",
+        "serial:///dev/ttyUSB-test",
+        {"baudrate": 9600, "parity": "E", "stopbits": 2, "bytesize": 7, "timeout_s": 0.2},
+        [ModbusPoint("a", "holding:0")],
+        backoff=Backoff(initial=0.05, cap=0.1),
+    )
+    rec = Recorder(driver)
+    try:
+        await driver.start()
+        await rec.all(Quality.BAD)  # never connected: BAD, with the reason
+        assert "cannot connect to serial:///dev/ttyUSB-test" in (rec.latest["a"].reason or "")
+        params = built[0]
+        assert (params.host, params.baudrate, params.parity, params.stopbits, params.bytesize) == (
+            "/dev/ttyUSB-test",
+            9600,
+            "E",
+            2,
+            7,
+        )
+        assert params.timeout_connect == 0.2
+        # 3.5 characters of 11 bits at 9600 bit/s.
+        assert driver._bus.settings.inter_frame_delay_s == pytest.approx(0.00401, abs=1e-4)
+    finally:
+        await driver.close()
+        await rec.stop()
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "options", "hint"),
+    [
+        ("udp://1.2.3.4:502", {}, "expected tcp://HOST:PORT"),
+        ("tcp://:502", {}, "expected tcp://HOST:PORT"),
+        ("tcp://host:99999", {}, "port 1..65535"),
+        ("serial:///dev/ttyUSB0", {"framer": "socket"}, "needs framer rtu"),
+        ("tcp://h:502", {"unit_id": 300}, "invalid options"),
+    ],
+)
+def test_bad_endpoint_or_framer_is_a_configuration_error(
+    endpoint: str, options: dict[str, Any], hint: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=hint):
+        ModbusDriver("x", endpoint, options, [ModbusPoint("a", "holding:0")])
+
+
+def test_duplicate_keys_and_oversized_points_are_configuration_errors() -> None:
+    with pytest.raises(ConfigurationError, match="'a' appears twice"):
+        ModbusDriver(
+            "x", "tcp://h:502", {}, [ModbusPoint("a", "holding:0"), ModbusPoint("a", "coil:0")]
+        )
+    with pytest.raises(ConfigurationError, match=r"x: point 'd'.*max_registers = 2"):
+        ModbusDriver(
+            "x", "tcp://h:502", {"max_registers": 2}, [ModbusPoint("d", "holding:0", "float64")]
+        )

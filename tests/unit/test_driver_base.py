@@ -1,0 +1,244 @@
+"""The driver supervisor and its backoff, with a scripted in-memory driver (no sockets)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from drivers.backoff import Backoff
+from drivers.base import ConnectionState, Driver, Quality, Sample
+from drivers.errors import ConnectionLostError, NotConnectedError
+
+# -- backoff ----------------------------------------------------------------------------------
+
+
+def test_backoff_doubles_with_jitter_within_half_to_full_ceiling() -> None:
+    b = Backoff(initial=0.5, cap=30.0, rng=random.Random(1))
+    for attempt in range(12):
+        ceiling = min(30.0, 0.5 * 2**attempt)
+        delays = [
+            Backoff(initial=0.5, cap=30.0, rng=random.Random(s), _attempt=attempt).next_delay()
+            for s in range(200)
+        ]
+        assert all(ceiling / 2 <= d <= ceiling for d in delays)
+        assert max(delays) - min(delays) > ceiling / 4  # really jittered, not a constant
+        d = b.next_delay()
+        assert ceiling / 2 <= d <= ceiling
+    assert b.attempts == 12
+
+
+def test_backoff_is_capped_and_never_zero_even_after_a_very_long_outage() -> None:
+    b = Backoff(initial=0.1, cap=5.0, rng=random.Random(3))
+    delays = [b.next_delay() for _ in range(5000)]  # ~7 h of outage at the cap; 2**5000 overflows
+    assert max(delays) <= 5.0
+    assert min(delays) >= 0.05
+    assert all(2.5 <= d <= 5.0 for d in delays[10:])
+
+
+def test_backoff_reset_starts_again_from_initial() -> None:
+    b = Backoff(initial=1.0, cap=60.0)
+    for _ in range(6):
+        b.next_delay()
+    b.reset()
+    assert b.attempts == 0
+    assert 0.5 <= b.next_delay() <= 1.0
+
+
+# -- supervisor -------------------------------------------------------------------------------
+
+
+class ScriptedDriver(Driver):
+    """A driver whose connection the test opens, refuses and drops at will."""
+
+    def __init__(self, *, refuse: int = 0) -> None:
+        super().__init__("fake", backoff=Backoff(initial=0.01, cap=0.05, rng=random.Random(0)))
+        self.refuse = refuse  # connection attempts to refuse before accepting
+        self.connects = 0
+        self.disconnects = 0
+        self.drop: asyncio.Future[None] | None = None
+        self.polled = asyncio.Event()
+
+    @property
+    def keys(self) -> Sequence[str]:
+        return ("a", "b")
+
+    async def _connect(self) -> None:
+        self.connects += 1
+        if self.refuse:
+            self.refuse -= 1
+            raise ConnectionRefusedError("refused by script")
+        self.drop = asyncio.get_running_loop().create_future()
+
+    async def _disconnect(self) -> None:
+        self.disconnects += 1
+
+    async def _run(self) -> None:
+        self._emit([Sample("a", 1, Quality.GOOD), Sample("b", 2, Quality.GOOD)])
+        self._mark_healthy()
+        self.polled.set()
+        assert self.drop is not None
+        await self.drop  # raises whatever the test sets: the connection is gone
+
+    async def write(self, key: str, value: Any) -> Any:
+        return await self._call(asyncio.sleep(10, result=value))
+
+
+@pytest.fixture
+async def driver() -> Any:
+    d = ScriptedDriver()
+    states: list[ConnectionState] = []
+    d.add_state_listener(lambda name, state, reason: states.append(state))
+    d.states = states  # type: ignore[attr-defined]
+    yield d
+    await d.close()
+
+
+async def drain(d: Driver) -> list[Sample]:
+    out: list[Sample] = []
+    while not d._queue.empty():
+        batch = d._queue.get_nowait()
+        if batch:
+            out.extend(batch)
+    return out
+
+
+async def test_pending_request_fails_at_once_when_the_connection_drops(
+    driver: ScriptedDriver,
+) -> None:
+    await driver.start()
+    await asyncio.wait_for(driver.polled.wait(), 1)
+    pending = asyncio.create_task(driver.write("a", 5))  # would take 10 s
+    await asyncio.sleep(0.01)
+    assert not pending.done()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert driver.drop is not None
+    driver.drop.set_exception(ConnectionResetError("peer reset"))
+    with pytest.raises(
+        ConnectionLostError, match=r"connection lost during request.*peer reset"
+    ) as err:
+        await asyncio.wait_for(pending, 1)
+    assert loop.time() - started < 0.5
+    assert isinstance(err.value.__cause__, ConnectionResetError)
+
+
+async def test_loss_marks_every_point_stale_and_reconnects_by_itself(
+    driver: ScriptedDriver,
+) -> None:
+    await driver.start()
+    await asyncio.wait_for(driver.polled.wait(), 1)
+    assert driver.connected
+    await drain(driver)
+    driver.polled.clear()
+    assert driver.drop is not None
+    driver.drop.set_exception(ConnectionResetError("gone"))
+    await asyncio.wait_for(driver.polled.wait(), 1)  # polled again: reconnected
+    samples = await drain(driver)
+    stale = [s for s in samples if s.quality is Quality.STALE]
+    assert sorted(s.key for s in stale) == ["a", "b"]
+    assert all(s.value is None and "gone" in (s.reason or "") for s in stale)
+    assert driver.connects == 2 and driver.disconnects >= 1
+    assert driver.states[:6] == [  # type: ignore[attr-defined]
+        ConnectionState.CONNECTING,
+        ConnectionState.CONNECTED,
+        ConnectionState.DISCONNECTED,
+        ConnectionState.BACKOFF,
+        ConnectionState.CONNECTING,
+        ConnectionState.CONNECTED,
+    ]
+
+
+async def test_never_connected_points_are_bad_not_stale_and_reported_once() -> None:
+    d = ScriptedDriver(refuse=3)
+    try:
+        await d.start()
+        await asyncio.wait_for(d.polled.wait(), 2)
+        samples = await drain(d)
+        failed = [s for s in samples if s.quality is not Quality.GOOD]
+        # One BAD per point for the first failure, not one per refused attempt.
+        assert [(s.key, s.quality) for s in failed] == [("a", Quality.BAD), ("b", Quality.BAD)]
+        assert "refused by script" in (failed[0].reason or "")
+        assert d.connects == 4
+    finally:
+        await d.close()
+
+
+async def test_request_without_connection_fails_fast(driver: ScriptedDriver) -> None:
+    with pytest.raises(NotConnectedError, match="fake: not connected"):
+        await driver.write("a", 1)
+
+
+async def test_cancelled_caller_cancels_its_request(driver: ScriptedDriver) -> None:
+    await driver.start()
+    await asyncio.wait_for(driver.polled.wait(), 1)
+    started = asyncio.Event()
+    cancelled = asyncio.Event()
+
+    async def slow() -> None:
+        started.set()
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    caller = asyncio.create_task(driver._call(slow()))
+    await asyncio.wait_for(started.wait(), 1)
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    await asyncio.wait_for(cancelled.wait(), 1)
+
+
+async def test_close_fails_pending_ends_the_stream_and_stops_reconnecting(
+    driver: ScriptedDriver,
+) -> None:
+    await driver.start()
+    await asyncio.wait_for(driver.polled.wait(), 1)
+    pending = asyncio.create_task(driver.write("a", 1))
+    await asyncio.sleep(0.01)
+    await driver.close()
+    with pytest.raises(ConnectionLostError, match="driver closed"):
+        await pending
+    assert driver.state is ConnectionState.CLOSED
+    batches = [batch async for batch in driver.samples()]
+    assert batches and all(isinstance(b, list) for b in batches)
+    connects = driver.connects
+    await asyncio.sleep(0.1)
+    assert driver.connects == connects
+
+
+async def test_healthy_poll_resets_the_backoff(driver: ScriptedDriver) -> None:
+    driver._backoff.next_delay()
+    driver._backoff.next_delay()
+    await driver.start()
+    await asyncio.wait_for(driver.polled.wait(), 1)
+    assert driver._backoff.attempts == 0
+
+
+async def test_caller_cancelled_while_a_lost_request_cleans_up_stays_cancelled(
+    driver: ScriptedDriver,
+) -> None:
+    await driver.start()
+    await asyncio.wait_for(driver.polled.wait(), 1)
+
+    async def slow_to_die() -> None:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.3)  # a request that takes a while to tear down
+            raise
+
+    caller = asyncio.create_task(driver._call(slow_to_die()))
+    await asyncio.sleep(0.01)
+    assert driver.drop is not None
+    driver.drop.set_exception(ConnectionResetError("gone"))
+    await asyncio.sleep(0.05)  # the caller is now waiting for the request to finish cancelling
+    caller.cancel()
+    # A cancellation must never turn into an ordinary error: close() relies on it.
+    with pytest.raises(asyncio.CancelledError):
+        await caller
