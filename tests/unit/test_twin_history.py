@@ -1,0 +1,259 @@
+"""Twin reads: history ranges, time-bucket aggregates, the event log, and retention.
+
+Every expected value is computed here from what the test fed in, not read back from SQLite.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from drivers.base import Quality, Sample
+from gateway.errors import StoreError, UnknownPointError
+from gateway.twin import writer as writer_module
+from gateway.twin.history import CursorExpiredError, HistoryReader
+from gateway.twin.model import PointDef
+from gateway.twin.store import TwinStore
+
+DAY = 86400.0
+T0 = 1_700_000_000.0
+FLOW = "utilities/cooling/pump1/flow"
+PRESSURE = "utilities/cooling/pump1/pressure"
+POINTS = [PointDef(FLOW, "pump1", "float32"), PointDef(PRESSURE, "pump1", "float32")]
+
+
+class FakeClock:
+    """A clock the test sets by hand."""
+
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Fed:
+    """One accepted change as the test fed it."""
+
+    rev: int
+    ts: float
+    value: float
+    quality: Quality
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def store(tmp_path: Path, clock: FakeClock) -> Iterator[TwinStore]:
+    twin = TwinStore(tmp_path / "twin.db", POINTS, clock=clock, history_days=30, events_days=7)
+    twin.open()
+    yield twin
+    twin.close()
+
+
+def feed(store: TwinStore, clock: FakeClock, n: int, seed: int = 1) -> dict[str, list[Fed]]:
+    """Ingest n irregularly spaced changes of both points, some of them not GOOD."""
+    rng = random.Random(seed)
+    fed: dict[str, list[Fed]] = {FLOW: [], PRESSURE: []}
+    for _ in range(n):
+        clock.now += rng.uniform(0.05, 2.0)
+        point = FLOW if rng.random() < 0.7 else PRESSURE
+        value = round(rng.uniform(-50, 150), 3)
+        quality = rng.choices(list(Quality), weights=[80, 8, 6, 6])[0]
+        if store.ingest([Sample(point, value, quality, clock.now - 0.01)]):
+            fed[point].append(Fed(store.rev, clock.now, value, quality))
+    store.flush()
+    return fed
+
+
+def test_history_returns_the_range_oldest_first(store: TwinStore, clock: FakeClock) -> None:
+    fed = feed(store, clock, 600)
+    flows = fed[FLOW]
+    start, end = flows[100].ts, flows[300].ts
+    expected = [f for f in flows if start <= f.ts <= end]
+    rows = store.history(FLOW, start, end, limit=10_000)
+    assert [(r.rev, r.ts, r.value, r.quality) for r in rows] == [
+        (f.rev, f.ts, f.value, f.quality) for f in expected
+    ]
+    assert all(r.source_ts == pytest.approx(r.ts - 0.01) for r in rows)
+    # The limit keeps the oldest rows.
+    assert store.history(FLOW, start, end, limit=7) == rows[:7]
+    # A range between two samples is empty; the bounds are inclusive.
+    assert store.history(FLOW, flows[5].ts + 1e-6, flows[6].ts - 1e-6) == []
+    assert [r.rev for r in store.history(FLOW, flows[5].ts, flows[5].ts)] == [flows[5].rev]
+
+
+def test_history_checks_its_arguments(store: TwinStore) -> None:
+    with pytest.raises(UnknownPointError):
+        store.history("no/such/point", 0, 1)
+    with pytest.raises(StoreError):
+        store.history(FLOW, 10, 5)
+    with pytest.raises(StoreError):
+        store.history(FLOW, 0, math.inf)
+    with pytest.raises(StoreError):
+        store.aggregate(FLOW, 0, 10, 0)
+
+
+@pytest.mark.parametrize("bucket_s", [1.0, 17.5, 60.0, 3600.0])
+def test_aggregates_match_an_independent_computation(
+    store: TwinStore, clock: FakeClock, bucket_s: float
+) -> None:
+    fed = feed(store, clock, 800, seed=3)
+    flows = fed[FLOW]
+    start, end = flows[20].ts - 0.3, flows[-30].ts + 0.2
+    groups: dict[int, list[Fed]] = {}
+    for f in flows:
+        # Aggregates take measured values only: GOOD and UNCERTAIN.
+        if start <= f.ts <= end and f.quality in (Quality.GOOD, Quality.UNCERTAIN):
+            groups.setdefault(math.floor((f.ts - start) / bucket_s), []).append(f)
+    buckets = store.aggregate(FLOW, start, end, bucket_s)
+    assert [round((b.start - start) / bucket_s) for b in buckets] == sorted(groups)
+    for bucket in buckets:
+        k = round((bucket.start - start) / bucket_s)
+        values = [f.value for f in groups[k]]
+        assert bucket.end == pytest.approx(bucket.start + bucket_s)
+        assert bucket.count == len(values)
+        assert bucket.min == min(values)
+        assert bucket.max == max(values)
+        assert bucket.mean == pytest.approx(sum(values) / len(values))
+        assert bucket.last == groups[k][-1].value
+    assert sum(b.count for b in buckets) == sum(len(g) for g in groups.values())
+
+
+def test_events_since_pages_through_the_log(store: TwinStore, clock: FakeClock) -> None:
+    feed(store, clock, 250)
+    store.append_event("DeviceStateChanged", {"device": "pump1", "state": "CONNECTED"})
+    store.flush()
+    seen, cursor = [], 0
+    while page := store.events_since(cursor, limit=40):
+        assert len(page) <= 40
+        seen.extend(page)
+        cursor = page[-1].rev
+    assert [e.rev for e in seen] == list(range(1, store.rev + 1))
+    assert seen[-1].type == "DeviceStateChanged"
+    assert store.events_since(store.rev) == []
+
+
+def test_reads_see_only_committed_events(tmp_path: Path, clock: FakeClock) -> None:
+    # A flush interval long enough that nothing commits unless asked.
+    with TwinStore(tmp_path / "twin.db", POINTS, clock=clock, flush_interval_s=30) as twin:
+        twin.ingest([Sample(FLOW, 1.0, Quality.GOOD)])
+        assert twin.rev == 1
+        assert twin.events_since(0) == []
+        twin.flush()
+        assert [e.rev for e in twin.events_since(0)] == [1]
+
+
+def test_prune_drops_old_history_and_events_and_moves_the_log_start(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    path = tmp_path / "twin.db"
+    twin = TwinStore(path, POINTS, clock=clock, history_days=30, events_days=7)
+    twin.open()
+    # One change of each kind per day for 40 days.
+    day_revs: list[tuple[float, int, int]] = []
+    for day in range(40):
+        clock.now = T0 + day * DAY
+        twin.ingest([Sample(FLOW, float(day), Quality.GOOD)])
+        telemetry = twin.rev
+        other = twin.append_event("DeviceStateChanged", {"day": day})
+        day_revs.append((clock.now, telemetry, other))
+    now = T0 + 39.5 * DAY
+    result = twin.prune(now)
+
+    history_cut, events_cut = now - 30 * DAY, now - 7 * DAY
+    kept_history = [t for ts, t, _ in day_revs if ts >= history_cut]
+    log_start = min(t for ts, t, _ in day_revs if ts >= events_cut)
+    assert result.log_start_rev == log_start == twin.log_start_rev
+    assert result.history_rows == 40 - len(kept_history)
+    assert result.events == sum(1 for ts, _, _ in day_revs if ts < events_cut)
+    assert [r.rev for r in twin.history(FLOW, 0, now)] == kept_history
+    # The log is a contiguous suffix; anything before it is gone for cursors.
+    log = twin.events_since(log_start - 1, limit=1000)
+    assert [e.rev for e in log] == list(range(log_start, twin.rev + 1))
+    with pytest.raises(CursorExpiredError) as expired:
+        twin.events_since(log_start - 2)
+    assert expired.value.log_start_rev == log_start
+    # Pruning again changes nothing.
+    again = twin.prune(now)
+    assert (again.history_rows, again.events, again.log_start_rev) == (0, 0, log_start)
+    twin.close()
+
+    # The log start, history and rev survive a restart.
+    with TwinStore(path, POINTS, clock=clock) as reopened:
+        assert reopened.rev == 80
+        assert reopened.log_start_rev == log_start
+        assert [r.rev for r in reopened.history(FLOW, 0, now)] == kept_history
+
+
+def test_prune_of_everything_never_lets_the_rev_go_back(tmp_path: Path, clock: FakeClock) -> None:
+    path = tmp_path / "twin.db"
+    with TwinStore(path, POINTS, clock=clock, history_days=1, events_days=1) as twin:
+        twin.ingest([Sample(FLOW, 1.0, Quality.GOOD)])
+        twin.append_event("DeviceStateChanged", {})
+        result = twin.prune(T0 + 10 * DAY)
+        assert result.log_start_rev == 3
+        assert twin.events_since(2) == []
+        assert twin.get(FLOW).value == 1.0  # the current value is not history
+    with TwinStore(path, POINTS, clock=clock) as reopened:
+        assert reopened.rev == 2
+        assert reopened.ingest([Sample(FLOW, 2.0, Quality.GOOD)]) == 1
+        assert reopened.rev == 3
+        reopened.flush()
+        assert [e.rev for e in reopened.events_since(2)] == [3]
+
+
+def test_prune_deletes_in_chunks_while_ingest_continues(
+    tmp_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(writer_module, "PRUNE_CHUNK", 1000)
+    with TwinStore(tmp_path / "twin.db", POINTS, clock=clock, history_days=1, events_days=1) as twin:
+        for i in range(30_000):
+            clock.now = T0 + i
+            twin.ingest([Sample(FLOW, float(i), Quality.GOOD)])
+        twin.flush()
+        clock.now = T0 + DAY + 10_000  # revs 1..10_000 are older than a day
+        stop = threading.Event()
+
+        def keep_ingesting() -> None:
+            value = 0.0
+            while not stop.is_set():
+                value += 1
+                twin.ingest([Sample(PRESSURE, value, Quality.GOOD)])
+
+        thread = threading.Thread(target=keep_ingesting)
+        thread.start()
+        try:
+            result = twin.prune()  # at the store's clock
+        finally:
+            stop.set()
+            thread.join()
+        twin.flush()
+        assert result.log_start_rev == 10_001
+        assert result.history_rows == 10_000
+        log = twin.events_since(10_000, limit=10_000_000)
+        assert [e.rev for e in log] == list(range(10_001, twin.rev + 1))
+        assert twin.rev > 30_000
+        assert twin.history(FLOW, 0, clock.now)[0].value == 10_000.0
+
+
+def test_a_reader_on_its_own_sees_what_the_store_committed(store: TwinStore, clock: FakeClock):
+    fed = feed(store, clock, 50)
+    reader = HistoryReader(store.path)
+    try:
+        rows = reader.history(FLOW, 0, clock.now + 1)
+        assert [r.rev for r in rows] == [f.rev for f in fed[FLOW]]
+    finally:
+        reader.close()
+    with pytest.raises(StoreError):
+        reader.history(FLOW, 0, 1)
