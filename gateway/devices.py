@@ -8,7 +8,7 @@ from drivers.modbus.options import ModbusOptions
 from gateway.config.model import ModbusDeviceConfig, PointConfig, SiteConfig
 from gateway.twin.model import PointDef
 
-__all__ = ["build_drivers", "modbus_point", "point_defs"]
+__all__ = ["build_drivers", "modbus_driver", "modbus_point", "point_defs"]
 
 
 def point_defs(config: SiteConfig) -> list[PointDef]:
@@ -35,7 +35,7 @@ def build_drivers(config: SiteConfig) -> dict[str, Driver]:
     drivers: dict[str, Driver] = {}
     for device in config.devices:
         if device.enabled:
-            drivers[device.name] = _modbus_driver(device)
+            drivers[device.name] = modbus_driver(device)
     return drivers
 
 
@@ -56,6 +56,7 @@ def modbus_point(point: PointConfig, options: ModbusOptions) -> ModbusPoint:
     )
 
 
-def _modbus_driver(device: ModbusDeviceConfig) -> Driver:
+def modbus_driver(device: ModbusDeviceConfig) -> Driver:
+    """The driver of one Modbus device; raises the driver's validation errors, does no I/O."""
     points = [modbus_point(p, device.options) for p in device.points]
     return ModbusDriver(device.name, device.endpoint, device.options, points)

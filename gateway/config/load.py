@@ -134,31 +134,44 @@ def _check_endpoint(base: PathParts, endpoint: str) -> Iterator[Problem]:
     parts = urlsplit(endpoint)
     if parts.scheme == "tcp":
         try:
-            port = parts.port
-        except ValueError:
-            port = None
-        if not parts.hostname or port is None or not 0 < port < 65536:
-            yield Problem(where, f"expected tcp://HOST:PORT with a port 1-65535, got {endpoint!r}")
+            port_ok = parts.port != 0 and not (parts.port is None and parts.netloc.endswith(":"))
+        except ValueError:  # not a number, or above 65535
+            port_ok = False
+        if not parts.hostname or not port_ok or parts.path not in ("", "/"):
+            yield Problem(where, f"expected tcp://HOST[:PORT], port 1-65535, got {endpoint!r}")
     elif parts.scheme == "serial":
         if not parts.path.startswith("/"):
             yield Problem(where, f"expected serial:///dev/NAME, got {endpoint!r}")
     else:
         yield Problem(
-            where, f"expected tcp://HOST:PORT or serial:///dev/NAME, got {endpoint!r}"
+            where, f"expected tcp://HOST[:PORT] or serial:///dev/NAME, got {endpoint!r}"
         )
 
 
 def _check_modbus(base: PathParts, device: Any) -> Iterator[Problem]:
-    from gateway.devices import modbus_point  # the driver's own rules, one place
+    from gateway.devices import modbus_driver, modbus_point  # the driver's own rules, one place
 
     assert isinstance(device, ModbusDeviceConfig)
+    bad_point = False
     for p, point in enumerate(device.points):
         try:
             modbus_point(point, device.options)
         except Exception as exc:  # driver validation errors carry the field they blame
+            bad_point = True
             field = getattr(exc, "field", None) or "address"
+            field = _CONFIG_KEY_OF_DRIVER_FIELD.get(field, field)
             yield Problem((*base, "points", p, field), str(exc))
+    if not bad_point:
+        # Device-level rules (a point larger than max_registers, a serial line with the socket
+        # framer) are checked when the driver is built; building one does no I/O.
+        try:
+            modbus_driver(device)
+        except Exception as exc:
+            yield Problem((*base, "options"), str(exc))
 
+
+# The driver's point fields are flat; the config nests the limits under `range`.
+_CONFIG_KEY_OF_DRIVER_FIELD = {"lo": "range", "hi": "range", "key": "id"}
 
 _DRIVER_CHECKS: dict[str, Callable[[PathParts, Any], Iterator[Problem]]] = {
     "modbus": _check_modbus,

@@ -63,7 +63,7 @@ class PointConfig(_Strict):
     )
     scale: float = Field(1.0, description="Engineering value = raw * scale + offset.")
     offset: float = Field(0.0, description="See `scale`.")
-    length: int | None = Field(None, ge=1, le=246, description="Characters, for `string` points.")
+    length: int | None = Field(None, ge=1, le=250, description="Characters, for `string` points.")
     byte_order: Literal["big", "little"] | None = Field(
         None, description="Byte order within a register; default from the device options."
     )

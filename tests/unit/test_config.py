@@ -118,7 +118,9 @@ CASES = [
     ("range lo above hi", _set(("devices", 0, "points", 2, "range"), {"lo": 5, "hi": 1}),
      "devices[0].points[2].range", "lo must be below hi"),
     ("bad endpoint", _set(("devices", 1, "endpoint"), "modbus://plc:502"),
-     "devices[1].endpoint", "tcp://HOST:PORT"),
+     "devices[1].endpoint", "tcp://HOST[:PORT]"),
+    ("endpoint port out of range", _set(("devices", 0, "endpoint"), "tcp://plc:70000"),
+     "devices[0].endpoint", "port 1-65535"),
     ("unknown driver option", _set(("devices", 0, "options"), {"pol_interval_s": 1}),
      "devices[0].options.pol_interval_s", "unknown key"),
     ("negative deadband", _set(("devices", 0, "points", 0, "deadband"), -1),
@@ -129,6 +131,13 @@ CASES = [
     ("unknown driver", _set(("devices", 0, "driver"), "profibus"), "devices[0].driver", "modbus"),
     ("device without points", _set(("devices", 2, "points"), []),
      "devices[2].points", "at least 1"),
+    ("limits on a string", lambda d: d["devices"][0]["points"][1].update(
+        datatype="string", length=4), "devices[0].points[1].range", "numeric"),
+    ("point larger than one read", lambda d: (
+        d["devices"][0]["points"][0].update(datatype="string", length=40),
+        d["devices"][0]["points"][0].pop("range"),
+        d["devices"][0].update(options={"max_registers": 10})),
+     "devices[0].options", "max_registers"),
     ("unknown point key", _set(("devices", 0, "points", 0, "deadbnd"), 0.1),
      "devices[0].points[0].deadbnd", "unknown key"),
 ]
