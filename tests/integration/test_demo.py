@@ -1,0 +1,75 @@
+"""`opstwin demo` as a new user runs it: its own plant process, a gateway, and what it prints."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+OPSTWIN = [sys.executable, "-m", "gateway.cli"]
+LEVEL = "utilities/cooling/tank1/level"
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> tuple[Path, str]:
+    state = tmp_path_factory.mktemp("demo") / "state"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    run = subprocess.run(
+        [*OPSTWIN, "demo", "--duration", "32", "--http-port", "0", "--state-dir", str(state)],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        env=env,
+    )
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output
+    return state, output
+
+
+def test_demo_prints_where_to_look_and_shows_the_plant(demo):
+    state, out = demo
+    assert "OpsTwin demo is running" in out
+    assert re.search(r"http://127\.0\.0\.1:\d+/twin", out)
+    assert (state / "site.yaml").exists() and (state / "twin.db").exists()
+    assert re.search(rf"{re.escape(LEVEL)}\s+\d+\.\d+ m\s+GOOD", out)
+
+
+def test_demo_writes_a_setpoint_and_reads_it_back(demo):
+    _, out = demo
+    assert re.search(r"setpoint utilities/cooling/tank1/inlet_valve <- 65 %: read back 65 %", out)
+
+
+def test_demo_rides_out_a_device_restart(demo):
+    _, out = demo
+    after = out[out.index("tank:restart"):]
+    assert re.search(rf"{re.escape(LEVEL)}\s+\S+ m\s+STALE", after), "tank points go STALE"
+    stale_at = re.search(rf"{re.escape(LEVEL)}\s+\S+ m\s+STALE", after).start()
+    assert re.search(rf"{re.escape(LEVEL)}\s+\S+ m\s+GOOD", after[stale_at:]), "and recover"
+
+
+def test_views_read_the_demo_database(demo):
+    state, _ = demo
+    config = str(state / "site.yaml")
+
+    def opstwin(*args: str) -> str:
+        run = subprocess.run([*OPSTWIN, *args], capture_output=True, text=True, timeout=30)
+        assert run.returncode == 0, run.stderr
+        return run.stdout
+
+    twin = opstwin("twin", "--config", config)
+    assert re.search(rf"{re.escape(LEVEL)}\s+\d+\.\d+\s+GOOD", twin)
+    history = opstwin("history", "--config", config, LEVEL, "--minutes", "5")
+    assert "STALE" in history and "GOOD" in history
+    buckets = opstwin("history", "--config", config, LEVEL, "--bucket", "10")
+    assert "mean" in buckets.splitlines()[0]
+    events = opstwin("events", "--config", config, "--limit", "1000")
+    assert "DeviceStateChanged" in events and "DISCONNECTED" in events
+    assert "TelemetryChanged" in events
+
+    unknown = subprocess.run([*OPSTWIN, "history", "--config", config, "no/such/point"],
+                             capture_output=True, text=True, timeout=30)
+    assert unknown.returncode == 1 and "no/such/point" in unknown.stderr
