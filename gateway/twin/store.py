@@ -75,10 +75,10 @@ class StoreStats:
     invalid: int
     rev: int
     committed_rev: int
-    batches: int
+    batches: int  # transactions committed
     rows_written: int
     current_rows_written: int
-    writer_backlog: int
+    uncommitted_revs: int
     writer_error: str | None
 
 
@@ -117,9 +117,11 @@ class TwinStore:
         self._open = False
         self._rev = 0
         # point id -> [pid, deadband, last row]; the last row is the TelemetryRow that the writer
-        # also gets, so an accepted update allocates one tuple and nothing else.
-        self._state: dict[str, list[Any]] = {}
-        self._decode: dict[str, Callable[[Any], Any]] = {}
+        # also gets, so an accepted update allocates one tuple and nothing else. pid is known
+        # once open() has read the points table.
+        self._state: dict[str, list[Any]] = {
+            p.id: [0, max(p.deadband or 0.0, 0.0), None] for p in self.points.values()
+        }
         self._accepted = 0
         self._filtered = 0
         self._unknown = 0
@@ -153,7 +155,6 @@ class TwinStore:
             flush_rows=self.flush_rows,
             history_s=self.history_days * DAY_S,
             events_s=self.events_days * DAY_S,
-            clock=self._clock,
         )
         writer.start()
         self._writer = writer
@@ -359,7 +360,7 @@ class TwinStore:
             batches=writer.batches if writer else 0,
             rows_written=writer.rows_written if writer else 0,
             current_rows_written=writer.current_rows_written if writer else 0,
-            writer_backlog=writer.backlog if writer else 0,
+            uncommitted_revs=self._rev - self.committed_rev,
             writer_error=None if writer is None or writer.error is None else str(writer.error),
         )
 

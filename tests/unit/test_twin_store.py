@@ -75,7 +75,7 @@ def all_events(store: TwinStore) -> list:
     return store.events_since(0, limit=100_000)
 
 
-# -- ordering ---------------------------------------------------------------------------------------
+# -- ordering --------------------------------------------------------------------------------------
 
 
 def test_revs_strictly_increase_and_the_log_is_in_rev_order(store: TwinStore) -> None:
@@ -118,7 +118,10 @@ def test_append_event_tied_to_a_point_gets_its_asset(store: TwinStore) -> None:
     rev = store.append_event("AnomalyDetected", {"score": 3.5}, point_id=TEMP)
     event = all_events(store)[-1]
     assert (event.rev, event.type, event.point_id, event.asset_id) == (
-        rev, "AnomalyDetected", TEMP, "line1/oven1",
+        rev,
+        "AnomalyDetected",
+        TEMP,
+        "line1/oven1",
     )
     assert event.data == {"score": 3.5}
     with pytest.raises(UnknownPointError):
@@ -128,7 +131,7 @@ def test_append_event_tied_to_a_point_gets_its_asset(store: TwinStore) -> None:
     assert store.rev == rev
 
 
-# -- on-change and deadband -------------------------------------------------------------------------
+# -- on-change and deadband ------------------------------------------------------------------------
 
 
 def test_first_value_is_always_accepted_even_bad_without_value(store: TwinStore) -> None:
@@ -153,8 +156,8 @@ def test_deadband_compares_with_the_last_accepted_value(store: TwinStore) -> Non
     accepted = [v for v in samples if store.ingest([s(TEMP, v)])]
     # A change must exceed 0.5: 10.5 does not; 10.2 and 11.0 are 0.4 from 10.6, not from 11.0.
     assert accepted == [10.0, 10.6, 11.2, 11.8]
-    history = store.history(TEMP, 0, 2e9) if store.flush() is None else []
-    assert [row.value for row in history] == accepted
+    store.flush()
+    assert [row.value for row in store.history(TEMP, 0, 2e9)] == accepted
 
 
 def test_a_quality_change_is_always_accepted(store: TwinStore) -> None:
@@ -178,7 +181,9 @@ def test_value_none_keeps_the_last_value_and_changes_only_the_quality(store: Twi
     assert store.ingest([s(LEVEL, 2.5)]) == 1
     events = [e for e in all_events(store) if e.point_id == LEVEL]
     assert [(e.data["value"], e.data["quality"]) for e in events] == [
-        (2.5, GOOD), (2.5, STALE), (2.5, GOOD),
+        (2.5, GOOD),
+        (2.5, STALE),
+        (2.5, GOOD),
     ]
 
 
@@ -195,7 +200,7 @@ def test_quality_given_as_plain_text_is_understood(store: TwinStore) -> None:
     assert store.get(LEVEL).quality is UNCERTAIN
 
 
-# -- unknown points and bad values ------------------------------------------------------------------
+# -- unknown points and bad values -----------------------------------------------------------------
 
 
 def test_unknown_points_are_skipped_and_counted(store: TwinStore) -> None:
@@ -220,6 +225,7 @@ def test_values_sqlite_cannot_hold_are_rejected_not_fatal(store: TwinStore) -> N
 
 def test_ingest_and_events_need_an_open_store(db_path: Path) -> None:
     twin = TwinStore(db_path, POINTS)
+    assert twin.get(LEVEL).quality is BAD  # declared, nothing known yet
     with pytest.raises(StoreError):
         twin.ingest([s(LEVEL, 1.0)])
     twin.open()
@@ -239,7 +245,7 @@ def test_snapshot_holds_every_declared_point_at_one_rev(store: TwinStore) -> Non
     assert values[MODE].rev == 0 and values[MODE].quality is BAD
 
 
-# -- restart ----------------------------------------------------------------------------------------
+# -- restart ---------------------------------------------------------------------------------------
 
 
 def test_values_rev_and_log_survive_a_restart(db_path: Path, clock: FakeClock) -> None:
@@ -250,7 +256,8 @@ def test_values_rev_and_log_survive_a_restart(db_path: Path, clock: FakeClock) -
     first.ingest([s(LEVEL, None, STALE, reason="device disconnected: timeout")])
     first.append_event("DeviceStateChanged", {"device": "tank1", "state": "DISCONNECTED"})
     before_rev, before = first.snapshot()
-    before_log = first.events_since(0) if first.flush() is None else []
+    first.flush()
+    before_log = first.events_since(0)
     first.close()
 
     second = TwinStore(db_path, POINTS, clock=clock)
@@ -299,7 +306,9 @@ def test_a_database_from_a_newer_gateway_is_refused(db_path: Path) -> None:
     with TwinStore(db_path, POINTS):
         pass
     with sqlite3.connect(db_path) as conn:
-        conn.execute("INSERT INTO _migrations VALUES (?, 'from the future', 0)", (SCHEMA_VERSION + 1,))
+        conn.execute(
+            "INSERT INTO _migrations VALUES (?, 'from the future', 0)", (SCHEMA_VERSION + 1,)
+        )
     with pytest.raises(StoreError, match="newer than this gateway supports"):
         TwinStore(db_path, POINTS).open()
 
@@ -311,7 +320,7 @@ def test_a_file_that_is_not_a_database_is_refused(tmp_path: Path) -> None:
         TwinStore(path, POINTS).open()
 
 
-# -- writer failures --------------------------------------------------------------------------------
+# -- writer failures -------------------------------------------------------------------------------
 
 
 def _break_writes(path: Path) -> None:
@@ -362,6 +371,23 @@ def test_closing_with_a_failing_writer_says_what_was_lost(db_path: Path) -> None
     with TwinStore(db_path, POINTS) as reopened:
         assert reopened.rev == 1
         assert reopened.get(LEVEL).value == 1.0
+
+
+def test_ingest_never_waits_for_a_locked_database(store: TwinStore, db_path: Path) -> None:
+    # Another process holds the write lock: the writer thread waits, ingest does not.
+    blocker = sqlite3.connect(db_path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        for i in range(200):
+            assert store.ingest([s(LEVEL, float(i)), s(TEMP, float(i))]) == 2
+        assert store.get(LEVEL).value == 199.0
+        assert store.rev == 400
+        assert store.committed_rev == 0
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    store.flush()
+    assert store.committed_rev == 400
 
 
 async def test_aflush_waits_off_the_loop(store: TwinStore) -> None:
