@@ -19,15 +19,9 @@ from gateway.demo import write_demo_config
 from plantsim import Plant
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-async def test_run_reports_ready_serves_and_flushes_on_sigterm(tmp_path: Path):
+async def test_run_reports_ready_serves_and_flushes_on_sigterm(tmp_path: Path, unused_tcp_port):
     async with Plant(seed=5) as plant:
-        http_port = free_port()
+        http_port = unused_tcp_port
         config = write_demo_config(tmp_path, plant.tank.port, plant.meter.port, http_port)
         notify_path = tmp_path / "notify.sock"
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
