@@ -77,6 +77,7 @@ class Driver(ABC):
         self._lost: asyncio.Future[None] | None = None
         self._drop_cause: BaseException | None = None
         self._ever_connected = False
+        self._closing = False
         self.dropped_batches = 0
 
     # -- what a protocol implements -------------------------------------------------------------
@@ -111,6 +112,7 @@ class Driver(ABC):
 
     async def close(self) -> None:
         """Stop the supervisor, close the connection and end the sample stream."""
+        self._closing = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -171,6 +173,7 @@ class Driver(ABC):
             task.cancel()
             raise
         if task in done:
+            self._raise_if_closing()
             return task.result()
         task.cancel()
         try:
@@ -197,10 +200,12 @@ class Driver(ABC):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                self._raise_if_closing()
                 await self._disconnect()
                 self._lose(exc, was_connected=False)
                 await self._sleep_backoff()
                 continue
+            self._raise_if_closing()
             self._lost = loop.create_future()
             self._drop_cause = None
             self._ever_connected = True
@@ -213,6 +218,7 @@ class Driver(ABC):
                 raise
             except Exception as exc:
                 cause = exc
+            self._raise_if_closing()
             self._fail_pending(cause)
             await self._disconnect()
             self._lose(cause, was_connected=True)
@@ -230,7 +236,17 @@ class Driver(ABC):
             text = f"device disconnected: {reason}"
             self._emit([Sample(k, None, quality, None, text) for k in self.keys])
 
+    def _raise_if_closing(self) -> None:
+        # Python 3.11's asyncio.wait_for, which protocol libraries use around connect and
+        # requests, hands back the inner result when a cancellation and that result arrive in
+        # the same loop step: our cancellation comes out as "connection refused". Without this
+        # check the supervisor would treat close() as one more failure and retry forever.
+        task = asyncio.current_task()
+        if self._closing or (task is not None and task.cancelling()):
+            raise asyncio.CancelledError
+
     async def _sleep_backoff(self) -> None:
+        self._raise_if_closing()
         delay = self._backoff.next_delay()
         self._set_state(ConnectionState.BACKOFF, self.last_error)
         await asyncio.sleep(delay)

@@ -44,6 +44,10 @@ def run_demo(*, state_dir: str, http_port: int, seed: int, duration: float | Non
     state = Path(state_dir).resolve()
     state.mkdir(parents=True, exist_ok=True)
     tank_port, meter_port = _free_port(), _free_port()
+    if http_port and not _port_is_free(http_port):
+        # A demo should start on a busy laptop; a production config fails loudly instead.
+        busy, http_port = http_port, _free_port()
+        print(f"opstwin demo: port {busy} is in use; the gateway listens on {http_port}")
     sim_log = state / "plantsim.log"
     with sim_log.open("w") as log_file:
         # Its own process, as real hardware would be: the gateway reaches it only over TCP.
@@ -181,6 +185,16 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def _wait_for_ports(sim: subprocess.Popen, ports: list[int], sim_log: Path) -> None:

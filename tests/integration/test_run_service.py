@@ -81,3 +81,29 @@ async def _get_json(url: str, until_good: bool) -> dict:
             return body
         assert time.monotonic() < deadline, f"points not GOOD: {body}"
         await asyncio.sleep(0.2)
+
+
+async def test_run_on_a_busy_http_port_fails_fast_with_a_clear_error(tmp_path: Path):
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    busy = holder.getsockname()[1]
+    try:
+        # Devices that do not answer either: shutting down while drivers are still trying to
+        # connect must not hang (asyncio.wait_for in 3.11 can swallow the cancellation).
+        config = write_demo_config(tmp_path, _closed_port(), _closed_port(), busy)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway.cli", "run", "--config", str(config),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )
+        output, _ = await asyncio.wait_for(proc.communicate(), 20)
+    finally:
+        holder.close()
+    assert proc.returncode == 1, output.decode()
+    assert f"cannot listen on http 127.0.0.1:{busy}" in output.decode()
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

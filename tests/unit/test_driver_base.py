@@ -242,3 +242,30 @@ async def test_caller_cancelled_while_a_lost_request_cleans_up_stays_cancelled(
     # A cancellation must never turn into an ordinary error: close() relies on it.
     with pytest.raises(asyncio.CancelledError):
         await caller
+
+
+class CancellationEatingDriver(ScriptedDriver):
+    """Connects the way pymodbus does on Python 3.11: asyncio.wait_for around a connect that
+    fails at once, so a cancellation arriving together with the failure comes out as the
+    failure (wait_for returns the inner result when both happen in one loop step)."""
+
+    async def _connect(self) -> None:
+        self.connects += 1
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            raise ConnectionRefusedError("refused, reported instead of the cancellation") from None
+
+
+@pytest.mark.parametrize("phase", ["connecting", "backoff"])
+async def test_close_stops_the_supervisor_even_when_a_library_eats_the_cancellation(phase):
+    driver = CancellationEatingDriver()
+    if phase == "backoff":
+        driver._backoff = Backoff(initial=3600, cap=3600)
+    await driver.start()
+    await asyncio.sleep(0.05)
+    assert driver.connects == 1
+    await asyncio.wait_for(driver.close(), 2)
+    assert driver.state is ConnectionState.CLOSED
+    await asyncio.sleep(0.05)
+    assert driver.connects == 1, "a closed driver must never try to connect again"
