@@ -20,6 +20,7 @@ those marked *blocking*, which the loop runs through `asyncio.to_thread`):
     aggregate(point_id, start, end, bucket_s) -> list[Bucket]          `gateway.twin.history`
     events_since(rev, limit=1000) -> list[EventRecord]
     stats -> StoreStats                  accepted / filtered / unknown / invalid, writer counters
+    add_listener(fn) / remove_listener(fn)         fn(list[PointValue]) after each ingest
 
 Ingest filters on change: the first sample of a point is always accepted; a quality change is
 always accepted; otherwise a value is accepted when it differs from the last accepted one by more
@@ -57,7 +58,9 @@ from gateway.twin.writer import PruneResult, TelemetryRow, Writer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PruneResult", "StoreStats", "TwinStore"]
+__all__ = ["ChangeListener", "PruneResult", "StoreStats", "TwinStore"]
+
+ChangeListener = Callable[[list[PointValue]], None]
 
 DAY_S = 86400.0
 # Logged once each, then only counted: a misconfigured device would otherwise flood the log.
@@ -127,6 +130,8 @@ class TwinStore:
         self._unknown = 0
         self._invalid = 0
         self._unknown_seen: set[str] = set()
+        self._listeners: list[ChangeListener] = []
+        self._id_of_pid: dict[int, str] = {}
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -147,6 +152,7 @@ class TwinStore:
         finally:
             conn.close()
         self._rev = rev
+        self._id_of_pid = {pid: point_id for point_id, pid in pids.items()}
         writer = Writer(
             self.path,
             committed_rev=rev,
@@ -242,7 +248,22 @@ class TwinStore:
             self._filtered += filtered
             self._unknown += unknown
             self._invalid += invalid
+        if rows and self._listeners:
+            self._notify(rows)
         return len(rows)
+
+    def add_listener(self, listener: ChangeListener) -> None:
+        """Call `listener(changes)` after every ingest that accepted changes.
+
+        Listeners run on the thread that called ingest() (the event loop), in rev order, with
+        the new values; they must be quick and must not raise (a failure is logged and the
+        listener stays registered). The OPC UA server follows the twin through this.
+        """
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: ChangeListener) -> None:
+        """Stop calling `listener`."""
+        self._listeners.remove(listener)
 
     def append_event(
         self,
@@ -365,6 +386,18 @@ class TwinStore:
         )
 
     # -- helpers ----------------------------------------------------------------------------------
+
+    def _notify(self, rows: list[TelemetryRow]) -> None:
+        ids = self._id_of_pid
+        changes = [
+            PointValue(ids[pid], value, QUALITIES[quality], source_ts, ts, rev, reason)
+            for rev, ts, pid, value, quality, source_ts, reason in rows
+        ]
+        for listener in list(self._listeners):
+            try:
+                listener(changes)
+            except Exception:
+                log.exception("twin change listener %r failed", listener)
 
     def _value_of(self, point_id: str, row: TelemetryRow | None) -> PointValue:
         if row is None:
