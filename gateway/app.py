@@ -14,6 +14,7 @@ from drivers.errors import DriverError
 from gateway.config import SiteConfig
 from gateway.devices import build_drivers, point_defs
 from gateway.errors import DeviceError, UnknownPointError
+from gateway.opcua_server import TwinOpcuaServer
 from gateway.twin.model import PointDef
 from gateway.twin.store import TwinStore
 
@@ -36,6 +37,15 @@ class Gateway:
             events_days=config.storage.events_days,
         )
         self.drivers: dict[str, Driver] = build_drivers(config)
+        self.opcua_server: TwinOpcuaServer | None = None
+        if config.opcua_server.enabled:
+            self.opcua_server = TwinOpcuaServer(
+                config.opcua_server,
+                self.store,
+                self.points,
+                pki_dir=config.storage.pki_dir,
+                on_write=self._on_opcua_write,
+            )
         self.started_at: float | None = None
         self._pumps: list[asyncio.Task[None]] = []
         self._prune_task: asyncio.Task[None] | None = None
@@ -50,6 +60,13 @@ class Gateway:
             await driver.start()
             self._pumps.append(asyncio.create_task(self._pump(driver), name=f"pump:{driver.name}"))
         self._prune_task = asyncio.create_task(self._prune_periodically(), name="twin:prune")
+        if self.opcua_server is not None:
+            try:
+                await self.opcua_server.start()
+            except BaseException:
+                await self.stop()
+                raise
+            log.info("OPC UA server listening on %s", self.opcua_server.endpoint)
         log.info(
             "gateway %s/%s started: %d devices, %d points, rev %d",
             self.config.site_id,
@@ -60,9 +77,11 @@ class Gateway:
         )
 
     async def stop(self) -> None:
-        """Close drivers, drain what they already sent, flush and close the store."""
+        """Stop serving, close drivers, drain what they already sent, flush and close the store."""
         if self._prune_task is not None:
             self._prune_task.cancel()
+        if self.opcua_server is not None:
+            await self.opcua_server.stop()
         await asyncio.gather(*(d.close() for d in self.drivers.values()), return_exceptions=True)
         # close() ends each sample stream, so the pumps finish after ingesting what was queued.
         with contextlib.suppress(asyncio.TimeoutError):
@@ -112,6 +131,15 @@ class Gateway:
             self.store.append_event(
                 "DeviceStateChanged", {"device": name, "state": state.value, "reason": reason}
             )
+
+    def _on_opcua_write(self, user: str, point_id: str, value: Any) -> None:
+        # Until the policy engine exists, a SCADA write is refused; the attempt is on record.
+        self.store.append_event(
+            "WriteRefused",
+            {"source": "opcua", "user": user, "value": value,
+             "reason": "writes from OPC UA clients go through the policy engine (not yet built)"},
+            point_id=point_id,
+        )
 
     async def _prune_periodically(self) -> None:
         while True:

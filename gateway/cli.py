@@ -66,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(handler=cmd_demo)
 
+    hashpw = sub.add_parser(
+        "hash-password", help="print an argon2 hash for an opcua_server user's password_hash"
+    )
+    hashpw.set_defaults(handler=cmd_hash_password)
+
     from gateway.views import add_view_commands  # read-only views share their own module
 
     add_view_commands(sub)
@@ -99,6 +104,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_hash_password(args: argparse.Namespace) -> int:
+    """Read a password (twice, unechoed) and print its argon2 hash."""
+    import getpass
+
+    from gateway.opcua_server.users import hash_password
+
+    if sys.stdin.isatty():
+        first = getpass.getpass("password: ")
+        if getpass.getpass("again: ") != first:
+            print("opstwin: the passwords differ", file=sys.stderr)
+            return EXIT_CONFIG
+    else:
+        first = sys.stdin.readline().rstrip("\n")
+    if not first:
+        print("opstwin: an empty password is not allowed", file=sys.stderr)
+        return EXIT_CONFIG
+    print(hash_password(first))
+    return EXIT_OK
+
+
 def describe(config: SiteConfig, source: str) -> str:
     """A human summary of what a config declares."""
     npoints = sum(len(d.points) for d in config.devices)
@@ -108,6 +133,7 @@ def describe(config: SiteConfig, source: str) -> str:
         f"storage {config.storage.path} (history {config.storage.history_days:g} d, "
         f"events {config.storage.events_days:g} d)",
         f"http {config.http.host}:{config.http.port}",
+        _describe_opcua_server(config),
         f"{len(config.devices)} device(s), {npoints} point(s):",
     ]
     for device in config.devices:
@@ -123,6 +149,17 @@ def describe(config: SiteConfig, source: str) -> str:
     return "\n".join(lines)
 
 
+def _describe_opcua_server(config: SiteConfig) -> str:
+    server = config.opcua_server
+    if not server.enabled:
+        return "opcua server: off"
+    anonymous = "anonymous allowed" if server.allow_anonymous else "no anonymous access"
+    return (
+        f"opcua server {server.endpoint} (security {', '.join(server.security_policies)}; "
+        f"{anonymous}; {len(server.users)} user(s))"
+    )
+
+
 def setup_logging(level: str) -> None:
     """Log to stderr with timestamps (journald adds its own, but a console run needs them)."""
     logging.basicConfig(
@@ -132,6 +169,9 @@ def setup_logging(level: str) -> None:
     )
     # pymodbus logs every failed request at ERROR; the driver logs transitions itself.
     logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+    # asyncua logs every reconnect attempt and unknown request at WARNING/ERROR; the drivers
+    # and the server log what an operator needs.
+    logging.getLogger("asyncua").setLevel(logging.ERROR)
 
 
 if __name__ == "__main__":

@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from drivers.base import Driver
 from drivers.modbus import ModbusDriver, ModbusPoint
 from drivers.modbus.options import ModbusOptions
-from gateway.config.model import ModbusDeviceConfig, PointConfig, SiteConfig
+from drivers.opcua import OpcuaDriver, OpcuaPoint
+from drivers.opcua.options import OpcuaOptions
+from gateway.config.model import (
+    ModbusDeviceConfig,
+    ModbusPointConfig,
+    OpcuaDeviceConfig,
+    OpcuaPointConfig,
+    SiteConfig,
+)
 from gateway.twin.model import PointDef
 
-__all__ = ["build_drivers", "modbus_driver", "modbus_point", "point_defs"]
+__all__ = [
+    "build_drivers",
+    "modbus_driver",
+    "modbus_point",
+    "opcua_driver",
+    "opcua_point",
+    "point_defs",
+]
 
 
 def point_defs(config: SiteConfig) -> list[PointDef]:
@@ -35,11 +52,12 @@ def build_drivers(config: SiteConfig) -> dict[str, Driver]:
     drivers: dict[str, Driver] = {}
     for device in config.devices:
         if device.enabled:
-            drivers[device.name] = modbus_driver(device)
+            make = modbus_driver if isinstance(device, ModbusDeviceConfig) else opcua_driver
+            drivers[device.name] = make(device, pki_dir=config.storage.pki_dir)
     return drivers
 
 
-def modbus_point(point: PointConfig, options: ModbusOptions) -> ModbusPoint:
+def modbus_point(point: ModbusPointConfig, options: ModbusOptions) -> ModbusPoint:
     """The driver's view of a configured point; raises the driver's own validation errors."""
     return ModbusPoint(
         key=point.id,
@@ -56,7 +74,28 @@ def modbus_point(point: PointConfig, options: ModbusOptions) -> ModbusPoint:
     )
 
 
-def modbus_driver(device: ModbusDeviceConfig) -> Driver:
+def opcua_point(point: OpcuaPointConfig, options: OpcuaOptions) -> OpcuaPoint:
+    """The OPC UA driver's view of a configured point; raises its validation errors."""
+    return OpcuaPoint(
+        key=point.id,
+        node_id=point.address,
+        lo=point.range.lo if point.range else None,
+        hi=point.range.hi if point.range else None,
+        writable=point.writable,
+        deadband=point.deadband,
+        sampling_interval_ms=point.sampling_interval_ms,
+        queue_size=point.queue_size,
+    )
+
+
+def opcua_driver(device: OpcuaDeviceConfig, *, pki_dir: Path | None) -> Driver:
+    """The driver of one OPC UA server; raises the driver's validation errors, does no I/O."""
+    points = [opcua_point(p, device.options) for p in device.points]
+    return OpcuaDriver(device.name, device.endpoint, device.options, points, pki_dir=pki_dir)
+
+
+def modbus_driver(device: ModbusDeviceConfig, *, pki_dir: Path | None = None) -> Driver:
     """The driver of one Modbus device; raises the driver's validation errors, does no I/O."""
+    del pki_dir  # Modbus has no security layer
     points = [modbus_point(p, device.options) for p in device.points]
     return ModbusDriver(device.name, device.endpoint, device.options, points)

@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import ValidationError
 
-from gateway.config.model import ModbusDeviceConfig, SiteConfig
+from gateway.config.model import DRIVERS, ModbusDeviceConfig, OpcuaDeviceConfig, SiteConfig
 from gateway.config.yamlpos import YamlDocument, format_path, parse_yaml
 from gateway.errors import ConfigError
 
@@ -36,14 +36,15 @@ def load_config(path: str | Path) -> SiteConfig:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from exc
     config = parse_config(text, source=str(path))
+    # Relative to the config file, not the working directory: systemd and a shell in another
+    # folder must find the same database and certificates.
     storage = config.storage
-    if not storage.path.is_absolute():
-        # Relative to the config file, not the working directory: systemd and a shell in
-        # another folder must find the same database.
-        resolved = (path.parent / storage.path).resolve()
-        storage = storage.model_copy(update={"path": resolved})
-        config = config.model_copy(update={"storage": storage})
-    return config
+    db = (path.parent / storage.path).resolve()
+    pki = db.parent / "pki"
+    if storage.pki_dir is not None:
+        pki = (path.parent / storage.pki_dir).resolve()
+    storage = storage.model_copy(update={"path": db, "pki_dir": pki})
+    return config.model_copy(update={"storage": storage})
 
 
 def parse_config(text: str, *, source: str = "<config>") -> SiteConfig:
@@ -100,37 +101,85 @@ def _unique_names(config: SiteConfig) -> Iterator[Problem]:
 def _each_device(config: SiteConfig) -> Iterator[Problem]:
     for d, device in enumerate(config.devices):
         base: PathParts = ("devices", d)
-        yield from _check_endpoint(base, device.endpoint)
         for p, point in enumerate(device.points):
-            where = (*base, "points", p)
-            if point.range is not None and not point.range.lo < point.range.hi:
-                yield Problem(
-                    (*where, "range"),
-                    f"lo must be below hi, got lo={point.range.lo:g} hi={point.range.hi:g}",
-                )
-            if point.writable and point.range is None and point.datatype not in ("bool", "string"):
-                yield Problem(
-                    (*where, "range"),
-                    "a writable numeric point needs an engineering range {lo, hi}: the gateway "
-                    "never writes a value it cannot check against limits",
-                )
-            if point.scale == 0:
-                yield Problem((*where, "scale"), "scale must not be 0")
-            if point.datatype == "string" and point.length is None:
-                yield Problem((*where, "length"), "a string point needs `length` (characters)")
-            if point.datatype != "string" and point.length is not None:
-                yield Problem((*where, "length"), "`length` applies only to string points")
-            if point.datatype in ("bool", "string") and point.deadband:
-                yield Problem(
-                    (*where, "deadband"), f"a deadband needs a numeric point, not {point.datatype}"
-                )
-        check = _DRIVER_CHECKS.get(device.driver)
-        if check is not None:
-            yield from check(base, device)
+            yield from _check_point((*base, "points", p), point)
+        yield from _DRIVER_CHECKS[device.driver](base, device)
 
 
-def _check_endpoint(base: PathParts, endpoint: str) -> Iterator[Problem]:
-    where = (*base, "endpoint")
+def _check_point(where: PathParts, point: Any) -> Iterator[Problem]:
+    if point.range is not None and not point.range.lo < point.range.hi:
+        yield Problem(
+            (*where, "range"),
+            f"lo must be below hi, got lo={point.range.lo:g} hi={point.range.hi:g}",
+        )
+    if point.writable and point.range is None and point.datatype not in ("bool", "string"):
+        yield Problem(
+            (*where, "range"),
+            "a writable numeric point needs an engineering range {lo, hi}: the gateway "
+            "never writes a value it cannot check against limits",
+        )
+    if point.datatype in ("bool", "string") and point.deadband:
+        yield Problem(
+            (*where, "deadband"), f"a deadband needs a numeric point, not {point.datatype}"
+        )
+
+
+def _check_modbus(base: PathParts, device: Any) -> Iterator[Problem]:
+    from gateway.devices import modbus_driver, modbus_point  # the driver's own rules, one place
+
+    assert isinstance(device, ModbusDeviceConfig)
+    yield from _check_modbus_endpoint((*base, "endpoint"), device.endpoint)
+    for p, point in enumerate(device.points):
+        where = (*base, "points", p)
+        if point.scale == 0:
+            yield Problem((*where, "scale"), "scale must not be 0")
+        if point.datatype == "string" and point.length is None:
+            yield Problem((*where, "length"), "a string point needs `length` (characters)")
+        if point.datatype != "string" and point.length is not None:
+            yield Problem((*where, "length"), "`length` applies only to string points")
+    yield from _driver_rules(base, device, modbus_point, modbus_driver)
+
+
+def _check_opcua(base: PathParts, device: Any) -> Iterator[Problem]:
+    from gateway.devices import opcua_driver, opcua_point
+
+    assert isinstance(device, OpcuaDeviceConfig)
+    parts = urlsplit(device.endpoint)
+    try:
+        port_ok = parts.port != 0
+    except ValueError:
+        port_ok = False
+    if parts.scheme != "opc.tcp" or not parts.hostname or not port_ok:
+        yield Problem(
+            (*base, "endpoint"),
+            f"expected opc.tcp://HOST[:PORT][/PATH], got {device.endpoint!r}",
+        )
+    yield from _driver_rules(base, device, opcua_point, opcua_driver)
+
+
+def _driver_rules(
+    base: PathParts, device: Any, make_point: Callable[..., Any], make_driver: Callable[..., Any]
+) -> Iterator[Problem]:
+    """Run the driver's own point and device validation (no I/O) and place its errors."""
+    bad_point = False
+    for p, point in enumerate(device.points):
+        try:
+            make_point(point, device.options)
+        except Exception as exc:  # driver validation errors carry the field they blame
+            bad_point = True
+            field = getattr(exc, "field", None) or "address"
+            field = _CONFIG_KEY_OF_DRIVER_FIELD.get(field, field)
+            yield Problem((*base, "points", p, field), str(exc))
+    if not bad_point:
+        # Device-level rules (a point larger than max_registers, a serial line with the socket
+        # framer) are checked when the driver is built; building one does no I/O.
+        try:
+            make_driver(device, pki_dir=None)
+        except Exception as exc:
+            yield Problem((*base, "options"), str(exc))
+
+
+def _check_modbus_endpoint(where: PathParts, endpoint: str) -> Iterator[Problem]:
     parts = urlsplit(endpoint)
     if parts.scheme == "tcp":
         try:
@@ -148,33 +197,12 @@ def _check_endpoint(base: PathParts, endpoint: str) -> Iterator[Problem]:
         )
 
 
-def _check_modbus(base: PathParts, device: Any) -> Iterator[Problem]:
-    from gateway.devices import modbus_driver, modbus_point  # the driver's own rules, one place
-
-    assert isinstance(device, ModbusDeviceConfig)
-    bad_point = False
-    for p, point in enumerate(device.points):
-        try:
-            modbus_point(point, device.options)
-        except Exception as exc:  # driver validation errors carry the field they blame
-            bad_point = True
-            field = getattr(exc, "field", None) or "address"
-            field = _CONFIG_KEY_OF_DRIVER_FIELD.get(field, field)
-            yield Problem((*base, "points", p, field), str(exc))
-    if not bad_point:
-        # Device-level rules (a point larger than max_registers, a serial line with the socket
-        # framer) are checked when the driver is built; building one does no I/O.
-        try:
-            modbus_driver(device)
-        except Exception as exc:
-            yield Problem((*base, "options"), str(exc))
-
-
 # The driver's point fields are flat; the config nests the limits under `range`.
-_CONFIG_KEY_OF_DRIVER_FIELD = {"lo": "range", "hi": "range", "key": "id"}
+_CONFIG_KEY_OF_DRIVER_FIELD = {"lo": "range", "hi": "range", "key": "id", "node_id": "address"}
 
 _DRIVER_CHECKS: dict[str, Callable[[PathParts, Any], Iterator[Problem]]] = {
     "modbus": _check_modbus,
+    "opcua": _check_opcua,
 }
 
 
@@ -184,6 +212,15 @@ _DRIVER_CHECKS: dict[str, Callable[[PathParts, Any], Iterator[Problem]]] = {
 def _from_pydantic(err: Any) -> Problem:
     loc = tuple(err["loc"])
     kind = err["type"]
+    # pydantic puts the union member's tag into the path (devices.0.modbus.points...); a user
+    # wrote devices[0].points.
+    if len(loc) > 2 and loc[0] == "devices" and loc[2] in DRIVERS:
+        loc = loc[:2] + loc[3:]
+    if kind == "union_tag_invalid":
+        return Problem((*loc, "driver"), f"expected one of {', '.join(DRIVERS)}, got "
+                       f"{err.get('ctx', {}).get('tag')!r}")
+    if kind == "union_tag_not_found":
+        return Problem((*loc, "driver"), f"required key is missing ({', '.join(DRIVERS)})")
     if kind == "extra_forbidden":
         return Problem(loc, "unknown key (check its spelling and where it is indented)")
     if kind == "missing":

@@ -13,6 +13,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from drivers.modbus.options import ModbusOptions
+from drivers.opcua.options import OpcuaOptions
+from gateway.opcua_server.config import OpcuaServerConfig
 
 DataType = Literal[
     "bool",
@@ -43,16 +45,13 @@ class Range(_Strict):
     hi: float = Field(description="Highest valid engineering value.")
 
 
-class PointConfig(_Strict):
-    """One point of a device."""
+class _PointBase(_Strict):
+    """What every point declares, whatever its protocol."""
 
     id: Annotated[str, Field(pattern=POINT_ID_PATTERN)] = Field(
         description="Path `area/line/asset/signal`, unique across the site."
     )
-    address: str = Field(
-        description="Protocol address, e.g. `holding:0`, `input:3`, `holding:5.2`."
-    )
-    datatype: DataType = Field(description="Raw datatype on the device.")
+    datatype: DataType = Field(description="Datatype of the value (raw datatype for Modbus).")
     unit: str = Field("", description="Engineering unit, e.g. `m`, `°C`, `kW`.")
     range: Range | None = Field(
         None, description="Engineering range `{lo, hi}`; required if writable and numeric."
@@ -60,6 +59,15 @@ class PointConfig(_Strict):
     writable: bool = Field(False, description="Whether setpoints may be written to this point.")
     deadband: float = Field(
         0.0, ge=0, description="Absolute change below which updates are dropped."
+    )
+    description: str = Field("", description="Free text shown to operators.")
+
+
+class ModbusPointConfig(_PointBase):
+    """One point of a Modbus device."""
+
+    address: str = Field(
+        description="Modbus address, e.g. `holding:0`, `input:3`, `holding:5.2`."
     )
     scale: float = Field(1.0, description="Engineering value = raw * scale + offset.")
     offset: float = Field(0.0, description="See `scale`.")
@@ -70,7 +78,21 @@ class PointConfig(_Strict):
     word_order: Literal["big", "little"] | None = Field(
         None, description="Register order of 32/64-bit values; default from the device options."
     )
-    description: str = Field("", description="Free text shown to operators.")
+
+
+class OpcuaPointConfig(_PointBase):
+    """One point of an OPC UA server (a PLC)."""
+
+    address: str = Field(
+        description="Node id, e.g. `ns=2;s=Oven1.Temperature`, `i=2258`, or "
+        "`nsu=urn:vendor:plc;s=Oven1.Temperature` (namespace by URI, resolved at connect)."
+    )
+    sampling_interval_ms: float | None = Field(
+        None, ge=0, description="Sampling interval of this item; default from the device options."
+    )
+    queue_size: int | None = Field(
+        None, ge=1, le=10_000, description="Server-side queue of this item; default from options."
+    )
 
 
 class ModbusDeviceConfig(_Strict):
@@ -81,10 +103,22 @@ class ModbusDeviceConfig(_Strict):
     endpoint: str = Field(description="`tcp://host:port` or `serial:///dev/ttyUSB0`.")
     enabled: bool = Field(True, description="A disabled device is declared but not polled.")
     options: ModbusOptions = Field(default_factory=ModbusOptions, description="Driver options.")
-    points: list[PointConfig] = Field(min_length=1, description="The device's points.")
+    points: list[ModbusPointConfig] = Field(min_length=1, description="The device's points.")
 
 
-DeviceConfig = ModbusDeviceConfig
+class OpcuaDeviceConfig(_Strict):
+    """A PLC or other OPC UA server the gateway reads as a client."""
+
+    name: Annotated[str, Field(pattern=NAME_PATTERN)] = Field(description="Unique device name.")
+    driver: Literal["opcua"] = Field(description="Protocol driver: `opcua`.")
+    endpoint: str = Field(description="`opc.tcp://host:port/path`.")
+    enabled: bool = Field(True, description="A disabled device is declared but not read.")
+    options: OpcuaOptions = Field(default_factory=OpcuaOptions, description="Driver options.")
+    points: list[OpcuaPointConfig] = Field(min_length=1, description="The device's points.")
+
+
+DeviceConfig = Annotated[ModbusDeviceConfig | OpcuaDeviceConfig, Field(discriminator="driver")]
+DRIVERS = ("modbus", "opcua")
 
 
 class StorageConfig(_Strict):
@@ -97,6 +131,11 @@ class StorageConfig(_Strict):
     events_days: float = Field(7.0, gt=0, description="Days of event log kept.")
     flush_interval_ms: float = Field(
         5.0, gt=0, le=1000, description="Longest time an accepted update waits before commit."
+    )
+    pki_dir: Path | None = Field(
+        None,
+        description="Folder for certificates made on first run (OPC UA client and server); "
+        "default `pki/` beside the database. A relative path is relative to the config file.",
     )
 
 
@@ -117,6 +156,10 @@ class SiteConfig(_Strict):
     devices: list[DeviceConfig] = Field(description="Devices and their points.")
     storage: StorageConfig = Field(default_factory=StorageConfig, description="Twin storage.")
     http: HttpConfig = Field(default_factory=HttpConfig, description="HTTP listener.")
+    opcua_server: OpcuaServerConfig = Field(
+        default_factory=OpcuaServerConfig,
+        description="The gateway's own OPC UA server, for SCADA/HMI clients.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Log verbosity."
     )
