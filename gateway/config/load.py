@@ -226,13 +226,22 @@ def _from_pydantic(err: Any) -> Problem:
     if kind == "missing":
         return Problem(loc, "required key is missing")
     message = err["msg"]
-    if "input" in err and kind not in ("model_type", "dict_type"):
+    if _echoable(loc, err.get("input")):
         message = f"{message}, got {err['input']!r}"
     if kind == "string_pattern_mismatch" and loc and loc[-1] == "id":
         message = "expected a path like area/line/asset/signal (lower case, digits, _ . -)" + (
             f", got {err['input']!r}" if "input" in err else ""
         )
     return Problem(loc, message)
+
+
+def _echoable(loc: PathParts, value: Any) -> bool:
+    # Echo a scalar back so the user sees what was read; never a whole section (it may hold
+    # password hashes) and never anything under a password key (a plain password pasted by
+    # mistake must not reach a terminal log).
+    if any(isinstance(part, str) and "password" in part for part in loc):
+        return False
+    return isinstance(value, (str, int, float, bool))
 
 
 def _render(source: str, doc: YamlDocument, problems: Sequence[Problem]) -> str:

@@ -13,6 +13,9 @@ import yaml
 from gateway.cli import main
 from gateway.config import load_config, parse_config
 from gateway.errors import ConfigError
+from gateway.opcua_server.users import hash_password
+
+SCADA_HASH = hash_password("correct horse")
 
 GOOD: dict[str, Any] = {
     "site_id": "plant-a",
@@ -34,7 +37,26 @@ GOOD: dict[str, Any] = {
             ],
         }
         for d in range(3)
+    ]
+    + [
+        {
+            "name": "plc",
+            "driver": "opcua",
+            "endpoint": "opc.tcp://127.0.0.1:4841/plc",
+            "options": {"publishing_interval_ms": 250},
+            "points": [
+                {"id": "line1/oven1/temperature", "address": "ns=2;s=Oven1.Temperature",
+                 "datatype": "float64", "range": {"lo": 0, "hi": 400}},
+                {"id": "line1/oven1/setpoint", "address": "ns=2;s=Oven1.HeaterSetpoint",
+                 "datatype": "float64", "range": {"lo": 0, "hi": 300}, "writable": True},
+            ],
+        }
     ],
+    "opcua_server": {
+        "enabled": True,
+        "endpoint": "opc.tcp://0.0.0.0:4840/opstwin",
+        "users": [{"username": "scada", "password_hash": SCADA_HASH, "role": "viewer"}],
+    },
 }
 
 
@@ -62,7 +84,7 @@ def error_of(tmp_path: Path, data: Any) -> str:
 def test_good_config_loads_and_resolves_storage_relative_to_the_file(tmp_path):
     config = load_config(write(tmp_path, GOOD))
     assert config.site_id == "plant-a"
-    assert len(config.devices) == 3
+    assert len(config.devices) == 4
     assert config.storage.path == (tmp_path / "twin.db").resolve()
 
 
@@ -138,6 +160,20 @@ CASES = [
         d["devices"][0]["points"][0].pop("range"),
         d["devices"][0].update(options={"max_registers": 10})),
      "devices[0].options", "max_registers"),
+    ("opcua bad node id", _set(("devices", 3, "points", 1, "address"), "ns=x;s=Oven1"),
+     "devices[3].points[1].address", "ns=x"),
+    ("opcua endpoint scheme", _set(("devices", 3, "endpoint"), "tcp://127.0.0.1:4841"),
+     "devices[3].endpoint", "opc.tcp://"),
+    ("opcua unknown option", _set(("devices", 3, "options"), {"publish_ms": 1}),
+     "devices[3].options.publish_ms", "unknown key"),
+    ("opcua point with a modbus key", _set(("devices", 3, "points", 0, "scale"), 2),
+     "devices[3].points[0].scale", "unknown key"),
+    ("opcua server password not hashed", _set(("opcua_server", "users"), [
+        {"username": "scada", "password_hash": "secret", "role": "viewer"}]),
+     "opcua_server.users[0].password_hash", "argon2"),
+    ("opcua server unknown role", _set(("opcua_server", "users"), [
+        {"username": "scada", "password_hash": "secret", "role": "god"}]),
+     "opcua_server.users[0].role", "viewer"),
     ("unknown point key", _set(("devices", 0, "points", 0, "deadbnd"), 0.1),
      "devices[0].points[0].deadbnd", "unknown key"),
 ]
@@ -198,6 +234,18 @@ def test_duplicate_yaml_key_names_its_line(tmp_path):
         load_config(path)
 
 
+def test_a_password_or_hash_is_never_echoed_in_an_error(tmp_path):
+    def leak(data):
+        data["opcua_server"]["users"] = [
+            {"username": "a", "password_hash": "hunter2-plain", "role": "viewer"},
+            {"username": "a", "password_hash": SCADA_HASH, "role": "viewer"},
+        ]
+
+    message = error_of(tmp_path, broken(leak))
+    assert "opcua_server.users[0].password_hash" in message
+    assert "hunter2" not in message and SCADA_HASH not in message
+
+
 def test_missing_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="cannot read config"):
         load_config(tmp_path / "nope.yaml")
@@ -207,7 +255,8 @@ def test_check_command_prints_what_the_config_declares(tmp_path, capsys):
     path = write(tmp_path, GOOD)
     assert main(["check", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "OK" in out and "3 device(s), 18 point(s)" in out
+    assert "OK" in out and "4 device(s), 20 point(s)" in out
+    assert "opcua server opc.tcp://0.0.0.0:4840/opstwin" in out
     assert "area/line/dev2/p5" in out
 
 
