@@ -25,6 +25,7 @@ __all__ = [
     "opcua_driver",
     "opcua_point",
     "point_defs",
+    "twin_datatype",
 ]
 
 
@@ -34,7 +35,7 @@ def point_defs(config: SiteConfig) -> list[PointDef]:
         PointDef(
             id=p.id,
             device=d.name,
-            datatype=p.datatype,
+            datatype=twin_datatype(p),
             unit=p.unit,
             lo=p.range.lo if p.range else None,
             hi=p.range.hi if p.range else None,
@@ -45,6 +46,18 @@ def point_defs(config: SiteConfig) -> list[PointDef]:
         for d in config.devices
         for p in d.points
     ]
+
+
+def twin_datatype(point: ModbusPointConfig | OpcuaPointConfig) -> str:
+    """The datatype of the value the twin holds: the engineering value, not the raw register.
+
+    A Modbus int16 with scale 0.01 carries 18.09 °C, so the twin (and the OPC UA variable
+    serving it) holds a float64.
+    """
+    scaled = isinstance(point, ModbusPointConfig) and (point.scale != 1 or point.offset != 0)
+    if scaled and point.datatype not in ("bool", "string", "float32", "float64"):
+        return "float64"
+    return point.datatype
 
 
 def build_drivers(config: SiteConfig) -> dict[str, Driver]:

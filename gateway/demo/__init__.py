@@ -4,65 +4,63 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from gateway.app import Gateway
-from gateway.config import load_config
+from gateway.config import SiteConfig, load_config
+from gateway.demo.script import Script, banner
 from gateway.errors import GatewayError
+from gateway.opcua_server.users import hash_password
 from gateway.serve import serve
 
-WATCHED = [
-    "utilities/cooling/tank1/level",
-    "utilities/cooling/tank1/inlet_valve",
-    "utilities/cooling/tank1/outlet_flow",
-    "utilities/cooling/tank1/pump_vibration",
-    "utilities/power/meter1/power",
-    "utilities/power/meter1/energy",
-]
-VALVE = "utilities/cooling/tank1/inlet_valve"
 # The real tank's time constant is about 13 minutes; at 10x a level change shows within the
 # first minute of the demo.
 PLANT_SPEED = 10
-# (seconds after start, what happens): a setpoint written and read back, a controller restart
-# the gateway rides through by itself, and the setpoint put back.
-SCRIPT = [
-    (8.0, ("write", VALVE, 65.0)),
-    (20.0, ("plant", "tank:restart:3")),
-    (45.0, ("write", VALVE, 50.0)),
-]
+SCADA_USER = "scada"
 
 
 def run_demo(*, state_dir: str, http_port: int, seed: int, duration: float | None) -> int:
     """Start the plant simulator, write the demo config, run the gateway; return an exit code."""
     state = Path(state_dir).resolve()
     state.mkdir(parents=True, exist_ok=True)
-    tank_port, meter_port = _free_port(), _free_port()
-    if http_port and not _port_is_free(http_port):
-        # A demo should start on a busy laptop; a production config fails loudly instead.
-        busy, http_port = http_port, _free_port()
-        print(f"opstwin demo: port {busy} is in use; the gateway listens on {http_port}")
+    ports = {"tank1": _free_port(), "meter1": _free_port(), "oven-plc": _free_port()}
+    http_port = _prefer(http_port, "HTTP")
+    opcua_port = _prefer(4840, "OPC UA")
     sim_log = state / "plantsim.log"
     with sim_log.open("w") as log_file:
         # Its own process, as real hardware would be: the gateway reaches it only over TCP.
         sim = subprocess.Popen(
             [sys.executable, "-m", "plantsim", "--seed", str(seed), "--speed", str(PLANT_SPEED),
-             "--tank-port", str(tank_port), "--meter-port", str(meter_port), "--stdin"],
+             "--tank-port", str(ports["tank1"]), "--meter-port", str(ports["meter1"]),
+             "--plc-port", str(ports["oven-plc"]), "--stdin"],
             stdin=subprocess.PIPE,
             stdout=log_file,
             stderr=subprocess.STDOUT,
         )
     try:
-        _wait_for_ports(sim, [tank_port, meter_port], sim_log)
-        config_path = write_demo_config(state, tank_port, meter_port, http_port)
+        _wait_for_ports(sim, list(ports.values()), sim_log)
+        # A fresh password each run: the demo never ships a default credential.
+        password = secrets.token_urlsafe(9)
+        config_path = write_demo_config(
+            state,
+            device_ports=ports,
+            http_port=http_port,
+            opcua_port=opcua_port,
+            users=[{"username": SCADA_USER, "password_hash": hash_password(password),
+                    "role": "viewer"}],
+        )
         config = load_config(config_path)
-        asyncio.run(_run(config, config_path, sim, sim_log, duration))
+        asyncio.run(_run(config, config_path, sim, sim_log, password, duration))
     finally:
         sim.terminate()
         try:
@@ -73,14 +71,39 @@ def run_demo(*, state_dir: str, http_port: int, seed: int, duration: float | Non
     return 0
 
 
-def write_demo_config(state: Path, tank_port: int, meter_port: int, http_port: int) -> Path:
-    """Copy the bundled demo config into `state` with the simulator's ports filled in."""
+def demo_config_data(
+    *,
+    device_ports: Mapping[str, int],
+    http_port: int,
+    opcua_port: int,
+    users: list[dict[str, str]] | None = None,
+) -> dict[str, Any]:
+    """The bundled demo config as data, pointed at the given ports.
+
+    Devices without a port are left out (a test may start only part of the plant).
+    """
     text = resources.files("gateway.demo").joinpath("site.yaml").read_text(encoding="utf-8")
     data = yaml.safe_load(text)
-    ports = {"tank1": tank_port, "meter1": meter_port}
+    kept = []
     for device in data["devices"]:
-        device["endpoint"] = f"tcp://127.0.0.1:{ports[device['name']]}"
+        port = device_ports.get(device["name"])
+        if port is None:
+            continue
+        scheme, _, rest = device["endpoint"].partition("://")
+        path = rest.partition("/")[2]
+        device["endpoint"] = f"{scheme}://127.0.0.1:{port}" + (f"/{path}" if path else "")
+        kept.append(device)
+    data["devices"] = kept
     data["http"]["port"] = http_port
+    data["opcua_server"]["endpoint"] = f"opc.tcp://127.0.0.1:{opcua_port}/opstwin"
+    if users:
+        data["opcua_server"]["users"] = users
+    return data
+
+
+def write_demo_config(state: Path, **ports: Any) -> Path:
+    """Write the demo config (see `demo_config_data`) into `state`; return its path."""
+    data = demo_config_data(**ports)
     path = state / "site.yaml"
     header = "# Written by `opstwin demo` from gateway/demo/site.yaml; edit that file instead.\n"
     path.write_text(header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
@@ -88,97 +111,32 @@ def write_demo_config(state: Path, tank_port: int, meter_port: int, http_port: i
 
 
 async def _run(
-    config, config_path: Path, sim: subprocess.Popen, sim_log: Path, duration: float | None
+    config: SiteConfig,
+    config_path: Path,
+    sim: subprocess.Popen,
+    sim_log: Path,
+    password: str,
+    duration: float | None,
 ) -> None:
     stop = asyncio.Event()
     tasks: set[asyncio.Task[None]] = set()  # held so the script task is not garbage-collected
 
     async def on_ready(gateway: Gateway, urls: list[str]) -> None:
         base = urls[0] if urls else f"http://{config.http.host}:{config.http.port}"
-        _banner(gateway, base, config_path, sim_log)
-        script = _script(gateway, sim, stop, duration)
+        banner(gateway, base, config_path, sim_log, SCADA_USER, password)
+        script = Script(gateway, sim, SCADA_USER, password).run(stop, duration)
         tasks.add(asyncio.create_task(script, name="demo:script"))
 
     await serve(config, on_ready=on_ready, stop=stop)
 
 
-def _banner(gateway: Gateway, base: str, config_path: Path, sim_log: Path) -> None:
-    here = Path.cwd()
-    rel = lambda p: p.relative_to(here) if p.is_relative_to(here) else p  # noqa: E731
-    devices = "\n".join(
-        f"    {d.name:<8} {d.driver} {d.endpoint}" for d in gateway.config.devices
-    )
-    print(
-        f"""
-OpsTwin demo is running: a gateway reading the simulated plant.
-  simulated plant (log {rel(sim_log)}):
-{devices}
-  gateway HTTP:
-    {base}/health
-    {base}/twin
-    {base}/twin/{WATCHED[0]}
-    {base}/telemetry/aggregate?point={WATCHED[0]}&bucket_s=10
-  config:    {rel(config_path)}      (opstwin check {rel(config_path)})
-  database:  {rel(gateway.config.storage.path)}
-    opstwin twin --config {rel(config_path)}
-    opstwin history --config {rel(config_path)} {WATCHED[0]}
-    opstwin events --config {rel(config_path)}
-Press Ctrl-C to stop.
-""",
-        flush=True,
-    )
-
-
-async def _script(
-    gateway: Gateway, sim: subprocess.Popen, stop: asyncio.Event, duration: float | None
-) -> None:
-    """Show values moving, a setpoint written and read back, and a device outage ridden out."""
-    t0 = time.monotonic()
-    steps = list(SCRIPT)
-    try:
-        while duration is None or time.monotonic() - t0 < duration:
-            await asyncio.sleep(2.0)
-            elapsed = time.monotonic() - t0
-            while steps and elapsed >= steps[0][0]:
-                _, (kind, *args) = steps.pop(0)
-                if kind == "write":
-                    await _write(gateway, *args)
-                else:
-                    _plant_command(sim, *args)
-            _table(gateway, elapsed)
-    finally:
-        if duration is not None:
-            stop.set()
-
-
-async def _write(gateway: Gateway, point_id: str, value: float) -> None:
-    try:
-        readback = await gateway.write_point(point_id, value)
-    except GatewayError as exc:
-        print(f"  setpoint {point_id} <- {value:g}: refused: {exc}", flush=True)
-        return
-    unit = gateway.points[point_id].unit
-    print(f"  setpoint {point_id} <- {value:g} {unit}: read back {readback:g} {unit}", flush=True)
-
-
-def _plant_command(sim: subprocess.Popen, command: str) -> None:
-    print(f"  plant: {command} (a fault injected in the simulator; watch the tank go STALE "
-          "and come back by itself)", flush=True)
-    if sim.stdin is not None:
-        sim.stdin.write(f"{command}\n".encode())
-        sim.stdin.flush()
-
-
-def _table(gateway: Gateway, elapsed: float) -> None:
-    rev, values = gateway.store.snapshot()
-    print(f"  t={elapsed:5.1f}s rev={rev}", flush=True)
-    for pid in WATCHED:
-        v = values.get(pid)
-        if v is None:
-            continue
-        shown = f"{v.value:.3f}" if isinstance(v.value, float) else str(v.value)
-        unit = gateway.points[pid].unit
-        print(f"    {pid:<40} {shown:>12} {unit:<5} {v.quality}", flush=True)
+def _prefer(port: int, what: str) -> int:
+    if port and not _port_is_free(port):
+        # A demo should start on a busy laptop; a production config fails loudly instead.
+        chosen = _free_port()
+        print(f"opstwin demo: {what} port {port} is in use; using {chosen}")
+        return chosen
+    return port
 
 
 def _free_port() -> int:
@@ -198,7 +156,7 @@ def _port_is_free(port: int) -> bool:
 
 
 def _wait_for_ports(sim: subprocess.Popen, ports: list[int], sim_log: Path) -> None:
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 30
     pending = list(ports)
     while pending:
         if sim.poll() is not None:

@@ -12,6 +12,7 @@ import pytest
 
 OPSTWIN = [sys.executable, "-m", "gateway.cli"]
 LEVEL = "utilities/cooling/tank1/level"
+OVEN = "line1/oven1/temperature"
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +20,7 @@ def demo(tmp_path_factory) -> tuple[Path, str]:
     state = tmp_path_factory.mktemp("demo") / "state"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     run = subprocess.run(
-        [*OPSTWIN, "demo", "--duration", "32", "--http-port", "0", "--state-dir", str(state)],
+        [*OPSTWIN, "demo", "--duration", "42", "--http-port", "0", "--state-dir", str(state)],
         capture_output=True,
         text=True,
         timeout=90,
@@ -38,17 +39,29 @@ def test_demo_prints_where_to_look_and_shows_the_plant(demo):
     assert re.search(rf"{re.escape(LEVEL)}\s+\d+\.\d+ m\s+GOOD", out)
 
 
-def test_demo_writes_a_setpoint_and_reads_it_back(demo):
+def test_demo_writes_setpoints_through_both_drivers_and_reads_them_back(demo):
     _, out = demo
     assert re.search(r"setpoint utilities/cooling/tank1/inlet_valve <- 65 %: read back 65 %", out)
+    assert re.search(r"setpoint line1/oven1/heater_setpoint <- 200 °C: read back 200 °C", out)
 
 
-def test_demo_rides_out_a_device_restart(demo):
+def test_demo_scada_client_reads_the_twin_and_cannot_write(demo):
     _, out = demo
-    after = out[out.index("tank:restart"):]
-    assert re.search(rf"{re.escape(LEVEL)}\s+\S+ m\s+STALE", after), "tank points go STALE"
-    stale_at = re.search(rf"{re.escape(LEVEL)}\s+\S+ m\s+STALE", after).start()
-    assert re.search(rf"{re.escape(LEVEL)}\s+\S+ m\s+GOOD", after[stale_at:]), "and recover"
+    assert "scada: connected to opc.tcp://" in out and "SignAndEncrypt" in out
+    assert re.search(r"scada: read ns=2;s=line1/oven1/temperature = \d+\.\d+ °C \(Good\), "
+                     r"EURange 0\.\.400", out)
+    assert "refused: BadUserAccessDenied" in out
+
+
+@pytest.mark.parametrize(("command", "point", "unit"),
+                         [("tank:restart", LEVEL, "m"), ("oven:restart", OVEN, "°C")])
+def test_demo_rides_out_a_controller_restart(demo, command, point, unit):
+    _, out = demo
+    after = out[out.index(command):]
+    stale = re.search(rf"{re.escape(point)}\s+\S+ {unit}\s+STALE", after)
+    assert stale, f"{point} goes STALE after {command}"
+    assert re.search(rf"{re.escape(point)}\s+\S+ {unit}\s+GOOD", after[stale.start():]), (
+        f"{point} comes back GOOD by itself")
 
 
 def test_views_read_the_demo_database(demo):

@@ -6,7 +6,6 @@ import asyncio
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import yaml
 from drivers.base import Quality
 from gateway.app import Gateway
 from gateway.config import SiteConfig, parse_config
+from gateway.demo import demo_config_data
 from gateway.errors import DeviceError
 from gateway.http import create_app
 from plantsim import MeterDevice, TankDevice
@@ -43,14 +43,13 @@ async def eventually(check: Callable[[], Any], within: float = 10.0, what: str =
 
 def demo_config(tmp_path: Path, tank_port: int, meter_port: int) -> SiteConfig:
     """The bundled demo config, pointed at the test's devices, polling fast."""
-    text = resources.files("gateway.demo").joinpath("site.yaml").read_text(encoding="utf-8")
-    data = yaml.safe_load(text)
-    ports = {"tank1": tank_port, "meter1": meter_port}
+    data = demo_config_data(
+        device_ports={"tank1": tank_port, "meter1": meter_port}, http_port=0, opcua_port=0
+    )
     for device in data["devices"]:
-        device["endpoint"] = f"tcp://127.0.0.1:{ports[device['name']]}"
         device["options"].update(poll_interval_s=0.1, timeout_s=0.3)
     data["storage"]["path"] = str(tmp_path / "twin.db")
-    data["http"]["port"] = 0
+    data["opcua_server"]["enabled"] = False
     return parse_config(yaml.safe_dump(data), source="test")
 
 

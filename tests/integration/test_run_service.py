@@ -22,7 +22,12 @@ from plantsim import Plant
 async def test_run_reports_ready_serves_and_flushes_on_sigterm(tmp_path: Path, unused_tcp_port):
     async with Plant(seed=5) as plant:
         http_port = unused_tcp_port
-        config = write_demo_config(tmp_path, plant.tank.port, plant.meter.port, http_port)
+        config = write_demo_config(
+            tmp_path,
+            device_ports={"tank1": plant.tank.port, "meter1": plant.meter.port},
+            http_port=http_port,
+            opcua_port=0,
+        )
         notify_path = tmp_path / "notify.sock"
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(str(notify_path))
@@ -91,7 +96,12 @@ async def test_run_on_a_busy_http_port_fails_fast_with_a_clear_error(tmp_path: P
     try:
         # Devices that do not answer either: shutting down while drivers are still trying to
         # connect must not hang (asyncio.wait_for in 3.11 can swallow the cancellation).
-        config = write_demo_config(tmp_path, _closed_port(), _closed_port(), busy)
+        config = write_demo_config(
+            tmp_path,
+            device_ports={"tank1": _closed_port(), "meter1": _closed_port()},
+            http_port=busy,
+            opcua_port=0,
+        )
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "gateway.cli", "run", "--config", str(config),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,

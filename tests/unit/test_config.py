@@ -91,7 +91,8 @@ def test_good_config_loads_and_resolves_storage_relative_to_the_file(tmp_path):
 def test_bundled_demo_config_is_valid():
     text = resources.files("gateway.demo").joinpath("site.yaml").read_text(encoding="utf-8")
     config = parse_config(text, source="demo")
-    assert {d.name for d in config.devices} == {"tank1", "meter1"}
+    assert {d.name for d in config.devices} == {"oven-plc", "tank1", "meter1"}
+    assert config.opcua_server.enabled
 
 
 def _set(path, value):

@@ -1,0 +1,184 @@
+"""What `opstwin demo` shows, in the order a new user watches it."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+from pathlib import Path
+
+from gateway.app import Gateway
+from gateway.errors import GatewayError
+
+VALVE = "utilities/cooling/tank1/inlet_valve"
+OVEN_TEMPERATURE = "line1/oven1/temperature"
+OVEN_SETPOINT = "line1/oven1/heater_setpoint"
+WATCHED = [
+    OVEN_TEMPERATURE,
+    OVEN_SETPOINT,
+    "utilities/cooling/tank1/level",
+    VALVE,
+    "utilities/cooling/tank1/outlet_flow",
+    "utilities/power/meter1/power",
+]
+
+# (seconds after start, step): setpoints written through both drivers and read back, a SCADA
+# client reading the twin over OPC UA, and two controller restarts the gateway rides through.
+STEPS: list[tuple[float, tuple]] = [
+    (6.0, ("write", VALVE, 65.0)),
+    (9.0, ("write", OVEN_SETPOINT, 200.0)),
+    (12.0, ("scada",)),
+    (18.0, ("plant", "tank:restart:3", "the tank's Modbus controller restarts")),
+    (28.0, ("plant", "oven:restart:3", "the oven's OPC UA PLC restarts")),
+    (50.0, ("write", VALVE, 50.0)),
+]
+
+
+class Script:
+    """Runs the demo's steps and prints a table of live values every two seconds."""
+
+    def __init__(
+        self, gateway: Gateway, sim: subprocess.Popen, scada_user: str, scada_password: str
+    ) -> None:
+        self.gateway = gateway
+        self.sim = sim
+        self.scada_user = scada_user
+        self.scada_password = scada_password
+
+    async def run(self, stop: asyncio.Event, duration: float | None) -> None:
+        """Step through the demo; set `stop` after `duration` seconds if one is given."""
+        t0 = time.monotonic()
+        steps = list(STEPS)
+        try:
+            while duration is None or time.monotonic() - t0 < duration:
+                await asyncio.sleep(2.0)
+                elapsed = time.monotonic() - t0
+                while steps and elapsed >= steps[0][0]:
+                    _, (kind, *args) = steps.pop(0)
+                    await getattr(self, f"_{kind}")(*args)
+                self._table(elapsed)
+        finally:
+            if duration is not None:
+                stop.set()
+
+    async def _write(self, point_id: str, value: float) -> None:
+        try:
+            readback = await self.gateway.write_point(point_id, value)
+        except GatewayError as exc:
+            print(f"  setpoint {point_id} <- {value:g}: refused: {exc}", flush=True)
+            return
+        unit = self.gateway.points[point_id].unit
+        print(f"  setpoint {point_id} <- {value:g} {unit}: read back {readback:g} {unit}",
+              flush=True)
+
+    async def _plant(self, command: str, what: str) -> None:
+        print(f"  plant: {what} ({command}); watch its points go STALE and come back by "
+              "themselves", flush=True)
+        if self.sim.stdin is not None:
+            self.sim.stdin.write(f"{command}\n".encode())
+            self.sim.stdin.flush()
+
+    async def _scada(self) -> None:
+        """Read the twin as a SCADA client would: over OPC UA, signed and encrypted."""
+        try:
+            lines = await scada_read(self.gateway, self.scada_user, self.scada_password)
+        except Exception as exc:  # the demo goes on; say what went wrong
+            print(f"  scada: OPC UA client failed: {type(exc).__name__}: {exc}", flush=True)
+            return
+        for line in lines:
+            print(f"  scada: {line}", flush=True)
+
+    def _table(self, elapsed: float) -> None:
+        rev, values = self.gateway.store.snapshot()
+        print(f"  t={elapsed:5.1f}s rev={rev}", flush=True)
+        for pid in WATCHED:
+            v = values.get(pid)
+            if v is None:
+                continue
+            shown = f"{v.value:.3f}" if isinstance(v.value, float) else str(v.value)
+            unit = self.gateway.points[pid].unit
+            print(f"    {pid:<40} {shown:>12} {unit:<5} {v.quality}", flush=True)
+
+
+async def scada_read(gateway: Gateway, user: str, password: str) -> list[str]:
+    """Connect to the gateway's OPC UA server as `user`, read a point, try a write."""
+    from asyncua import Client, ua
+
+    from drivers.opcua.security import ensure_client_certificate
+    from gateway.opcua_server.address_space import NAMESPACE_URI
+
+    server = gateway.opcua_server
+    if server is None:
+        return ["the OPC UA server is off in this config"]
+    cert = await asyncio.to_thread(
+        ensure_client_certificate,
+        gateway.config.storage.pki_dir / "demo-scada",
+        "urn:opstwin:demo-scada",
+    )
+    client = Client(server.endpoint, timeout=5)
+    client.set_user(user)
+    client.set_password(password)
+    await client.set_security_string(f"Basic256Sha256,SignAndEncrypt,{cert.cert},{cert.key}")
+    out = [f"connected to {server.endpoint} as {user!r} (Basic256Sha256, SignAndEncrypt)"]
+    async with client:
+        ns = await client.get_namespace_index(NAMESPACE_URI)
+        node = client.get_node(f"ns={ns};s={OVEN_TEMPERATURE}")
+        value = await node.read_data_value()
+        units = await (await node.get_child("0:EngineeringUnits")).read_value()
+        eu_range = await (await node.get_child("0:EURange")).read_value()
+        out.append(
+            f"read {node.nodeid.to_string()} = {value.Value.Value:.2f} "
+            f"{units.DisplayName.Text} ({value.StatusCode.name}), "
+            f"EURange {eu_range.Low:g}..{eu_range.High:g}"
+        )
+        setpoint = client.get_node(f"ns={ns};s={OVEN_SETPOINT}")
+        try:
+            await setpoint.write_value(ua.DataValue(ua.Variant(210.0, ua.VariantType.Double)))
+            out.append("write to the setpoint was accepted (it should not be)")
+        except ua.UaStatusCodeError as exc:
+            name = ua.StatusCode(exc.code).name
+            out.append(
+                f"write of 210 to {OVEN_SETPOINT} refused: {name} (SCADA writes will go "
+                "through the policy engine)"
+            )
+    return out
+
+
+def banner(
+    gateway: Gateway, base: str, config_path: Path, sim_log: Path, user: str, password: str
+) -> None:
+    """Print where to look."""
+    here = Path.cwd()
+    rel = lambda p: p.relative_to(here) if p.is_relative_to(here) else p  # noqa: E731
+    devices = "\n".join(
+        f"    {d.name:<9} {d.driver:<6} {d.endpoint}" for d in gateway.config.devices
+    )
+    opcua = gateway.opcua_server
+    opcua_lines = (
+        f"    {opcua.endpoint}\n"
+        f"    user {user!r}, password {password!r} (made for this run), or anonymous "
+        "(demo only)"
+        if opcua is not None
+        else "    (off)"
+    )
+    print(
+        f"""
+OpsTwin demo is running: a gateway reading the simulated plant.
+  simulated plant (log {rel(sim_log)}):
+{devices}
+  gateway HTTP:
+    {base}/health
+    {base}/twin
+    {base}/twin/{OVEN_TEMPERATURE}
+    {base}/telemetry/aggregate?point={OVEN_TEMPERATURE}&bucket_s=10
+  gateway OPC UA server (for SCADA/HMI clients):
+{opcua_lines}
+  config:    {rel(config_path)}      (opstwin check {rel(config_path)})
+  database:  {rel(gateway.config.storage.path)}
+    opstwin twin --config {rel(config_path)}
+    opstwin history --config {rel(config_path)} {OVEN_TEMPERATURE}
+    opstwin events --config {rel(config_path)}
+Press Ctrl-C to stop.
+""",
+        flush=True,
+    )
