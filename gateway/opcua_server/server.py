@@ -1,0 +1,561 @@
+"""The gateway's own OPC UA server: the twin, read-only, for SCADA/HMI clients.
+
+    TwinOpcuaServer(config, store, points, *, pki_dir, on_write=None)
+    await start() / await stop()         or `async with`
+    endpoint -> str                      the URL clients use (a configured port 0 resolved)
+    certificate_thumbprint -> str        SHA-1 of the server certificate, as clients show it
+    nodeid(point_id) -> str              `ns=2;s=<point id>`
+    changes_applied -> int               twin changes written into the address space so far
+
+The address space is planned in `address_space.py` from the point definitions. Values follow the
+twin through `TwinStore.add_listener`: the listener only queues the batch (it runs inside
+ingest), and one task writes each change into asyncua's address space directly, which also
+feeds the subscriptions; nothing awaits the network per change.
+
+Writes: a client write to a point's value never reaches a device. On a writable point it is the
+start of a proposal for the policy engine; until that exists it is refused with
+BadUserAccessDenied, logged with user, role, node and value, and handed to `on_write(user,
+point_id, value)`. On any other point it is refused with BadNotWritable.
+
+The certificate and key are made on first start in `pki_dir/opcua-server/` and reused after, so
+clients that trusted the server keep trusting it; they are remade only when the certificate has
+expired or no longer names the configured application URI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import datetime as dt
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from ipaddress import ip_address
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from asyncua import Server, ua
+from asyncua.crypto import cert_gen
+from asyncua.crypto.permission_rules import User, UserRole
+from asyncua.server.address_space import AttributeService
+from asyncua.server.user_managers import UserManager
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.serialization import Encoding, load_pem_private_key
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from gateway import __version__
+from gateway.errors import GatewayError
+from gateway.opcua_server.address_space import (
+    NAMESPACE_URI,
+    add_nodes_items,
+    datavalue,
+    plan_address_space,
+)
+from gateway.opcua_server.config import OpcuaServerConfig
+from gateway.opcua_server.users import ANONYMOUS_ROLE, UserStore
+from gateway.twin.model import PointDef, PointValue
+from gateway.twin.store import TwinStore
+
+log = logging.getLogger(__name__)
+
+__all__ = ["GatewayUser", "TwinOpcuaServer", "TwinUserManager", "WriteHook", "default_app_uri"]
+
+WriteHook = Callable[[str, str, Any], None]
+
+PRODUCT_URI = "urn:opstwin:gateway"
+CERT_DAYS = 5 * 365
+# The follower yields to the loop after this many writes, so a burst of changes cannot hold
+# client requests back for long.
+_YIELD_EVERY = 2000
+_POLICIES = {
+    "None": ua.SecurityPolicyType.NoSecurity,
+    "Basic256Sha256_Sign": ua.SecurityPolicyType.Basic256Sha256_Sign,
+    "Basic256Sha256_SignAndEncrypt": ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt,
+}
+_INTERNAL = User(role=UserRole.Admin)
+
+
+def default_app_uri() -> str:
+    """The application URI used when the config names none."""
+    return f"urn:{socket.gethostname()}:opstwin:gateway"
+
+
+class TwinOpcuaServer:
+    """Serves the twin's points as OPC UA variables that follow the twin live."""
+
+    def __init__(
+        self,
+        config: OpcuaServerConfig,
+        store: TwinStore,
+        points: Mapping[str, PointDef],
+        *,
+        pki_dir: Path,
+        on_write: WriteHook | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.points = dict(points)
+        self.pki_dir = Path(pki_dir)
+        self.on_write = on_write
+        self.application_uri = config.application_uri or default_app_uri()
+        # Planned now: a point set that cannot be served fails at construction, not at start.
+        self.plan = plan_address_space(self.points.values())
+        self.namespace_index = 2
+        self.certificate_thumbprint: str | None = None
+        self.changes_applied = 0
+        self._endpoint = config.endpoint
+        self._server: Server | None = None
+        self._slots: dict[str, _Slot] = {}
+        self._point_of: dict[ua.NodeId, str] = {}
+        self._pending: collections.deque[list[PointValue]] = collections.deque()
+        self._wake: asyncio.Event | None = None
+        self._follower: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
+        self._listening = False
+        self._warned: set[str] = set()
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Build the address space from the twin, then listen; GatewayError if it cannot."""
+        if self._server is not None:
+            raise GatewayError("OPC UA server is already started")
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        cert_path, key_path, self.certificate_thumbprint = await asyncio.to_thread(
+            ensure_certificate,
+            self.pki_dir / "opcua-server",
+            self.application_uri,
+            self.config.server_name,
+            _san_hosts(self.config.endpoint),
+        )
+        server = Server(user_manager=TwinUserManager(self._user_store()))
+        self._server = server
+        try:
+            await self._configure(server, cert_path, key_path)
+            self._follow_twin()
+            await self._apply_pending()  # the snapshot, before any client can read
+            await server.start()
+        except BaseException as exc:
+            await self._teardown()
+            if isinstance(exc, OSError):
+                raise GatewayError(
+                    f"OPC UA server: cannot listen on {self.config.endpoint}: {exc.strerror or exc}"
+                ) from exc
+            raise
+        self._listening = True
+        self._endpoint = self._resolve_port(server)
+        log.info(
+            "OPC UA server on %s (%s; %s; certificate %s; %d points)",
+            self._endpoint,
+            ", ".join(self.config.security_policies),
+            "anonymous allowed" if self.config.allow_anonymous else "no anonymous access",
+            self.certificate_thumbprint,
+            len(self._slots),
+        )
+
+    async def stop(self) -> None:
+        """Stop following the twin, close client connections and stop listening."""
+        if self._server is None:
+            return
+        await self._teardown()
+        log.info("OPC UA server on %s stopped", self._endpoint)
+
+    async def __aenter__(self) -> TwinOpcuaServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    @property
+    def endpoint(self) -> str:
+        """The endpoint URL; after start, a configured port 0 is replaced by the real one."""
+        return self._endpoint
+
+    def nodeid(self, point_id: str) -> str:
+        """The NodeId string of a point's variable, e.g. `ns=2;s=area/line/asset/signal`."""
+        if point_id not in self.points:
+            raise KeyError(point_id)
+        return f"ns={self.namespace_index};s={point_id}"
+
+    # -- start-up ---------------------------------------------------------------------------------
+
+    def _user_store(self) -> UserStore:
+        return UserStore(
+            self.config.users,
+            allow_anonymous=self.config.allow_anonymous,
+            allow_unsecured="None" in self.config.security_policies,
+        )
+
+    async def _configure(self, server: Server, cert_path: Path, key_path: Path) -> None:
+        server.name = self.config.server_name
+        server.manufacturer_name = "OpsTwin"
+        server.product_uri = PRODUCT_URI
+        server.application_type = ua.ApplicationType.Server
+        await server.init()
+        await server.set_application_uri(self.application_uri)
+        await server.set_build_info(
+            PRODUCT_URI,
+            "OpsTwin",
+            self.config.server_name,
+            __version__,
+            __version__,
+            dt.datetime.now(dt.UTC),
+        )
+        server.set_endpoint(self.config.endpoint)
+        server.set_security_policy([_POLICIES[p] for p in self.config.security_policies])
+        tokens: list[type] = []
+        if self.config.users:
+            tokens.append(ua.UserNameIdentityToken)
+        if self.config.allow_anonymous:
+            tokens.append(ua.AnonymousIdentityToken)
+        server.set_identity_tokens(tokens)
+        await server.load_certificate(str(cert_path))
+        await server.load_private_key(str(key_path))
+
+        ns = await server.register_namespace(NAMESPACE_URI)
+        if ns != self.namespace_index:
+            # Clients store ns=2 in their tags; another index would break every one of them.
+            raise GatewayError(f"OPC UA server: namespace {NAMESPACE_URI} got index {ns}, not 2")
+
+        # Planning and adding nodes is plain Python at ~0.25 ms per node (three per analog point):
+        # seconds for a big site. Nothing else touches the address space before the server
+        # listens, so a worker thread fills it while the loop keeps serving the drivers.
+        def fill() -> tuple[list[ua.AddNodesItem], list[ua.AddNodesResult]]:
+            items = add_nodes_items(self.plan, ns)
+            return items, server.iserver.node_mgt_service.add_nodes(items)
+
+        items, results = await asyncio.to_thread(fill)
+        for item, result in zip(items, results, strict=True):
+            if not result.StatusCode.is_good():
+                raise GatewayError(
+                    f"OPC UA server: cannot add node {item.RequestedNewNodeId.to_string()}: "
+                    f"{result.StatusCode.name}"
+                )
+        for var in self.plan.variables:
+            point = self.points[var.point_id]
+            nodeid = ua.NodeId(var.point_id, ns)
+            self._slots[var.point_id] = _Slot(nodeid, var.variant_type, point.lo, point.hi)
+            self._point_of[nodeid] = var.point_id
+        iserver = server.iserver
+        iserver.attribute_service = _GuardedAttributeService(iserver.aspace, self._guard_write)
+
+    def _follow_twin(self) -> None:
+        # Snapshot and registration happen in one synchronous step: every change after the
+        # snapshot reaches the listener, none before it is applied twice out of order.
+        self._wake = asyncio.Event()
+        _, values = self.store.snapshot()
+        self._pending.append([values[p] for p in self._slots if p in values])
+        self.store.add_listener(self._on_changes)
+        self._follower = asyncio.create_task(self._follow(), name="opcua-server:follow")
+
+    def _resolve_port(self, server: Server) -> str:
+        parts = urlsplit(self.config.endpoint)
+        if parts.port != 0:
+            return self.config.endpoint
+        bserver = server.bserver
+        port = bserver.port if bserver is not None else 0
+        if not port and bserver is not None and bserver._server is not None:
+            port = bserver._server.sockets[0].getsockname()[1]
+        host = parts.hostname or ""
+        netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        url = urlunsplit(parts._replace(netloc=netloc))
+        # The endpoint descriptions were made before the socket was bound and say port 0.
+        for edp in server.iserver.endpoints:
+            edp.EndpointUrl = url
+            edp.Server.DiscoveryUrls = [url]
+        server.set_endpoint(url)
+        return url
+
+    async def _teardown(self) -> None:
+        with contextlib.suppress(ValueError):
+            self.store.remove_listener(self._on_changes)
+        if self._follower is not None:
+            self._follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._follower
+            self._follower = None
+        self._pending.clear()
+        server, self._server = self._server, None
+        if server is not None and self._listening:
+            self._listening = False
+            await server.stop()
+        self._slots.clear()
+        self._point_of.clear()
+
+    # -- following the twin -----------------------------------------------------------------------
+
+    def _on_changes(self, changes: list[PointValue]) -> None:
+        """Queue a batch of twin changes (runs inside TwinStore.ingest: must stay cheap)."""
+        if threading.get_ident() != self._loop_thread and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._on_changes, changes)
+            return
+        self._pending.append(changes)
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _follow(self) -> None:
+        assert self._wake is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self._apply_pending()
+            except Exception:
+                log.exception("OPC UA server: applying twin changes failed; continuing")
+
+    async def _apply_pending(self) -> None:
+        assert self._server is not None
+        write = self._server.iserver.aspace.write_attribute_value
+        value_attr = ua.AttributeIds.Value
+        slots = self._slots
+        pending = self._pending
+        now = time.time()
+        since_yield = 0
+        while pending:
+            for change in pending.popleft():
+                slot = slots.get(change.point_id)
+                if slot is None:
+                    continue
+                dv = datavalue(
+                    change,
+                    slot.vtype,
+                    lo=slot.lo,
+                    hi=slot.hi,
+                    last_source=slot.last_source,
+                    now=now,
+                )
+                if change.source_ts is not None:
+                    slot.last_source = dv.SourceTimestamp
+                result = await write(slot.nodeid, value_attr, dv)
+                if not result.is_good() or dv.StatusCode.value == ua.StatusCodes.BadTypeMismatch:
+                    self._warn_once(change, result)
+                self.changes_applied += 1
+                since_yield += 1
+                if since_yield >= _YIELD_EVERY:
+                    since_yield = 0
+                    await asyncio.sleep(0)
+
+    def _warn_once(self, change: PointValue, result: ua.StatusCode) -> None:
+        if change.point_id in self._warned:
+            return
+        self._warned.add(change.point_id)
+        point = self.points[change.point_id]
+        log.warning(
+            "OPC UA server: %s (%s) holds %r, which its OPC UA variable cannot carry; it is "
+            "served as Bad (%s). Was the point declared with its raw type but scaled?",
+            change.point_id,
+            point.datatype,
+            change.value,
+            result.name if not result.is_good() else "BadTypeMismatch",
+        )
+
+    # -- client writes ----------------------------------------------------------------------------
+
+    def _guard_write(self, wv: ua.WriteValue, user: User) -> ua.StatusCode | None:
+        """The result of a client write to a point, or None to let asyncua handle it."""
+        point_id = self._point_of.get(wv.NodeId)
+        if (
+            point_id is None
+            or wv.AttributeId != ua.AttributeIds.Value
+            or user.role is UserRole.Admin
+        ):
+            return None
+        name = user.name or "anonymous"
+        role = getattr(user, "gateway_role", ANONYMOUS_ROLE)
+        variant = wv.Value.Value if wv.Value is not None else None
+        value = variant.Value if variant is not None else None
+        node = self.nodeid(point_id)
+        if not self.points[point_id].writable:
+            log.info(
+                "OPC UA write refused (BadNotWritable): user %r (role %s) wrote %r to %s, a "
+                "read-only point",
+                name,
+                role,
+                value,
+                node,
+            )
+            return ua.StatusCode(ua.StatusCodes.BadNotWritable)
+        log.warning(
+            "OPC UA write refused (BadUserAccessDenied): user %r (role %s) wrote %r to %s; "
+            "setpoint changes go through the policy engine, which does not exist yet",
+            name,
+            role,
+            value,
+            node,
+        )
+        if self.on_write is not None:
+            try:
+                self.on_write(name, point_id, value)
+            except Exception:
+                log.exception("OPC UA server: on_write hook failed for %s", point_id)
+        return ua.StatusCode(ua.StatusCodes.BadUserAccessDenied)
+
+
+# -- asyncua glue -------------------------------------------------------------------------------
+
+
+@dataclass
+class GatewayUser(User):
+    """An asyncua session user that also carries the gateway role.
+
+    asyncua's role is always `User`, never `Admin`: asyncua's Admin may add and delete nodes,
+    which no client of the twin may do, whatever its gateway role.
+    """
+
+    role: UserRole = UserRole.User
+    gateway_role: str = ANONYMOUS_ROLE
+
+
+class TwinUserManager(UserManager):
+    """asyncua's hook for session activation, answered from a UserStore."""
+
+    def __init__(self, store: UserStore) -> None:
+        self.store = store
+
+    def get_user(
+        self,
+        iserver: Any,
+        username: str | None = None,
+        password: str | None = None,
+        certificate: Any = None,
+    ) -> User | None:
+        """Return the session's user, or None to refuse the login (BadUserAccessDenied)."""
+        # asyncua passes the secure channel's peer certificate with username and anonymous
+        # tokens: it is empty (b"") exactly when the channel is neither signed nor encrypted.
+        # That is how a `None` channel is refused when the `None` policy is not configured:
+        # asyncua lets any client open one (to read the endpoints) and then create a session on
+        # it, whatever the configured policies.
+        account = self.store.authenticate(username, password, secured=bool(certificate))
+        if account is None:
+            return None
+        return GatewayUser(name=account.username, gateway_role=account.role)
+
+
+class _GuardedAttributeService(AttributeService):
+    """asyncua's attribute service with the twin's write rules in front of it."""
+
+    def __init__(
+        self, aspace: Any, guard: Callable[[ua.WriteValue, User], ua.StatusCode | None]
+    ) -> None:
+        super().__init__(aspace)
+        self._guard = guard
+
+    async def write(
+        self, params: ua.WriteParameters, user: User | None = None
+    ) -> list[ua.StatusCode]:
+        user = user or _INTERNAL
+        results: list[ua.StatusCode] = []
+        for wv in params.NodesToWrite:
+            refused = self._guard(wv, user)
+            if refused is not None:
+                results.append(refused)
+            else:
+                one = ua.WriteParameters(NodesToWrite=[wv])
+                results.extend(await super().write(one, user=user))
+        return results
+
+
+@dataclass(slots=True)
+class _Slot:
+    nodeid: ua.NodeId
+    vtype: ua.VariantType
+    lo: float | None
+    hi: float | None
+    last_source: dt.datetime | None = None
+
+
+# -- certificate ----------------------------------------------------------------------------------
+
+
+def ensure_certificate(
+    folder: Path, application_uri: str, common_name: str, hosts: list[str]
+) -> tuple[Path, Path, str]:
+    """Return (cert, key, SHA-1 thumbprint), making them in `folder` on first use (blocking)."""
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    cert_path, key_path = folder / "cert.der", folder / "key.pem"
+    if key_path.exists():
+        try:
+            key = load_pem_private_key(key_path.read_bytes(), password=None)
+        except (ValueError, TypeError) as exc:
+            raise GatewayError(
+                f"{key_path}: cannot read the OPC UA server's private key ({exc}); move it away "
+                "to make a new key and certificate (clients will have to trust the new one)"
+            ) from exc
+    else:
+        key = cert_gen.generate_private_key()
+        _write_private(key_path, cert_gen.dump_private_key_as_pem(key))
+        cert_path.unlink(missing_ok=True)  # a certificate for another key is useless
+    why = _unusable(cert_path, application_uri, key)
+    if why is not None:
+        if cert_path.exists():
+            log.warning("%s: %s; making a new OPC UA server certificate", cert_path, why)
+        names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(application_uri)]
+        for host in hosts:
+            try:
+                names.append(x509.IPAddress(ip_address(host)))
+            except ValueError:
+                names.append(x509.DNSName(host))
+        cert = cert_gen.generate_self_signed_app_certificate(
+            key,  # type: ignore[arg-type]
+            common_name,
+            {},
+            names,
+            extended=[ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
+            days=CERT_DAYS,
+        )
+        _write_private(cert_path, cert.public_bytes(Encoding.DER), mode=0o644)
+        log.info("%s: made the OPC UA server certificate for %s", cert_path, application_uri)
+    der = cert_path.read_bytes()
+    thumbprint = x509.load_der_x509_certificate(der).fingerprint(hashes.SHA1()).hex()
+    return cert_path, key_path, thumbprint
+
+
+def _unusable(cert_path: Path, application_uri: str, key: Any) -> str | None:
+    """Why the stored certificate cannot be used, or None if it can."""
+    if not cert_path.exists():
+        return "no certificate yet"
+    try:
+        cert = x509.load_der_x509_certificate(cert_path.read_bytes())
+    except ValueError as exc:
+        return f"unreadable certificate ({exc})"
+    if cert.public_key() != key.public_key():
+        return "the certificate is not for the stored key"
+    if cert.not_valid_after_utc <= dt.datetime.now(dt.UTC):
+        return f"the certificate expired on {cert.not_valid_after_utc:%Y-%m-%d}"
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    except x509.ExtensionNotFound:
+        uris = []
+    if application_uri not in uris:
+        return f"the certificate is for {', '.join(uris) or 'no application URI'}"
+    return None
+
+
+def _write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
+    # Written beside and renamed over: a crash never leaves half a key.
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _san_hosts(endpoint: str) -> list[str]:
+    hosts = [socket.gethostname(), "localhost"]
+    host = urlsplit(endpoint).hostname
+    if host and host not in ("0.0.0.0", "::") and host not in hosts:
+        hosts.append(host)
+    return hosts

@@ -1,0 +1,178 @@
+"""Who may log in to the OPC UA server: argon2 password hashes mapped to gateway roles.
+
+    hash_password(plain) -> str                 an argon2id PHC string for the config
+    is_argon2_hash(text) -> bool                 does `text` look like one (parameters parse)?
+    UserStore(users, *, allow_anonymous, allow_unsecured)
+        .authenticate(username, password, *, secured) -> Account | None
+
+No asyncua here (the config model imports this module, and every config load would pay for
+it); the asyncua UserManager that asks a UserStore lives in `server.py`.
+
+asyncua activates sessions synchronously on the event loop, so a password check cannot be moved
+to a thread. Two things keep it from stalling the loop: a credential that verified once is
+remembered (as an HMAC under a per-process random key, never the password), so a SCADA client
+that reconnects costs microseconds; and failed checks are rationed (`max_failures` per
+`failure_window_s`, across all usernames), so a password-guessing client cannot buy more than a
+few argon2 verifications per window. hash_password() uses the OWASP argon2id parameters
+(19 MiB, 2 passes, 1 lane: ~25 ms per check) rather than argon2-cffi's heavier defaults (~150 ms)
+for the same reason. Any argon2 hash is accepted; its own parameters decide its cost.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import hmac
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import argon2
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+if TYPE_CHECKING:
+    from gateway.opcua_server.config import OpcuaUser
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "ANONYMOUS",
+    "ANONYMOUS_ROLE",
+    "Account",
+    "UserStore",
+    "hash_password",
+    "is_argon2_hash",
+]
+
+ANONYMOUS = "anonymous"
+ANONYMOUS_ROLE = "viewer"
+
+# OWASP's recommended argon2id configuration (m=19 MiB, t=2, p=1).
+_HASHER = argon2.PasswordHasher(time_cost=2, memory_cost=19456, parallelism=1)
+
+
+def hash_password(plain: str) -> str:
+    """Return an argon2id hash of `plain` for `opcua_server.users[].password_hash`."""
+    if not plain:
+        raise ValueError("an empty password cannot be hashed")
+    return _HASHER.hash(plain)
+
+
+def is_argon2_hash(text: str) -> bool:
+    """Whether `text` is an argon2 PHC string whose parameters parse."""
+    if not isinstance(text, str) or not text.startswith("$argon2"):
+        return False
+    try:
+        argon2.extract_parameters(text)
+    except (InvalidHashError, ValueError):
+        return False
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    """Who a session belongs to: the username (or `anonymous`) and the gateway role."""
+
+    username: str
+    role: str
+
+
+class UserStore:
+    """Checks usernames and passwords against argon2 hashes; pure apart from the clock."""
+
+    def __init__(
+        self,
+        users: Iterable[OpcuaUser],
+        *,
+        allow_anonymous: bool = False,
+        allow_unsecured: bool = False,
+        max_failures: int = 10,
+        failure_window_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._users = {u.username: (u.password_hash, u.role) for u in users}
+        self.allow_anonymous = allow_anonymous
+        self.allow_unsecured = allow_unsecured
+        self.max_failures = max_failures
+        self.failure_window_s = failure_window_s
+        self._clock = clock
+        self._key = os.urandom(32)
+        self._verified: dict[str, bytes] = {}
+        self._failures: deque[float] = deque()
+        self._throttle_logged = False
+
+    def authenticate(
+        self, username: str | None, password: str | None, *, secured: bool = True
+    ) -> Account | None:
+        """Return the account for these credentials, or None (and log why) to refuse them."""
+        if not secured and not self.allow_unsecured:
+            # A channel without signing is only possible when the `None` policy is offered.
+            log.warning("OPC UA login refused: unsecured channel and `None` is not configured")
+            return None
+        if username is None and password is None:
+            if self.allow_anonymous:
+                return Account(ANONYMOUS, ANONYMOUS_ROLE)
+            log.info("OPC UA login refused: anonymous access is not allowed")
+            return None
+        if not username or password is None:
+            log.info("OPC UA login refused: a username needs a password")
+            return None
+        entry = self._users.get(username)
+        digest = self._digest(username, password)
+        remembered = self._verified.get(username)
+        if entry is not None and remembered is not None and hmac.compare_digest(remembered, digest):
+            return Account(username, entry[1])
+        if self._throttled():
+            return None
+        ok = _verify(entry[0] if entry else _dummy_hash(), password) and entry is not None
+        if not ok:
+            self._failures.append(self._clock())
+            log.warning("OPC UA login refused for %.64r: wrong username or password", username)
+            return None
+        assert entry is not None
+        self._verified[username] = digest
+        return Account(username, entry[1])
+
+    def _digest(self, username: str, password: str) -> bytes:
+        message = username.encode() + b"\0" + password.encode()
+        return hmac.new(self._key, message, hashlib.sha256).digest()
+
+    def _throttled(self) -> bool:
+        now = self._clock()
+        failures = self._failures
+        while failures and failures[0] <= now - self.failure_window_s:
+            failures.popleft()
+        if len(failures) < self.max_failures:
+            self._throttle_logged = False
+            return False
+        if not self._throttle_logged:
+            self._throttle_logged = True
+            log.warning(
+                "OPC UA logins throttled: %d failed password checks in %g s; refusing new "
+                "credentials until the window clears (clients that logged in before still can)",
+                len(failures),
+                self.failure_window_s,
+            )
+        return True
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    # Verified against when the username is unknown, so an unknown name costs what a wrong
+    # password costs and the timing does not tell which usernames exist. Made on first use:
+    # every config load imports this module.
+    return _HASHER.hash("opstwin: no such user")
+
+
+def _verify(password_hash: str, password: str) -> bool:
+    try:
+        return _HASHER.verify(password_hash, password)
+    except VerifyMismatchError:
+        return False
+    except (VerificationError, InvalidHashError):
+        log.exception("OPC UA login: cannot verify against the stored hash")
+        return False
