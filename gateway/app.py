@@ -132,11 +132,11 @@ class Gateway:
                 "DeviceStateChanged", {"device": name, "state": state.value, "reason": reason}
             )
 
-    def _on_opcua_write(self, user: str, point_id: str, value: Any) -> None:
+    def _on_opcua_write(self, user: str, role: str, point_id: str, value: Any) -> None:
         # Until the policy engine exists, a SCADA write is refused; the attempt is on record.
         self.store.append_event(
             "WriteRefused",
-            {"source": "opcua", "user": user, "value": value,
+            {"source": "opcua", "user": user, "role": role, "value": value,
              "reason": "writes from OPC UA clients go through the policy engine (not yet built)"},
             point_id=point_id,
         )

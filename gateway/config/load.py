@@ -35,20 +35,17 @@ def load_config(path: str | Path) -> SiteConfig:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from exc
-    config = parse_config(text, source=str(path))
-    # Relative to the config file, not the working directory: systemd and a shell in another
-    # folder must find the same database and certificates.
-    storage = config.storage
-    db = (path.parent / storage.path).resolve()
-    pki = db.parent / "pki"
-    if storage.pki_dir is not None:
-        pki = (path.parent / storage.pki_dir).resolve()
-    storage = storage.model_copy(update={"path": db, "pki_dir": pki})
-    return config.model_copy(update={"storage": storage})
+    return parse_config(text, source=str(path), base_dir=path.parent)
 
 
-def parse_config(text: str, *, source: str = "<config>") -> SiteConfig:
-    """Validate config text; raise ConfigError listing each problem with key path and line."""
+def parse_config(
+    text: str, *, source: str = "<config>", base_dir: Path | None = None
+) -> SiteConfig:
+    """Validate config text; raise ConfigError listing each problem with key path and line.
+
+    Relative storage paths are resolved against `base_dir` (the config file's folder when
+    loaded from a file; the working directory otherwise).
+    """
     try:
         doc = parse_yaml(text)
     except yaml.YAMLError as exc:
@@ -67,7 +64,17 @@ def parse_config(text: str, *, source: str = "<config>") -> SiteConfig:
     problems = check_site(config)
     if problems:
         raise ConfigError(_render(source, doc, problems))
-    return config
+    return _resolve_paths(config, base_dir or Path.cwd())
+
+
+def _resolve_paths(config: SiteConfig, base: Path) -> SiteConfig:
+    # Relative to the config file, not the working directory: systemd and a shell in another
+    # folder must find the same database and certificates.
+    storage = config.storage
+    db = (base / storage.path).resolve()
+    pki = db.parent / "pki" if storage.pki_dir is None else (base / storage.pki_dir).resolve()
+    storage = storage.model_copy(update={"path": db, "pki_dir": pki})
+    return config.model_copy(update={"storage": storage})
 
 
 def check_site(config: SiteConfig) -> list[Problem]:

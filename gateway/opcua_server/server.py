@@ -14,7 +14,7 @@ feeds the subscriptions; nothing awaits the network per change.
 
 Writes: a client write to a point's value never reaches a device. On a writable point it is the
 start of a proposal for the policy engine; until that exists it is refused with
-BadUserAccessDenied, logged with user, role, node and value, and handed to `on_write(user,
+BadUserAccessDenied, logged with user, role, node and value, and handed to `on_write(user, role,
 point_id, value)`. On any other point it is refused with BadNotWritable.
 
 The certificate and key are made on first start in `pki_dir/opcua-server/` and reused after, so
@@ -67,7 +67,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["GatewayUser", "TwinOpcuaServer", "TwinUserManager", "WriteHook", "default_app_uri"]
 
-WriteHook = Callable[[str, str, Any], None]
+WriteHook = Callable[[str, str, str, Any], None]  # user, role, point id, value
 
 PRODUCT_URI = "urn:opstwin:gateway"
 CERT_DAYS = 5 * 365
@@ -395,7 +395,7 @@ class TwinOpcuaServer:
         )
         if self.on_write is not None:
             try:
-                self.on_write(name, point_id, value)
+                self.on_write(name, str(role), point_id, value)
             except Exception:
                 log.exception("OPC UA server: on_write hook failed for %s", point_id)
         return ua.StatusCode(ua.StatusCodes.BadUserAccessDenied)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
+from tests_support import eventually
 
 from drivers.base import Quality
 from gateway.app import Gateway
@@ -27,18 +26,6 @@ PUMP = "utilities/cooling/tank1/pump_run"
 TAG = "utilities/cooling/tank1/tag"
 POWER = "utilities/power/meter1/power"
 ENERGY = "utilities/power/meter1/energy"
-
-
-async def eventually(check: Callable[[], Any], within: float = 10.0, what: str = "") -> Any:
-    """Poll `check` until it returns a truthy value; fail with `what` after `within` s."""
-    deadline = time.monotonic() + within
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {within}s waiting for {what or check}")
-        await asyncio.sleep(0.05)
 
 
 def demo_config(tmp_path: Path, tank_port: int, meter_port: int) -> SiteConfig:

@@ -105,7 +105,7 @@ def store(tmp_path_factory) -> TwinStore:
 
 
 @pytest.fixture(scope="module")
-def hooked() -> list[tuple[str, str, Any]]:
+def hooked() -> list[tuple[str, str, str, Any]]:
     """What the shared server handed to on_write."""
     return []
 
@@ -392,7 +392,7 @@ async def test_writes_never_reach_the_twin(shared, store, hooked, client_pki, ca
         assert (await read(client, VALVE)).Value.Value == 41.5
         assert (await read(client, LEVEL)).Value.Value == 2.75
 
-    assert hooked == [("op", VALVE, 55.0)]
+    assert hooked == [("op", "supervisor", VALVE, 55.0)]
     assert store.get(VALVE).value == 41.5
     assert store.rev == rev
     line = next(r.getMessage() for r in caplog.records if "BadUserAccessDenied" in r.getMessage())
