@@ -7,10 +7,12 @@ nothing from `gateway` or `drivers`: it is the plant, not the product.
 from __future__ import annotations
 
 from .device import Device, Model
-from .devices import MeterDevice, Plant, TankDevice
-from .faults import Faults, ModbusFaults
+from .devices import MeterDevice, OvenDevice, Plant, TankDevice
+from .faults import Faults, ModbusFaults, OpcUaFaults
 from .meter import MeterModel, MeterParams
 from .modbus.device import ModbusDevice
+from .opcua.device import OpcUaDevice
+from .oven import OvenModel, OvenParams
 from .tank import TankModel, TankParams
 
 __all__ = [
@@ -22,6 +24,11 @@ __all__ = [
     "ModbusDevice",
     "ModbusFaults",
     "Model",
+    "OpcUaDevice",
+    "OpcUaFaults",
+    "OvenDevice",
+    "OvenModel",
+    "OvenParams",
     "Plant",
     "TankDevice",
     "TankModel",

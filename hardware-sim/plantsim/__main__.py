@@ -19,12 +19,24 @@ log = logging.getLogger("plantsim")
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, run the plant, return an exit code."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.plc_port is None:
+        given = [flag for flag, on in _PLC_OPTIONS.items() if on(args)]
+        if given:
+            parser.error(f"{', '.join(given)} need(s) --plc-port (the oven runs only with it)")
+    try:
+        users = dict(_user(text) for text in args.plc_user)
+    except ValueError as exc:
+        parser.error(str(exc))
+    level = getattr(logging, args.log_level)
     logging.basicConfig(
-        level=getattr(logging, args.log_level),
+        level=level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # asyncua logs every request at INFO; its warnings and errors still show.
+    logging.getLogger("asyncua").setLevel(max(level, logging.WARNING))
     try:
         faults = [parse_fault(text) for text in args.fault]
     except FaultSpecError as exc:
@@ -35,9 +47,15 @@ def main(argv: list[str] | None = None) -> int:
         host=args.host,
         tank_port=args.tank_port,
         meter_port=args.meter_port,
+        plc_port=args.plc_port,
         framer=args.framer,
         meter_word_order=args.meter_word_order,
         speed=args.speed,
+        plc_security=args.plc_security,
+        plc_pki_dir=args.plc_pki_dir,
+        plc_users=users,
+        plc_extra_signals=args.plc_extra_signals,
+        plc_extra_rate_hz=args.plc_extra_rate,
     )
     try:
         asyncio.run(_run(plant, faults, args))
@@ -75,12 +93,9 @@ async def _run(plant: Plant, faults: list[FaultCommand], args: argparse.Namespac
 
 
 def describe(device: Device, seed: int) -> str:
-    """Return the start-up line for a device: name, protocol, endpoint."""
-    framer = getattr(device, "framer", "")
-    unit = getattr(device, "unit_id", None)
-    extra = f" framer {framer}, unit {unit}," if framer else ""
+    """Return the start-up line for a device: name, endpoint, protocol settings."""
     return (
-        f"{device.name} listening on {device.endpoint} ({device.protocol}{extra} "
+        f"{device.name} listening on {device.endpoint} ({device.summary}, "
         f"seed {seed}, speed {device.speed:g})"
     )
 
@@ -121,6 +136,29 @@ async def _read_stdin(devices: dict[str, Device]) -> None:
             log.error("%s", exc)
 
 
+_PLC_OPTIONS = {
+    "--plc-security": lambda a: a.plc_security,
+    "--plc-pki-dir": lambda a: a.plc_pki_dir is not None,
+    "--plc-user": lambda a: bool(a.plc_user),
+    "--plc-extra-signals": lambda a: bool(a.plc_extra_signals),
+    "--plc-extra-rate": lambda a: a.plc_extra_rate is not None,
+}
+
+
+def _user(text: str) -> tuple[str, str]:
+    name, sep, password = text.partition(":")
+    if not sep or not name:
+        raise ValueError(f"--plc-user {text!r}: expected NAME:PASSWORD")
+    return name, password
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 100_000:
+        raise argparse.ArgumentTypeError(f"{text} outside 0..100000")
+    return value
+
+
 def _non_negative(text: str) -> float:
     value = float(text)
     if value < 0:
@@ -132,14 +170,53 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m plantsim",
         description="Run the simulated plant (cooling-water tank and energy meter over Modbus "
-        "TCP) until SIGINT or SIGTERM.",
-        epilog=USAGE + "\n\nDEVICE is tank or meter. Example: --fault tank:spike:level,1.0,10@30",
+        "TCP; with --plc-port, the curing oven behind an OPC UA PLC) until SIGINT or SIGTERM.",
+        epilog=USAGE + "\n\nDEVICE is tank, meter or oven. Examples: "
+        "--fault tank:spike:level,1.0,10@30  --fault oven:bad_status:temperature,BadSensorFailure",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--seed", type=int, default=0, help="seed of every random process")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--tank-port", type=int, default=5020, help="tank's port; 0 picks a free one")
     p.add_argument("--meter-port", type=int, default=5021, help="meter's port; 0 picks one")
+    p.add_argument(
+        "--plc-port",
+        type=int,
+        default=None,
+        help="serve the oven's OPC UA PLC on this port (0 picks a free one); without it, no oven",
+    )
+    p.add_argument(
+        "--plc-security",
+        action="store_true",
+        help="also offer Basic256Sha256 Sign and SignAndEncrypt (self-signed certificate)",
+    )
+    p.add_argument(
+        "--plc-pki-dir",
+        default=None,
+        metavar="DIR",
+        help="where the PLC's certificate and key are made (default: a temporary directory)",
+    )
+    p.add_argument(
+        "--plc-user",
+        action="append",
+        default=[],
+        metavar="NAME:PASSWORD",
+        help="require a username and password (repeatable); default anonymous",
+    )
+    p.add_argument(
+        "--plc-extra-signals",
+        type=_count,
+        default=0,
+        metavar="N",
+        help="add N bench doubles ns=2;s=Bench.Signal00000.. changing on every update",
+    )
+    p.add_argument(
+        "--plc-extra-rate",
+        type=_non_negative,
+        default=None,
+        metavar="HZ",
+        help="bench signal update rate (default: the tick rate, 10 Hz)",
+    )
     p.add_argument("--speed", type=_non_negative, default=1.0, help="plant seconds per wall second")
     p.add_argument(
         "--meter-word-order",

@@ -1,7 +1,8 @@
 """Fault commands as text, `DEVICE:FAULT[:ARGS][@DELAY]`, for the command line and stdin.
 
 ARGS are comma-separated. Examples: `tank:spike:level,1.0,10`, `meter:exception:4,input,0-1`,
-`tank:refuse:on`, `tank:restart:2`, `meter:slow:0.5@30` (30 s after start), `tank:clear`.
+`tank:refuse:on`, `tank:restart:2`, `meter:slow:0.5@30` (30 s after start), `tank:clear`,
+`oven:bad_status:temperature,BadSensorFailure`, `oven:stop`, `oven:start`.
 """
 
 from __future__ import annotations
@@ -14,14 +15,16 @@ USAGE = """\
 faults (DEVICE:FAULT[:ARGS][@DELAY_S]):
   drop_connections                 close every client connection now
   refuse[:on|off]                  close new connections at once (port stays bound)
+  stop / start                     stop the server (port closed) / serve again on the same port
   restart[:DOWNTIME_S]             stop the server and start it again on the same port
   exception:CODE[,TABLE[,ADDR|LO-HI]...]   answer matching requests with a Modbus exception
+  bad_status:SIGNAL,STATUS[,on|off]        serve an OPC UA status (BadSensorFailure, 0x808C0000)
   freeze:SIGNAL[,on|off]           hold a signal at its current value
   spike:SIGNAL,DELTA,DURATION_S    add DELTA to a signal for a while
   noise:SIGNAL,SIGMA               extra Gaussian noise (0 turns it off)
   slow:SECONDS                     delay every response
   garbage[:on|off]                 answer with malformed frames
-  clear                            remove every fault"""
+  clear                            remove every fault (and start a stopped server)"""
 
 _ON = {
     "on": True,
@@ -80,8 +83,14 @@ async def apply_fault(command: FaultCommand, devices: dict[str, Device]) -> str:
                 f.refuse(_flag(a, t))
             case "restart":
                 await f.restart(_number(a[0], t, "downtime") if a else 0.0)
+            case "stop":
+                await f.stop()
+            case "start":
+                await f.start()
             case "exception":
                 _exception(device, a, t)
+            case "bad_status":
+                _bad_status(device, a, t)
             case "freeze":
                 f.freeze(_arg(a, 0, t, "SIGNAL"), _flag(a[1:], t))
             case "spike":
@@ -98,6 +107,8 @@ async def apply_fault(command: FaultCommand, devices: dict[str, Device]) -> str:
                 f.garbage(_flag(a, t))
             case "clear":
                 f.clear()
+                if device.halted:
+                    await f.start()
             case other:
                 raise FaultSpecError(f"{t!r}: unknown fault {other!r}\n{USAGE}")
     except (KeyError, ValueError, RuntimeError) as exc:
@@ -119,6 +130,13 @@ def _exception(device: Device, args: tuple[str, ...], text: str) -> None:
         first, last = int(_number(lo, text, "address")), int(_number(hi or lo, text, "address"))
         addresses = [*(addresses or []), *range(first, last + 1)]
     exception(code, table, addresses)
+
+
+def _bad_status(device: Device, args: tuple[str, ...], text: str) -> None:
+    bad_status = getattr(device.faults, "bad_status", None)
+    if bad_status is None:
+        raise FaultSpecError(f"{text!r}: {device.name} has no OPC UA status fault")
+    bad_status(_arg(args, 0, text, "SIGNAL"), _arg(args, 1, text, "STATUS"), _flag(args[2:], text))
 
 
 def _arg(args: tuple[str, ...], i: int, text: str, name: str) -> str:

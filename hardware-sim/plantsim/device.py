@@ -1,8 +1,8 @@
 """What every simulated device is: a physics model, its faults, a server, and a clock.
 
 `Device` owns the lifecycle (start, stop, restart on the same port) and the tick loop that steps
-the model in wall-clock time times `speed`; a protocol subclass (`ModbusDevice`, later an OPC UA
-device) publishes the faulted signal values and serves them.
+the model in wall-clock time times `speed`; a protocol subclass (`ModbusDevice`, `OpcUaDevice`)
+publishes the faulted signal values and serves them.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import contextlib
 import logging
 from typing import Protocol, Self
 
-from .faults import Faults
+from .faults import Faults, Value
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +29,11 @@ class Model(Protocol):
         """Advance by `dt` seconds."""
         ...
 
-    def signals(self) -> dict[str, float | bool]:
+    def signals(self) -> dict[str, Value]:
         """Return every signal by name."""
         ...
 
-    def write(self, signal: str, value: float | bool) -> None:
+    def write(self, signal: str, value: Value) -> None:
         """Apply a command from a client."""
         ...
 
@@ -67,9 +67,10 @@ class Device:
         self.port = port
         self.speed = speed
         self.tick_hz = tick_hz
-        self.served: dict[str, float | bool] = {}
+        self.served: dict[str, Value] = {}
         self._ticker: asyncio.Task[None] | None = None
         self._running = False
+        self._halted = False
         faults.attach(self)
         faults.on_change = self.refresh
         self.refresh()
@@ -78,6 +79,16 @@ class Device:
     def endpoint(self) -> str:
         """Return where clients reach the device, e.g. `tcp://127.0.0.1:5020`."""
         return f"tcp://{self.host}:{self.port}"
+
+    @property
+    def summary(self) -> str:
+        """Describe the protocol settings for the start-up log line."""
+        return self.protocol
+
+    @property
+    def halted(self) -> bool:
+        """Whether the server is stopped by `halt` while the device (and its plant) runs."""
+        return self._halted
 
     async def __aenter__(self) -> Self:
         """Start serving."""
@@ -102,6 +113,7 @@ class Device:
     async def stop(self) -> None:
         """Stop the clock and the server; close every connection."""
         self._running = False
+        self._halted = False
         ticker, self._ticker = self._ticker, None
         if ticker is not None:
             ticker.cancel()
@@ -117,10 +129,30 @@ class Device:
         if not self._running:
             raise RuntimeError(f"{self.name}: not running")
         await self._close()
+        self._halted = True
         if downtime > 0:
             await asyncio.sleep(downtime)
         await self._open(self.host, self.port)
+        self._halted = False
         log.info("%s: restarted on %s", self.name, self.endpoint)
+
+    async def halt(self) -> None:
+        """Stop the server as a power cut would, until `resume`; the plant keeps running."""
+        if not self._running:
+            raise RuntimeError(f"{self.name}: not running")
+        if not self._halted:
+            await self._close()
+            self._halted = True
+            log.info("%s: stopped serving %s", self.name, self.endpoint)
+
+    async def resume(self) -> None:
+        """Serve again on the same port after `halt`."""
+        if not self._running:
+            raise RuntimeError(f"{self.name}: not running")
+        if self._halted:
+            await self._open(self.host, self.port)
+            self._halted = False
+            log.info("%s: serving %s again", self.name, self.endpoint)
 
     def drop_connections(self) -> int:
         """Close every client connection now; return how many were open."""
@@ -142,7 +174,7 @@ class Device:
     async def _close(self) -> None:
         raise NotImplementedError
 
-    def _publish(self, values: dict[str, float | bool]) -> None:
+    def _publish(self, values: dict[str, Value]) -> None:
         raise NotImplementedError
 
     async def _tick(self) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Self
 
 from .device import Device
@@ -10,6 +12,9 @@ from .meter import MeterModel, MeterParams
 from .modbus.codec import WordOrder
 from .modbus.device import ModbusDevice
 from .modbus.maps import meter_map, tank_map
+from .opcua.device import OpcUaDevice
+from .opcua.nodes import oven_map
+from .oven import OvenModel, OvenParams
 from .tank import TankModel, TankParams
 
 
@@ -85,8 +90,49 @@ class MeterDevice(ModbusDevice):
         )
 
 
+class OvenDevice(OpcUaDevice):
+    """The curing oven behind an OPC UA PLC (node map in hardware-sim/README.md)."""
+
+    kind = "oven"
+    model: OvenModel
+
+    def __init__(
+        self,
+        seed: int = 0,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        speed: float = 1.0,
+        tick_hz: float = 10.0,
+        params: OvenParams | None = None,
+        name: str | None = None,
+        security: bool | Sequence[str] = False,
+        pki_dir: str | Path | None = None,
+        users: Mapping[str, str] | None = None,
+        extra_signals: int = 0,
+        extra_rate_hz: float | None = None,
+    ) -> None:
+        """Create the oven; it serves nothing until started."""
+        super().__init__(
+            OvenModel(seed, params),
+            oven_map(),
+            seed=seed,
+            name=name,
+            host=host,
+            port=port,
+            path="/plantsim/oven",
+            speed=speed,
+            tick_hz=tick_hz,
+            security=security,
+            pki_dir=pki_dir,
+            users=users,
+            extra_signals=extra_signals,
+            extra_rate_hz=extra_rate_hz,
+        )
+
+
 class Plant:
-    """The whole demo plant: the tank and the meter, started and stopped together."""
+    """The whole demo plant: tank, meter and (given `plc_port`) the oven, run together."""
 
     def __init__(
         self,
@@ -95,12 +141,18 @@ class Plant:
         host: str = "127.0.0.1",
         tank_port: int = 0,
         meter_port: int = 0,
+        plc_port: int | None = None,
         framer: str = "socket",
         meter_word_order: WordOrder = "little",
         speed: float = 1.0,
         tick_hz: float = 10.0,
+        plc_security: bool | Sequence[str] = False,
+        plc_pki_dir: str | Path | None = None,
+        plc_users: Mapping[str, str] | None = None,
+        plc_extra_signals: int = 0,
+        plc_extra_rate_hz: float | None = None,
     ) -> None:
-        """Create every device; ports 0 pick free ones."""
+        """Create every device; ports 0 pick free ones; `plc_port=None` leaves the oven out."""
         common = {"host": host, "framer": framer, "speed": speed, "tick_hz": tick_hz}
         self.tank = TankDevice(seed, port=tank_port, **common)  # type: ignore[arg-type]
         self.meter = MeterDevice(
@@ -109,11 +161,28 @@ class Plant:
             word_order=meter_word_order,
             **common,  # type: ignore[arg-type]
         )
+        self.oven: OvenDevice | None = None
+        if plc_port is not None:
+            self.oven = OvenDevice(
+                seed,
+                host=host,
+                port=plc_port,
+                speed=speed,
+                tick_hz=tick_hz,
+                security=plc_security,
+                pki_dir=plc_pki_dir,
+                users=plc_users,
+                extra_signals=plc_extra_signals,
+                extra_rate_hz=plc_extra_rate_hz,
+            )
 
     @property
     def devices(self) -> dict[str, Device]:
         """Every device by name."""
-        return {d.name: d for d in (self.tank, self.meter)}
+        devices: list[Device] = [self.tank, self.meter]
+        if self.oven is not None:
+            devices.append(self.oven)
+        return {d.name: d for d in devices}
 
     async def __aenter__(self) -> Self:
         """Start every device."""

@@ -2,8 +2,8 @@
 
 Signal faults (freeze, spike, noise) change what a device *reports*, never the physics behind
 it: a stuck transmitter does not stop the water. Link faults (refuse, slow, garbage, drop,
-restart) act on the device's server. Protocol-specific faults live in subclasses
-(`ModbusFaults.exception`); a future OPC UA device adds its bad status codes the same way.
+stop/start, restart) act on the device's server. Protocol-specific faults live in subclasses:
+`ModbusFaults.exception`, `OpcUaFaults.bad_status`.
 """
 
 from __future__ import annotations
@@ -16,9 +16,19 @@ from typing import Protocol
 
 from .modbus.codec import TABLES
 
+# What a signal can be: analog values, switches, counters, and the odd text (a mode).
+Value = float | bool | int | str
+
+_BAD = 0x80000000  # OPC UA status severity bits 31..30: 10 = Bad, 01 = Uncertain, 00 = Good
+
 
 class Link(Protocol):
     """What the faults need from the device that owns them."""
+
+    @property
+    def halted(self) -> bool:
+        """Whether the server is stopped (by `halt`) while the device runs."""
+        ...
 
     def drop_connections(self) -> int:
         """Close every client connection now; return how many."""
@@ -26,6 +36,14 @@ class Link(Protocol):
 
     async def restart(self, downtime: float = 0.0) -> None:
         """Stop the server and start it again on the same port."""
+        ...
+
+    async def halt(self) -> None:
+        """Stop the server; the plant keeps running."""
+        ...
+
+    async def resume(self) -> None:
+        """Serve again on the same port after `halt`."""
         ...
 
 
@@ -50,7 +68,7 @@ class Faults:
         self._rng = random.Random(f"faults/{seed}")
         self._clock = clock
         self._link: Link | None = None
-        self._served: dict[str, float | bool] = {}
+        self._served: dict[str, Value] = {}
         self.on_change: Callable[[], None] | None = None
         self._reset()
 
@@ -63,6 +81,14 @@ class Faults:
     async def restart(self, downtime: float = 0.0) -> None:
         """Stop the server, wait `downtime` seconds, start it again on the same port."""
         await self._require_link().restart(downtime)
+
+    async def stop(self) -> None:
+        """Stop the server (connections are refused) until `start`; the plant keeps running."""
+        await self._require_link().halt()
+
+    async def start(self) -> None:
+        """Serve again on the same port after `stop`."""
+        await self._require_link().resume()
 
     def refuse(self, on: bool = True) -> None:
         """Close new connections at once (the port stays bound); False accepts again."""
@@ -117,6 +143,8 @@ class Faults:
         """Describe the faults that are on (for logs and the CLI)."""
         now = self._clock()
         out: dict[str, object] = {}
+        if self._link is not None and self._link.halted:
+            out["stopped"] = True
         if self.refusing:
             out["refuse"] = True
         if self.delay_s:
@@ -138,7 +166,7 @@ class Faults:
         """Bind to the device whose server the link faults act on."""
         self._link = link
 
-    def apply(self, values: Mapping[str, float | bool]) -> dict[str, float | bool]:
+    def apply(self, values: Mapping[str, Value]) -> dict[str, Value]:
         """Return `values` as the device reports them with the signal faults applied."""
         now = self._clock()
         out = dict(values)
@@ -161,7 +189,7 @@ class Faults:
         self.refusing = False
         self.delay_s = 0.0
         self.garbled = False
-        self._frozen: dict[str, float | bool | None] = {}
+        self._frozen: dict[str, Value | None] = {}
         self._spikes: dict[str, _Spike] = {}
         self._noise: dict[str, float] = {}
 
@@ -173,8 +201,10 @@ class Faults:
         if signal not in self.signals:
             known = ", ".join(sorted(self.signals))
             raise KeyError(f"unknown signal {signal!r}; this device has: {known}")
-        if numeric and isinstance(self._served.get(signal), bool):
-            raise ValueError(f"{signal!r} is a boolean signal; only freeze applies to it")
+        served = self._served.get(signal)
+        if numeric and isinstance(served, bool | str):
+            kind = "a boolean" if isinstance(served, bool) else "a text"
+            raise ValueError(f"{signal!r} is {kind} signal; only freeze applies to it")
 
     def _require_link(self) -> Link:
         if self._link is None:
@@ -230,3 +260,81 @@ class ModbusFaults(Faults):
     def _reset(self) -> None:
         super()._reset()
         self._rules: list[_ExceptionRule] = []
+
+
+class OpcUaFaults(Faults):
+    """Faults of an OPC UA device: the common switches plus bad status codes per variable."""
+
+    def bad_status(self, signal: str, status: str | int, on: bool = True) -> None:
+        """Serve `signal` with OPC UA status `status`, a name (`BadSensorFailure`) or a code.
+
+        A Bad status serves a null value, as OPC UA Part 4 says; Uncertain and Good ones keep
+        the value. False removes it again; `clear()` removes them all.
+        """
+        self._check(signal)
+        if on:
+            code = status_code(status)
+            self._status[signal] = code
+        else:
+            self._status.pop(signal, None)
+        self._changed()
+
+    def status_of(self, signal: str) -> int:
+        """The status code `signal` is served with now (0 = Good)."""
+        return self._status.get(signal, 0)
+
+    def statuses(self) -> dict[str, int]:
+        """Every signal served with a status other than Good, and its code."""
+        return dict(self._status)
+
+    def garbage(self, on: bool = True) -> None:
+        """Refuse: malformed frames are a Modbus fault here; OPC UA has slow, drop, bad_status."""
+        if on:
+            raise ValueError("garbage: not available on an OPC UA device")
+
+    def active(self) -> dict[str, object]:
+        """Describe the faults that are on, bad status codes included."""
+        out = super().active()
+        if self._status:
+            out["bad_status"] = {s: status_name(c) for s, c in sorted(self._status.items())}
+        return out
+
+    def _reset(self) -> None:
+        super()._reset()
+        self._status: dict[str, int] = {}
+
+
+def status_code(status: str | int) -> int:
+    """Return the numeric OPC UA status code for a name (`BadSensorFailure`) or number."""
+    # Imported here: the generic faults need no protocol library to load.
+    from asyncua.ua.status_codes import StatusCodes, code_to_name_doc
+
+    if isinstance(status, str):
+        text = status.strip()
+        if text[:1].isdigit():
+            status = int(text, 0)
+        else:
+            code = getattr(StatusCodes, text, None)
+            if not isinstance(code, int):
+                raise ValueError(
+                    f"unknown OPC UA status {text!r}; use a name such as BadSensorFailure, "
+                    "UncertainLastUsableValue, or a number such as 0x808C0000"
+                )
+            return code
+    # The low 16 bits are info bits (overflow, limits); the table knows the upper half.
+    if not 0 <= status <= 0xFFFFFFFF or status & 0xFFFF0000 not in code_to_name_doc:
+        raise ValueError(f"unknown OPC UA status code {status:#010x}")
+    return status
+
+
+def status_name(code: int) -> str:
+    """Return the symbolic name of an OPC UA status code."""
+    from asyncua.ua.status_codes import code_to_name_doc
+
+    name = code_to_name_doc.get(code & 0xFFFF0000, (f"{code:#010x}", ""))[0]
+    return name if code & 0xFFFF == 0 else f"{name}+{code & 0xFFFF:#06x}"
+
+
+def is_bad(code: int) -> bool:
+    """Whether an OPC UA status code has Bad severity."""
+    return bool(code & _BAD)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from plantsim import Faults, ModbusFaults, TankDevice
+from plantsim import Faults, ModbusFaults, OpcUaFaults, TankDevice
 from plantsim.control import FaultSpecError, apply_fault, parse_fault
 
 README = Path(__file__).parents[2] / "hardware-sim" / "README.md"
@@ -174,8 +174,11 @@ def test_readme_lists_every_fault_switch():
     switches = {
         "drop_connections",
         "refuse",
+        "stop",
+        "start",
         "restart",
         "exception",
+        "bad_status",
         "freeze",
         "spike",
         "noise",
@@ -185,7 +188,7 @@ def test_readme_lists_every_fault_switch():
     }
     assert documented == switches
     for name in switches:
-        assert callable(getattr(ModbusFaults, name))
+        assert callable(getattr(ModbusFaults, name, None) or getattr(OpcUaFaults, name))
 
 
 def test_plantsim_imports_nothing_from_the_product():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..device import Device, Model
-from ..faults import ModbusFaults
+from ..faults import ModbusFaults, Value
 from .codec import BIT_TABLES, Image, RegisterMap
 from .pdu import ILLEGAL_DATA_ADDRESS, ILLEGAL_DATA_VALUE, ModbusError
 from .server import ModbusServer
@@ -42,6 +42,11 @@ class ModbusDevice(Device):
         )
 
     @property
+    def summary(self) -> str:
+        """Protocol, framer and unit id, for the start-up log line."""
+        return f"modbus framer {self.framer}, unit {self.unit_id}"
+
+    @property
     def framer(self) -> str:
         """`socket` (MBAP) or `rtu` (RTU over TCP)."""
         return self.server.framer
@@ -61,7 +66,7 @@ class ModbusDevice(Device):
     async def _close(self) -> None:
         await self.server.stop()
 
-    def _publish(self, values: dict[str, float | bool]) -> None:
+    def _publish(self, values: dict[str, Value]) -> None:
         self.image = self.register_map.build_image(values)
 
 
