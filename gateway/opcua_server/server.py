@@ -52,6 +52,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from gateway import __version__
 from gateway.errors import GatewayError
+from gateway.opcua_server import asyncua_fixes
 from gateway.opcua_server.address_space import (
     NAMESPACE_URI,
     add_nodes_items,
@@ -64,6 +65,7 @@ from gateway.twin.model import PointDef, PointValue
 from gateway.twin.store import TwinStore
 
 log = logging.getLogger(__name__)
+asyncua_fixes.apply()
 
 __all__ = ["GatewayUser", "TwinOpcuaServer", "TwinUserManager", "WriteHook", "default_app_uri"]
 

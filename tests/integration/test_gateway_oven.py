@@ -183,3 +183,25 @@ async def test_the_gateway_server_refuses_who_it_should(gateway, tmp_path, user,
         async with client:
             ns = await client.get_namespace_index(NAMESPACE_URI)
             await client.get_node(f"ns={ns};s={TEMPERATURE}").read_value()
+
+
+async def test_scada_with_a_deadband_sees_a_point_go_bad(gateway, oven, tmp_path):
+    """A Bad value carries no number; asyncua 2.1's deadband check used to drop it."""
+    await eventually(lambda: all_good(gateway), what="every oven point GOOD")
+    client = await scada_client(gateway, tmp_path, user="scada")
+    received: list[ua.DataValue] = []
+
+    class Handler:
+        def datachange_notification(self, node, val, data):
+            received.append(data.monitored_item.Value)
+
+    async with client:
+        ns = await client.get_namespace_index(NAMESPACE_URI)
+        node = client.get_node(f"ns={ns};s={TEMPERATURE}")
+        sub = await client.create_subscription(50, Handler())
+        await sub.deadband_monitor(node, 0.5, deadbandtype=ua.DeadbandType.Absolute)
+        await eventually(lambda: received, what="the initial value")
+        oven.faults.bad_status("temperature", "BadSensorFailure")
+        await eventually(lambda: any(not dv.StatusCode.is_good() for dv in received),
+                         what="the SCADA client to be told the point went bad")
+        assert received[-1].StatusCode.name == "BadSensorFailure"

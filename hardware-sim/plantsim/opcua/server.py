@@ -39,6 +39,7 @@ from asyncua.server.user_managers import UserManager
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from ..faults import OpcUaFaults, Value, is_bad
+from . import asyncua_fixes
 from .nodes import (
     BENCH_OBJECT,
     NAMESPACE_INDEX,
@@ -50,6 +51,7 @@ from .nodes import (
 )
 
 log = logging.getLogger(__name__)
+asyncua_fixes.apply()
 
 # `security=True` offers these; a list of names picks others (ua.SecurityPolicyType members).
 SECURE_POLICIES = ("None", "Basic256Sha256_Sign", "Basic256Sha256_SignAndEncrypt")
