@@ -11,6 +11,14 @@ class ConfigurationError(DriverError):
     """A point or device option the driver cannot work with."""
 
 
+class PointError(ConfigurationError, ValueError):
+    """A point definition the driver cannot work with; `field` names the offending key."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 class NotConnectedError(DriverError):
     """The request needs a connection the driver does not have right now."""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from drivers.errors import ConfigurationError
+from drivers.errors import PointError
 from drivers.modbus.codec import (
     Address,
     DataType,
@@ -19,14 +19,6 @@ __all__ = ["MAX_STRING_LENGTH", "ModbusPoint", "PointError", "validate_point"]
 
 # One read request carries at most 125 registers, and a point is never split across requests.
 MAX_STRING_LENGTH = 250
-
-
-class PointError(ConfigurationError, ValueError):
-    """A point definition the driver cannot work with; `field` names the offending key."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
 
 
 @dataclass(frozen=True, slots=True)
