@@ -95,7 +95,8 @@ def opcua_point(point: OpcuaPointConfig, options: OpcuaOptions) -> OpcuaPoint:
         lo=point.range.lo if point.range else None,
         hi=point.range.hi if point.range else None,
         writable=point.writable,
-        deadband=point.deadband,
+        # Unset on the point: the device's `deadband` option applies to the server-side filter.
+        deadband=point.deadband if "deadband" in point.model_fields_set else None,
         sampling_interval_ms=point.sampling_interval_ms,
         queue_size=point.queue_size,
     )

@@ -28,6 +28,7 @@ from typing import Any
 
 from asyncua import ua
 
+from drivers.opcua.convert import INTEGER_RANGES
 from gateway.errors import ConfigError
 from gateway.twin.model import PointDef, PointValue, Quality
 
@@ -62,14 +63,8 @@ _VARIANT_TYPES: dict[str, ua.VariantType] = {
     "float64": ua.VariantType.Double,
     "string": ua.VariantType.String,
 }
-_INT_LIMITS: dict[ua.VariantType, tuple[int, int]] = {
-    ua.VariantType.Int16: (-(2**15), 2**15 - 1),
-    ua.VariantType.UInt16: (0, 2**16 - 1),
-    ua.VariantType.Int32: (-(2**31), 2**31 - 1),
-    ua.VariantType.UInt32: (0, 2**32 - 1),
-    ua.VariantType.Int64: (-(2**63), 2**63 - 1),
-    ua.VariantType.UInt64: (0, 2**64 - 1),
-}
+# Integer ranges are the OPC UA driver's: one table for both directions.
+_INT_LIMITS = INTEGER_RANGES
 _FLOATS = (ua.VariantType.Float, ua.VariantType.Double)
 
 # Unit as written in point configs → (UNECE common code, UNECE name). Spelling variants that
