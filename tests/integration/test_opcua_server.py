@@ -347,7 +347,7 @@ async def test_anonymous_is_a_viewer_when_allowed_with_the_none_policy(
                 ua.Variant(10.0, ua.VariantType.Float)
             )
     assert refused.value.code == S.BadUserAccessDenied
-    assert writes == [("anonymous", VALVE, 10.0)]
+    assert writes == [("anonymous", "viewer", VALVE, 10.0)]
     assert "user 'anonymous' (role viewer)" in caplog.text
 
 
