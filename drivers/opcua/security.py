@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import ipaddress
 import logging
 import os
 import re
 import socket
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 from asyncua.crypto import cert_gen
@@ -34,6 +36,7 @@ from drivers.errors import ConfigurationError
 __all__ = [
     "CERT_DAYS",
     "ClientCertificate",
+    "ensure_app_certificate",
     "ensure_client_certificate",
     "first_certificate",
     "load_certificate_file",
@@ -64,44 +67,71 @@ class ClientCertificate:
 def ensure_client_certificate(
     pki_dir: Path, application_uri: str, host_name: str | None = None
 ) -> ClientCertificate:
-    """Return the client certificate in `pki_dir`, making key and certificate if needed.
+    """Return the client certificate in `pki_dir/own/`, making key and certificate if needed."""
+    return ensure_app_certificate(
+        Path(pki_dir) / "own",
+        application_uri,
+        common_name="OpsTwin Gateway",
+        hosts=[host_name or socket.gethostname()],
+        usages=[ExtendedKeyUsageOID.CLIENT_AUTH],
+    )
 
-    An existing pair is reused as long as the certificate is valid for at least another day,
-    names `application_uri` and belongs to the key; otherwise a new certificate is made
-    (with the same key, if there is one), so servers that pinned the key's certificate by
-    thumbprint must be told to trust the new one: that is logged.
+
+def ensure_app_certificate(
+    folder: Path,
+    application_uri: str,
+    *,
+    common_name: str,
+    hosts: Sequence[str],
+    usages: Sequence[x509.ObjectIdentifier],
+) -> ClientCertificate:
+    """Return the application certificate in `folder`, making key and certificate if needed.
+
+    Shared by the driver (client) and the gateway's OPC UA server. An existing pair is reused
+    as long as the certificate is valid for at least another day, names `application_uri` and
+    belongs to the key; otherwise a new certificate is made with the same key, and peers that
+    pinned the old one must be told to trust the new one: that is logged. An unreadable key is
+    refused, never replaced: peers may trust it.
     """
-    own = Path(pki_dir) / "own"
-    cert_path, key_path = own / "cert.der", own / "key.pem"
+    cert_path, key_path = folder / "cert.der", folder / "key.pem"
     with _LOCK:
-        own.mkdir(parents=True, exist_ok=True)
-        key: rsa.RSAPrivateKey | None = None
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         if key_path.is_file():
-            loaded = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-            if isinstance(loaded, rsa.RSAPrivateKey):
-                key = loaded
-            else:
-                log.warning("%s is not an RSA key; making a new key", key_path)
-        if key is None:
+            try:
+                key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+            except (ValueError, TypeError) as exc:
+                key = exc  # type: ignore[assignment]
+            if not isinstance(key, rsa.RSAPrivateKey):
+                raise ConfigurationError(
+                    f"{key_path}: not a readable RSA private key; move it away to make a new "
+                    "key and certificate (peers will have to trust the new one)"
+                )
+        else:
             key = cert_gen.generate_private_key()
             _write_private(key_path, cert_gen.dump_private_key_as_pem(key))
-            log.info("made a new OPC UA client key at %s", key_path)
+            log.info("made a new OPC UA key at %s", key_path)
         problem = _reuse_problem(cert_path, key, application_uri)
         if problem is not None:
-            host = host_name or socket.gethostname()
+            names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(application_uri)]
+            for host in hosts:
+                try:
+                    names.append(x509.IPAddress(ipaddress.ip_address(host)))
+                except ValueError:
+                    names.append(x509.DNSName(host))
             cert = cert_gen.generate_self_signed_app_certificate(
                 key,
-                application_uri,
+                common_name,
                 {"organizationName": "OpsTwin Gateway"},
-                [x509.UniformResourceIdentifier(application_uri), x509.DNSName(host)],
-                extended=[ExtendedKeyUsageOID.CLIENT_AUTH],
+                names,
+                extended=list(usages),
                 days=CERT_DAYS,
             )
             der = cert.public_bytes(serialization.Encoding.DER)
             _write_atomic(cert_path, der, 0o644)
             log.warning(
-                "made a new OPC UA client certificate (%s) at %s, thumbprint %s; servers that "
-                "check clients must be told to trust it",
+                "made a new OPC UA certificate for %s (%s) at %s, thumbprint %s; peers that "
+                "check certificates must be told to trust it",
+                application_uri,
                 problem,
                 cert_path,
                 thumbprint(der),

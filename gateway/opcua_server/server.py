@@ -29,27 +29,23 @@ import collections
 import contextlib
 import datetime as dt
 import logging
-import os
 import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from asyncua import Server, ua
-from asyncua.crypto import cert_gen
 from asyncua.crypto.permission_rules import User, UserRole
 from asyncua.server.address_space import AttributeService
 from asyncua.server.user_managers import UserManager
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.serialization import Encoding, load_pem_private_key
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from drivers.errors import ConfigurationError
+from drivers.opcua.security import ensure_app_certificate
 from gateway import __version__
 from gateway.errors import GatewayError
 from gateway.opcua_server import asyncua_fixes
@@ -483,76 +479,18 @@ def ensure_certificate(
     folder: Path, application_uri: str, common_name: str, hosts: list[str]
 ) -> tuple[Path, Path, str]:
     """Return (cert, key, SHA-1 thumbprint), making them in `folder` on first use (blocking)."""
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    cert_path, key_path = folder / "cert.der", folder / "key.pem"
-    if key_path.exists():
-        try:
-            key = load_pem_private_key(key_path.read_bytes(), password=None)
-        except (ValueError, TypeError) as exc:
-            raise GatewayError(
-                f"{key_path}: cannot read the OPC UA server's private key ({exc}); move it away "
-                "to make a new key and certificate (clients will have to trust the new one)"
-            ) from exc
-    else:
-        key = cert_gen.generate_private_key()
-        _write_private(key_path, cert_gen.dump_private_key_as_pem(key))
-        cert_path.unlink(missing_ok=True)  # a certificate for another key is useless
-    why = _unusable(cert_path, application_uri, key)
-    if why is not None:
-        if cert_path.exists():
-            log.warning("%s: %s; making a new OPC UA server certificate", cert_path, why)
-        names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(application_uri)]
-        for host in hosts:
-            try:
-                names.append(x509.IPAddress(ip_address(host)))
-            except ValueError:
-                names.append(x509.DNSName(host))
-        cert = cert_gen.generate_self_signed_app_certificate(
-            key,  # type: ignore[arg-type]
-            common_name,
-            {},
-            names,
-            extended=[ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
-            days=CERT_DAYS,
+    try:
+        made = ensure_app_certificate(
+            folder,
+            application_uri,
+            common_name=common_name,
+            hosts=hosts,
+            usages=[ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
         )
-        _write_private(cert_path, cert.public_bytes(Encoding.DER), mode=0o644)
-        log.info("%s: made the OPC UA server certificate for %s", cert_path, application_uri)
-    der = cert_path.read_bytes()
-    thumbprint = x509.load_der_x509_certificate(der).fingerprint(hashes.SHA1()).hex()
-    return cert_path, key_path, thumbprint
-
-
-def _unusable(cert_path: Path, application_uri: str, key: Any) -> str | None:
-    """Why the stored certificate cannot be used, or None if it can."""
-    if not cert_path.exists():
-        return "no certificate yet"
-    try:
-        cert = x509.load_der_x509_certificate(cert_path.read_bytes())
-    except ValueError as exc:
-        return f"unreadable certificate ({exc})"
-    if cert.public_key() != key.public_key():
-        return "the certificate is not for the stored key"
-    if cert.not_valid_after_utc <= dt.datetime.now(dt.UTC):
-        return f"the certificate expired on {cert.not_valid_after_utc:%Y-%m-%d}"
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
-    except x509.ExtensionNotFound:
-        uris = []
-    if application_uri not in uris:
-        return f"the certificate is for {', '.join(uris) or 'no application URI'}"
-    return None
-
-
-def _write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
-    # Written beside and renamed over: a crash never leaves half a key.
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    except ConfigurationError as exc:
+        raise GatewayError(f"cannot read the OPC UA server's private key: {exc}") from exc
+    # Lower-case hex, as the server has always logged and reported it.
+    return made.cert, made.key, made.thumbprint.lower()
 
 
 def _san_hosts(endpoint: str) -> list[str]:
