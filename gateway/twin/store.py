@@ -216,13 +216,17 @@ class TwinStore:
                     if quality is None or value is _INVALID:
                         invalid += 1
                         continue
+                source_ts = sample.source_ts
                 last = entry[2]
                 if last is not None:
                     if value is None:
                         if quality == last[4]:
                             filtered += 1
                             continue
+                        # No new reading: the value and its source time stay the last ones.
                         value = last[3]
+                        if source_ts is None:
+                            source_ts = last[5]
                     elif quality == last[4]:
                         previous = last[3]
                         if value == previous:
@@ -237,7 +241,7 @@ class TwinStore:
                             except TypeError:
                                 pass  # not numbers (text, a None previous): changed is changed
                 rev += 1
-                row = (rev, now, entry[0], value, quality, sample.source_ts, sample.reason)
+                row = (rev, now, entry[0], value, quality, source_ts, sample.reason)
                 entry[2] = row
                 append(row)
             if rows:

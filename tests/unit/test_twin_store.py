@@ -416,3 +416,21 @@ def test_listeners_get_each_accepted_change_in_rev_order(tmp_path):
         assert store.get("a/x").rev == 3
     finally:
         store.close()
+
+
+def test_a_stale_point_keeps_the_source_time_of_its_last_reading(tmp_path):
+    store = TwinStore(tmp_path / "t.db", [PointDef(id="a/x", device="d", datatype="float64")])
+    store.open()
+    try:
+        store.ingest([Sample("a/x", 4.0, Quality.GOOD, source_ts=1000.0)])
+        store.ingest([Sample("a/x", None, Quality.STALE, reason="device disconnected")])
+        stale = store.get("a/x")
+        assert (stale.value, stale.quality, stale.source_ts) == (4.0, Quality.STALE, 1000.0)
+    finally:
+        store.close()
+    store = TwinStore(tmp_path / "t.db", [PointDef(id="a/x", device="d", datatype="float64")])
+    store.open()
+    try:
+        assert store.get("a/x").source_ts == 1000.0, "and after a restart"
+    finally:
+        store.close()
