@@ -22,7 +22,7 @@ from gateway.sim.models import (
 )
 from gateway.sim.results import SimResult
 
-BACKENDS = ("numpy",)
+BACKENDS = ("numpy", "native")
 
 
 def simulate(scenario: Scenario, *, keep_paths: bool = False, backend: str = "numpy") -> SimResult:
@@ -31,6 +31,10 @@ def simulate(scenario: Scenario, *, keep_paths: bool = False, backend: str = "nu
         from gateway.sim import reference
 
         return reference.simulate(scenario, keep_paths=keep_paths)
+    if backend == "native":
+        from gateway.sim import native
+
+        return native.simulate(scenario, keep_paths=keep_paths)
     raise ValueError(f"unknown simulation backend {backend!r}; choose one of {BACKENDS}")
 
 __all__ = [

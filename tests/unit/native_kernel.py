@@ -1,0 +1,125 @@
+"""Test helper: compile native/build_sim.py into a temp dir and call the kernel from NumPy."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+NATIVE = ROOT / "native"
+HAVE_GCC = shutil.which("gcc") is not None
+PCTS = (5, 25, 50, 75, 95, 99)
+
+
+def build(tmpdir: Path, sanitize: bool = False) -> Any:
+    """Compile gateway._simkernel with -Werror into tmpdir and import it from there."""
+    sys.path.insert(0, str(NATIVE))
+    try:
+        import build_sim
+    finally:
+        sys.path.remove(str(NATIVE))
+    builder = build_sim.make_ffibuilder(
+        sanitize=sanitize, extra_compile_args=["-Werror"], absolute_paths=True
+    )
+    so = builder.compile(tmpdir=str(tmpdir))
+    spec = importlib.util.spec_from_file_location("_simkernel", so)
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class Kernel:
+    """Thin NumPy wrapper over the compiled module, for tests only."""
+
+    def __init__(self, mod: Any) -> None:
+        self.ffi, self.lib = mod.ffi, mod.lib
+
+    def model(self, kind: str, **kw: Any) -> Any:
+        ffi, lib = self.ffi, self.lib
+        m = ffi.new("opstwin_model *")
+        m.kind = getattr(lib, "OPSTWIN_MODEL_" + kind.upper())
+        for i, p in enumerate(kw.pop("params", [])):
+            if isinstance(p, (int, float)):
+                p = ("fixed", p)
+            m.params[i].kind = getattr(lib, "OPSTWIN_DIST_" + p[0].upper())
+            vals = list(p[1:]) + [0.0] * (4 - len(p))
+            m.params[i].a, m.params[i].b, m.params[i].c = vals[:3]
+        inputs = kw.pop("inputs", [])
+        m.n_inputs = kw.pop("n_inputs", len(inputs))
+        for j, (k, u0, u1, t0, t1) in enumerate(inputs):
+            m.inputs[j].kind = getattr(lib, "OPSTWIN_INPUT_" + k.upper())
+            m.inputs[j].u0, m.inputs[j].u1, m.inputs[j].t0, m.inputs[j].t1 = u0, u1, t0, t1
+        for name in ("A", "B", "C", "x0", "q", "r"):
+            if name in kw:
+                arr = np.asarray(kw.pop(name), dtype=float).ravel()
+                for i, v in enumerate(arr):
+                    getattr(m, name)[i] = float(v)
+        for k, v in kw.items():
+            setattr(m, k, v)
+        return m
+
+    def run(
+        self,
+        model: Any,
+        *,
+        dt: float = 1.0,
+        n_steps: int = 10,
+        n_paths: int = 100,
+        seed: int = 1,
+        threads: int = 1,
+        constraints: list[tuple[int, str, float]] = (),  # type: ignore[assignment]
+        raw: bool = False,
+        output_index: int = 0,
+        adaptive: bool = False,
+        batch: int = 1000,
+        max_paths: int = 100_000,
+        rse_target: float = 0.01,
+    ) -> tuple[int, dict[str, Any]]:
+        ffi, lib = self.ffi, self.lib
+        s = ffi.new("opstwin_scenario *")
+        s.dt, s.n_steps, s.seed, s.n_paths, s.threads = dt, n_steps, seed, n_paths, threads
+        s.output_index = output_index
+        s.adaptive, s.batch, s.max_paths, s.rse_target = int(adaptive), batch, max_paths, rse_target
+        nc = len(constraints)
+        cons = ffi.new("opstwin_constraint[]", max(nc, 1))
+        for i, (o, kind, lim) in enumerate(constraints):
+            cons[i].output = o
+            cons[i].kind = lib.OPSTWIN_UPPER if kind == "upper" else lib.OPSTWIN_LOWER
+            cons[i].limit = lim
+        s.n_constraints, s.constraints = nc, cons
+        res = {
+            "percentiles": np.full((n_steps, 6), np.nan),
+            "violation_prob": np.full(max(nc, 1), np.nan),
+            "violation_rse": np.full(max(nc, 1), np.nan),
+            "first_violation": np.full((max(nc, 1), 4), np.nan),
+            "kpi": np.full((4, 5), np.nan),
+            "kpi_rse": np.full(4, np.nan),
+        }
+        total = (max_paths if adaptive else n_paths) if raw else 0
+        raw_arr = np.full(max(total, 1) * n_steps, np.nan)
+        o = ffi.new("opstwin_output *")
+        keep = []
+        for name, arr in res.items():
+            buf = ffi.from_buffer("double[]", arr)
+            keep.append(buf)
+            setattr(o, name, buf)
+            setattr(o, name + "_len", arr.size)
+        if raw:
+            rbuf = ffi.from_buffer("double[]", raw_arr)
+            keep.append(rbuf)
+            o.raw_paths, o.raw_paths_len = rbuf, raw_arr.size
+        rc = lib.opstwin_sim_run(model, s, o)
+        res["n_paths_run"] = o.n_paths_run
+        res["error_param"] = o.error_param
+        if raw:
+            res["raw"] = raw_arr[: o.n_paths_run * n_steps].reshape(o.n_paths_run, n_steps)
+        return rc, res
+
+    def strerror(self, rc: int) -> str:
+        return self.ffi.string(self.lib.opstwin_sim_strerror(rc)).decode()

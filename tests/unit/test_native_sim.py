@@ -1,0 +1,476 @@
+"""C Monte Carlo kernel (native/): real compiled code, built with -Werror into a temp dir.
+
+Checks the SPEC.md equations against exact NumPy recursions, the statistics against NumPy,
+determinism across thread counts, and every validation error.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from native_kernel import HAVE_GCC, PCTS, Kernel, build
+
+pytestmark = pytest.mark.skipif(not HAVE_GCC, reason="gcc not found: cannot build the C kernel")
+
+
+@pytest.fixture(scope="module")
+def k(tmp_path_factory: pytest.TempPathFactory) -> Kernel:
+    return Kernel(build(Path(tmp_path_factory.mktemp("simkernel"))))
+
+
+def fopdt_exact(
+    K: float, tau: float, theta: float, y0: float, u: np.ndarray, u0: float, dt: float
+) -> np.ndarray:
+    a = math.exp(-dt / tau)
+    d = int(np.round(theta / dt))
+    x, out = y0, []
+    for j in range(len(u)):
+        uu = u[j - d] if j - d >= 0 else u0
+        x = a * x + (1 - a) * (y0 + K * (uu - u0))
+        out.append(x)
+    return np.array(out)
+
+
+def test_build_is_warning_free(k: Kernel) -> None:
+    # the fixture compiled with -Werror; this documents it and checks the module is usable
+    assert k.strerror(0) == "success"
+
+
+@pytest.mark.parametrize(
+    "inp",
+    [("hold", 2.0, 0.0, 0.0, 0.0), ("step", 1.0, 3.0, 7.5, 0.0), ("ramp", 1.0, 4.0, 5.0, 25.0)],
+)
+def test_fopdt_zero_noise_equals_exact_response(k: Kernel, inp: tuple) -> None:
+    dt, n = 0.5, 120
+    t = np.arange(n) * dt
+    kind, u0, u1, t0, t1 = inp
+    if kind == "hold":
+        u = np.full(n, u0)
+    elif kind == "step":
+        u = np.where(t < t0, u0, u1)
+    else:
+        u = np.where(t < t0, u0, np.where(t >= t1, u1, u0 + (u1 - u0) * (t - t0) / (t1 - t0)))
+    m = k.model("fopdt", params=[2.5, 7.0, 3.2], y0=40.0, inputs=[inp])
+    rc, r = k.run(m, dt=dt, n_steps=n, n_paths=3, raw=True)
+    assert rc == 0
+    exact = fopdt_exact(2.5, 7.0, 3.2, 40.0, u, u0, dt)
+    np.testing.assert_allclose(r["raw"], np.tile(exact, (3, 1)), rtol=0, atol=1e-9)
+    np.testing.assert_allclose(r["percentiles"], np.tile(exact[:, None], (1, 6)), atol=1e-9)
+
+
+def test_tank_reaches_steady_state(k: Kernel) -> None:
+    # steady state: c_in*u/100 = c_out*sqrt(h)  ->  h = (c_in*u/100/c_out)^2
+    A, c_in, c_out, u = 2.0, 0.05, 0.02, 60.0
+    h_ss = (c_in * u / 100 / c_out) ** 2
+    m = k.model("tank", params=[A, c_in, c_out, 10.0], y0=0.5, inputs=[("hold", u, 0, 0, 0)])
+    rc, r = k.run(m, dt=1.0, n_steps=20000, n_paths=2)
+    assert rc == 0
+    assert r["percentiles"][-1, 2] == pytest.approx(h_ss, rel=1e-6)
+    # clipped at h_max when inflow exceeds what the outlet can pass below it
+    m = k.model("tank", params=[A, c_in, c_out, 1.0], y0=0.5, inputs=[("hold", 100.0, 0, 0, 0)])
+    rc, r = k.run(m, dt=1.0, n_steps=2000, n_paths=2, constraints=[(0, "upper", 1.0)])
+    assert rc == 0 and r["percentiles"][-1, 5] == 1.0 and r["violation_prob"][0] == 0.0
+
+
+def test_state_space_matches_hand_recursion(k: Kernel) -> None:
+    rng = np.random.default_rng(3)
+    n, mi, p, steps, dt = 3, 2, 2, 50, 0.1
+    A = 0.5 * rng.standard_normal((n, n)) / np.sqrt(n)
+    B = rng.standard_normal((n, mi))
+    C = rng.standard_normal((p, n))
+    x0 = rng.standard_normal(n)
+    inputs = [("step", 0.0, 1.0, 1.0, 0.0), ("ramp", -1.0, 2.0, 0.5, 3.0)]
+    t = np.arange(steps) * dt
+    U = np.stack([np.where(t < 1.0, 0.0, 1.0), np.interp(t, [0.5, 3.0], [-1.0, 2.0])])
+    x, ys = x0.copy(), []
+    for j in range(steps):
+        x = A @ x + B @ U[:, j]
+        ys.append(C @ x)
+    ys = np.array(ys)
+    m = k.model("statespace", n=n, m=mi, p=p, A=A, B=B, C=C, x0=x0, inputs=inputs)
+    for oi in range(p):
+        rc, r = k.run(m, dt=dt, n_steps=steps, n_paths=2, raw=True, output_index=oi)
+        assert rc == 0
+        np.testing.assert_allclose(r["raw"][1], ys[:, oi], atol=1e-9)
+
+
+def test_normals_are_standard_normal(k: Kernel) -> None:
+    # y = v with A = B = C·0... : C = 0 so y is pure measurement noise N(0, 1)
+    m = k.model(
+        "statespace",
+        n=1,
+        m=1,
+        p=1,
+        A=[0.0],
+        B=[0.0],
+        C=[0.0],
+        r=[1.0],
+        inputs=[("hold", 0, 0, 0, 0)],
+    )
+    rc, r = k.run(m, n_steps=100, n_paths=4000, raw=True, seed=9, threads=2)
+    assert rc == 0
+    z = r["raw"].ravel()
+    n = z.size
+    assert abs(z.mean()) < 5 / math.sqrt(n)
+    assert abs(z.var() - 1) < 5 * math.sqrt(2 / n)
+    for c in (1.0, 2.0, 3.0, 3.5):  # two-sided tail mass, including beyond the ziggurat base R
+        p = math.erfc(c / math.sqrt(2))
+        assert abs(np.mean(np.abs(z) > c) - p) < 5 * math.sqrt(p * (1 - p) / n) + 1e-6
+
+
+def test_weibull_failure_probability_matches_conditional_cdf(k: Kernel) -> None:
+    beta, eta, a0, dt, steps, n = 2.0, 1000.0, 400.0, 10.0, 60, 20000
+    m = k.model("weibull", params=[beta, eta, a0])
+    rc, r = k.run(m, dt=dt, n_steps=steps, n_paths=n, constraints=[(0, "upper", 0.5)], raw=True)
+    assert rc == 0
+    t = (np.arange(steps) + 1) * dt
+    cdf = 1 - np.exp((a0 / eta) ** beta - ((a0 + t) / eta) ** beta)
+    got = r["raw"].mean(axis=0)
+    tol = 5 * np.sqrt(cdf * (1 - cdf) / n) + 1e-12
+    assert np.all(np.abs(got - cdf) <= tol)
+    assert abs(r["violation_prob"][0] - cdf[-1]) <= tol[-1]
+    # heavy ties (0/1 outputs) through the quickselect percentiles
+    want = np.percentile(r["raw"], PCTS, axis=0).T
+    np.testing.assert_array_equal(r["percentiles"], want)
+
+
+def uncertain_fopdt(k: Kernel) -> Any:
+    return k.model(
+        "fopdt",
+        params=[("normal", 2.0, 0.3), ("lognormal", math.log(10), 0.3), ("triangular", 0, 2, 5)],
+        y0=50.0,
+        sigma_w=0.05,
+        sigma_v=0.2,
+        inputs=[("step", 1.0, 3.0, 5.0, 0.0)],
+    )
+
+
+def test_statistics_equal_numpy_on_raw_paths(k: Kernel) -> None:
+    m = uncertain_fopdt(k)
+    dt, steps = 0.5, 80
+    cons = [(0, "upper", 53.0), (0, "lower", 49.8), (0, "upper", 1e9)]
+    rc, r = k.run(m, dt=dt, n_steps=steps, n_paths=1001, raw=True, constraints=cons, threads=3)
+    assert rc == 0 and r["n_paths_run"] == 1001
+    Y = r["raw"]
+    np.testing.assert_allclose(
+        r["percentiles"], np.percentile(Y, PCTS, axis=0).T, rtol=0, atol=1e-12
+    )
+    kpis = [Y[:, -1], Y.max(axis=1), Y.min(axis=1), Y.mean(axis=1)]
+    for i, v in enumerate(kpis):
+        want = [v.mean(), v.std(), *np.percentile(v, [5, 50, 95])]
+        np.testing.assert_allclose(r["kpi"][i], want, rtol=1e-12, atol=1e-12)
+        assert r["kpi_rse"][i] == pytest.approx(v.std() / math.sqrt(len(v)) / abs(v.mean()))
+    for c, (_, kind, lim) in enumerate(cons):
+        viol = lim < Y if kind == "upper" else lim > Y
+        hit = viol.any(axis=1)
+        p = hit.mean()
+        assert r["violation_prob"][c] == pytest.approx(p)
+        if p == 0:
+            assert r["violation_rse"][c] == math.inf and np.isnan(r["first_violation"][c]).all()
+            continue
+        assert r["violation_rse"][c] == pytest.approx(math.sqrt(p * (1 - p) / len(Y)) / p)
+        tfirst = (viol[hit].argmax(axis=1) + 1) * dt
+        want = [*np.percentile(tfirst, [5, 50, 95]), tfirst.mean()]
+        np.testing.assert_allclose(r["first_violation"][c], want, rtol=1e-12)
+
+
+def test_parameter_distributions(k: Kernel) -> None:
+    # zero-noise FOPDT with theta = 0, K uncertain, u steps at t = 0: final y ≈ y0 + K·Δu
+    def final_k(param: tuple) -> np.ndarray:
+        m = k.model(
+            "fopdt", params=[param, 0.01, 0.0], y0=0.0, inputs=[("step", 0.0, 1.0, 0.0, 0.0)]
+        )
+        rc, r = k.run(m, n_steps=2, n_paths=20000, raw=True, seed=5)
+        assert rc == 0
+        return r["raw"][:, -1]
+
+    n = 20000
+    v = final_k(("normal", 3.0, 0.5))
+    assert abs(v.mean() - 3.0) < 5 * 0.5 / math.sqrt(n) and abs(v.std() - 0.5) < 0.02
+    v = final_k(("uniform", -1.0, 2.0))
+    assert v.min() >= -1.0 and v.max() < 2.0 and abs(v.mean() - 0.5) < 0.03
+    v = final_k(("triangular", 0.0, 1.0, 4.0))
+    assert v.min() >= 0 and v.max() <= 4 and abs(v.mean() - 5 / 3) < 0.03
+    v = final_k(("lognormal", 0.0, 0.25))
+    assert v.min() > 0 and abs(np.log(v).mean()) < 0.01 and abs(np.log(v).std() - 0.25) < 0.01
+
+
+def test_redraw_on_invalid_keeps_domain(k: Kernel) -> None:
+    # tau ~ normal(1, 1): about 16 % of draws are <= 0 and must be redrawn, never clipped
+    m = k.model(
+        "fopdt", params=[1.0, ("normal", 1.0, 1.0), 0.0], y0=0.0, inputs=[("step", 0, 1, 0, 0)]
+    )
+    rc, r = k.run(m, n_steps=5, n_paths=2000)
+    assert rc == 0
+    # tau ~ uniform(-2, -1): never valid -> the error names parameter 1 (tau)
+    m = k.model(
+        "fopdt", params=[1.0, ("uniform", -2.0, -1.0), 0.0], y0=0.0, inputs=[("hold", 0, 0, 0, 0)]
+    )
+    rc, r = k.run(m, n_steps=5, n_paths=200, threads=2)
+    assert rc == k.lib.OPSTWIN_E_DOMAIN and r["error_param"] == 1
+    assert "domain" in k.strerror(rc)
+
+
+@pytest.mark.parametrize("threads", [2, 3, 0])
+def test_same_seed_bit_identical_across_threads(k: Kernel, threads: int) -> None:
+    m = uncertain_fopdt(k)
+    kw = dict(dt=0.5, n_steps=60, n_paths=777, constraints=[(0, "upper", 53.0)], raw=True, seed=42)
+    rc1, a = k.run(m, threads=1, **kw)
+    rc2, b = k.run(m, threads=threads, **kw)
+    assert rc1 == rc2 == 0
+    for key in ("raw", "percentiles", "violation_prob", "first_violation", "kpi", "kpi_rse"):
+        assert a[key].tobytes() == b[key].tobytes(), key
+
+
+def test_different_seeds_differ(k: Kernel) -> None:
+    m = uncertain_fopdt(k)
+    _, a = k.run(m, n_steps=20, n_paths=256, raw=True, seed=1)
+    _, b = k.run(m, n_steps=20, n_paths=256, raw=True, seed=2)
+    assert not np.array_equal(a["raw"], b["raw"])
+
+
+def test_rng_floor_is_deterministic(k: Kernel) -> None:
+    s1 = k.lib.opstwin_rng_floor(7, 300_000, 1)
+    assert s1 == k.lib.opstwin_rng_floor(7, 300_000, 2) == k.lib.opstwin_rng_floor(7, 300_000, 3)
+    assert abs(s1) < 5 * math.sqrt(300_000)
+    assert s1 != k.lib.opstwin_rng_floor(8, 300_000, 1)
+    assert math.isnan(k.lib.opstwin_rng_floor(7, -1, 1))
+
+
+def test_adaptive_stops_at_rse_target_and_is_prefix_of_fixed_run(k: Kernel) -> None:
+    m = uncertain_fopdt(k)
+    cons = [(0, "upper", 53.0)]
+    rc, r = k.run(
+        m,
+        dt=0.5,
+        n_steps=40,
+        constraints=cons,
+        adaptive=True,
+        batch=500,
+        max_paths=50_000,
+        rse_target=0.02,
+        raw=True,
+        threads=2,
+    )
+    assert rc == 0
+    n = r["n_paths_run"]
+    assert n % 512 == 0 and n < 50_000  # batches rounded up to whole 64-path blocks
+    assert r["violation_rse"][0] <= 0.02
+    # results cover all paths run, and equal a fixed run of the same size
+    rc, f = k.run(m, dt=0.5, n_steps=40, constraints=cons, n_paths=n, raw=True)
+    assert rc == 0 and f["raw"].tobytes() == r["raw"].tobytes()
+    assert f["violation_prob"][0] == r["violation_prob"][0]
+    # an unreachable target runs max_paths exactly
+    rc, r = k.run(m, n_steps=5, adaptive=True, batch=100, max_paths=1000, rse_target=1e-9)
+    assert rc == 0 and r["n_paths_run"] == 1000
+
+
+def test_bad_inputs_return_error_codes(k: Kernel) -> None:
+    lib, ffi = k.lib, k.ffi
+    good = lambda: k.model("fopdt", params=[1.0, 5.0, 0.0], y0=0.0, inputs=[("hold", 0, 0, 0, 0)])  # noqa: E731
+
+    def rc_of(model: Any = None, **kw: Any) -> int:
+        return k.run(model if model is not None else good(), **kw)[0]
+
+    # NULL pointers
+    s = ffi.new("opstwin_scenario *")
+    o = ffi.new("opstwin_output *")
+    assert lib.opstwin_sim_run(ffi.NULL, s, o) == lib.OPSTWIN_E_NULL
+    assert lib.opstwin_sim_run(good(), ffi.NULL, o) == lib.OPSTWIN_E_NULL
+    assert lib.opstwin_sim_run(good(), s, ffi.NULL) == lib.OPSTWIN_E_NULL
+    s.dt, s.n_steps, s.n_paths = 1.0, 5, 10
+    assert lib.opstwin_sim_run(good(), s, o) == lib.OPSTWIN_E_OUTPUT  # NULL output arrays
+    s.n_constraints = 1  # constraints pointer NULL
+    assert lib.opstwin_sim_run(good(), s, o) == lib.OPSTWIN_E_NULL
+    assert "NULL" in k.strerror(lib.OPSTWIN_E_NULL)
+
+    nan = float("nan")
+    cases = {
+        "zero paths": (rc_of(n_paths=0), lib.OPSTWIN_E_PATHS),
+        "negative paths": (rc_of(n_paths=-5), lib.OPSTWIN_E_PATHS),
+        "zero steps": (rc_of(n_steps=0), lib.OPSTWIN_E_STEPS),
+        "too many steps": (rc_of(n_steps=2_000_000), lib.OPSTWIN_E_STEPS),
+        "too large": (rc_of(n_steps=1_000_000, n_paths=1_000_000), lib.OPSTWIN_E_TOO_LARGE),
+        "dt nan": (rc_of(dt=nan), lib.OPSTWIN_E_DT),
+        "dt zero": (rc_of(dt=0.0), lib.OPSTWIN_E_DT),
+        "threads": (rc_of(threads=-1), lib.OPSTWIN_E_THREADS),
+        "tau zero": (
+            rc_of(k.model("fopdt", params=[1.0, 0.0, 0.0], inputs=[("hold", 0, 0, 0, 0)])),
+            lib.OPSTWIN_E_DOMAIN,
+        ),
+        "tau negative": (
+            rc_of(k.model("fopdt", params=[1.0, -3.0, 0.0], inputs=[("hold", 0, 0, 0, 0)])),
+            lib.OPSTWIN_E_DOMAIN,
+        ),
+        "theta negative": (
+            rc_of(k.model("fopdt", params=[1.0, 3.0, -1.0], inputs=[("hold", 0, 0, 0, 0)])),
+            lib.OPSTWIN_E_DOMAIN,
+        ),
+        "K nan": (
+            rc_of(k.model("fopdt", params=[nan, 3.0, 0.0], inputs=[("hold", 0, 0, 0, 0)])),
+            lib.OPSTWIN_E_DIST,
+        ),
+        "sd negative": (
+            rc_of(
+                k.model(
+                    "fopdt", params=[("normal", 1.0, -1.0), 3.0, 0.0], inputs=[("hold", 0, 0, 0, 0)]
+                )
+            ),
+            lib.OPSTWIN_E_DIST,
+        ),
+        "uniform lo>hi": (
+            rc_of(
+                k.model(
+                    "fopdt", params=[("uniform", 2.0, 1.0), 3.0, 0.0], inputs=[("hold", 0, 0, 0, 0)]
+                )
+            ),
+            lib.OPSTWIN_E_DIST,
+        ),
+        "unknown dist": (
+            rc_of(_with(k, good(), lambda m: setattr(m.params[0], "kind", 99))),
+            lib.OPSTWIN_E_DIST,
+        ),
+        "y0 nan": (
+            rc_of(k.model("fopdt", params=[1.0, 3.0, 0.0], y0=nan, inputs=[("hold", 0, 0, 0, 0)])),
+            lib.OPSTWIN_E_NONFINITE,
+        ),
+        "noise negative": (
+            rc_of(
+                k.model(
+                    "fopdt", params=[1.0, 3.0, 0.0], sigma_v=-1.0, inputs=[("hold", 0, 0, 0, 0)]
+                )
+            ),
+            lib.OPSTWIN_E_NOISE,
+        ),
+        "input nan": (
+            rc_of(k.model("fopdt", params=[1.0, 3.0, 0.0], inputs=[("hold", nan, 0, 0, 0)])),
+            lib.OPSTWIN_E_INPUT,
+        ),
+        "ramp backwards": (
+            rc_of(k.model("fopdt", params=[1.0, 3.0, 0.0], inputs=[("ramp", 0, 1, 5, 1)])),
+            lib.OPSTWIN_E_INPUT,
+        ),
+        "no input": (rc_of(k.model("fopdt", params=[1.0, 3.0, 0.0])), lib.OPSTWIN_E_INPUT),
+        "model kind": (
+            rc_of(_with(k, good(), lambda m: setattr(m, "kind", 0))),
+            lib.OPSTWIN_E_MODEL_KIND,
+        ),
+        "n > 8": (
+            rc_of(k.model("statespace", n=9, m=1, p=1, inputs=[("hold", 0, 0, 0, 0)])),
+            lib.OPSTWIN_E_DIMS,
+        ),
+        "m > 4": (
+            rc_of(k.model("statespace", n=2, m=5, p=1, inputs=[("hold", 0, 0, 0, 0)])),
+            lib.OPSTWIN_E_DIMS,
+        ),
+        "p = 0": (
+            rc_of(k.model("statespace", n=2, m=1, p=0, inputs=[("hold", 0, 0, 0, 0)])),
+            lib.OPSTWIN_E_DIMS,
+        ),
+        "A nan": (
+            rc_of(k.model("statespace", n=1, m=1, p=1, A=[nan], inputs=[("hold", 0, 0, 0, 0)])),
+            lib.OPSTWIN_E_NONFINITE,
+        ),
+        "q negative": (
+            rc_of(k.model("statespace", n=1, m=1, p=1, q=[-1.0], inputs=[("hold", 0, 0, 0, 0)])),
+            lib.OPSTWIN_E_NOISE,
+        ),
+        "weibull beta 0": (
+            rc_of(k.model("weibull", params=[0.0, 10.0, 0.0])),
+            lib.OPSTWIN_E_DOMAIN,
+        ),
+        "tank area 0": (
+            rc_of(k.model("tank", params=[0.0, 1.0, 1.0, 1.0], inputs=[("hold", 0, 0, 0, 0)])),
+            lib.OPSTWIN_E_DOMAIN,
+        ),
+        "constraint output": (rc_of(constraints=[(1, "upper", 1.0)]), lib.OPSTWIN_E_CONSTRAINT),
+        "constraint nan": (rc_of(constraints=[(0, "upper", nan)]), lib.OPSTWIN_E_NONFINITE),
+        "output index": (rc_of(output_index=1), lib.OPSTWIN_E_CONSTRAINT),
+        "adaptive batch": (rc_of(adaptive=True, batch=0), lib.OPSTWIN_E_ADAPTIVE),
+        "adaptive target": (rc_of(adaptive=True, rse_target=nan), lib.OPSTWIN_E_ADAPTIVE),
+        "diverged": (
+            rc_of(
+                k.model("fopdt", params=[1e308, 1.0, 0.0], inputs=[("step", 0, 1e308, 0, 0)]),
+                n_steps=3,
+            ),
+            lib.OPSTWIN_E_DIVERGED,
+        ),
+    }
+    wrong = {name: got for name, (got, want) in cases.items() if got != want}
+    assert not wrong
+    for _, want in cases.values():
+        msg = k.strerror(want)
+        assert msg and msg != "unknown error"
+    assert k.strerror(-999) == "unknown error"
+
+
+def _with(k: Kernel, m: Any, f: Any) -> Any:
+    f(m)
+    return m
+
+
+def test_short_output_buffer_is_rejected(k: Kernel) -> None:
+    lib, ffi = k.lib, k.ffi
+    m = k.model("fopdt", params=[1.0, 5.0, 0.0], y0=0.0, inputs=[("hold", 0, 0, 0, 0)])
+    s = ffi.new("opstwin_scenario *")
+    s.dt, s.n_steps, s.n_paths, s.threads = 1.0, 10, 10, 1
+    o = ffi.new("opstwin_output *")
+    bufs = {n: ffi.new("double[]", 100) for n in ("percentiles", "kpi", "kpi_rse")}
+    for n, b in bufs.items():
+        setattr(o, n, b)
+        setattr(o, n + "_len", 100)
+    assert lib.opstwin_sim_run(m, s, o) == 0
+    o.percentiles_len = 59  # needs 10 * 6
+    assert lib.opstwin_sim_run(m, s, o) == lib.OPSTWIN_E_OUTPUT
+    o.percentiles_len = 60
+    o.raw_paths, o.raw_paths_len = bufs["percentiles"], 99  # needs 100
+    assert lib.opstwin_sim_run(m, s, o) == lib.OPSTWIN_E_OUTPUT
+
+
+def test_call_releases_the_gil(k: Kernel) -> None:
+    # while one Python thread is inside the kernel, another keeps running Python code
+
+    m = uncertain_fopdt(k)
+    done: list[float] = []
+
+    def work() -> None:
+        t0 = time.perf_counter()
+        k.run(m, n_steps=600, n_paths=6000, threads=1)
+        done.append(time.perf_counter() - t0)
+
+    th = threading.Thread(target=work)
+    last, max_gap = time.perf_counter(), 0.0
+    th.start()
+    while th.is_alive():
+        now = time.perf_counter()
+        max_gap, last = max(max_gap, now - last), now
+    th.join()
+    assert done and max_gap < 0.5 * done[0], (max_gap, done)
+
+
+def test_build_script_sanitize_switch() -> None:
+
+    code = (
+        "import sys; sys.path.insert(0, 'native'); import build_sim; "
+        "print(build_sim.ffibuilder._assigned_source[3]['extra_compile_args'])"
+    )
+    root = Path(__file__).resolve().parents[2]
+    env_on = {**os.environ, "OPSTWIN_SIM_SANITIZE": "1"}
+    on = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=env_on, capture_output=True, text=True
+    )
+    assert "-fsanitize=address,undefined" in on.stdout, on.stderr
+    env_off = {k: v for k, v in env_on.items() if k != "OPSTWIN_SIM_SANITIZE"}
+    off = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=env_off, capture_output=True, text=True
+    )
+    assert "-Wall" in off.stdout and "-fsanitize" not in off.stdout, off.stderr

@@ -1,0 +1,172 @@
+"""The C kernel through the `gateway.sim.native` backend, checked against the NumPy reference.
+
+Tolerances come from the sample size (4 standard errors), never hand-picked. The kernel is
+compiled into a temporary folder (see native_kernel.py), so this runs without a package build.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from native_kernel import HAVE_GCC, build
+
+from gateway.sim import native, reference
+from gateway.sim.models import Scenario, SimulationError
+
+pytestmark = pytest.mark.skipif(not HAVE_GCC, reason="gcc is needed to build the C kernel")
+
+PCTS = (0.05, 0.25, 0.50, 0.75, 0.95, 0.99)
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("simkernel"))
+
+
+def oven(**over) -> Scenario:
+    spec = {
+        "model": {"kind": "fopdt", "gain": {"dist": "normal", "mean": 1.2, "sd": 0.1},
+                  "tau": {"dist": "uniform", "lo": 80, "hi": 140},
+                  "theta": {"dist": "triangular", "lo": 5, "mode": 10, "hi": 20},
+                  "sigma_w": 0.05, "sigma_v": 0.3},
+        "y0": 180.0,
+        "input": {"kind": "step", "u0": 180.0, "u1": 200.0, "t_step": 10.0},
+        "horizon_s": 600.0, "dt_s": 5.0, "paths": 4000, "seed": 11,
+        "constraints": [{"kind": "upper", "limit": 203.0}],
+        "kpis": ["final", "max"],
+    }
+    spec.update(over)
+    return Scenario.model_validate(spec)
+
+
+def tank() -> Scenario:
+    return Scenario.model_validate({
+        "model": {"kind": "tank", "area": {"dist": "lognormal", "mu": math.log(2.0), "sigma": 0.1},
+                  "c_in": 0.02, "c_out": 0.011, "h_max": 5.0, "sigma_w": 0.001, "sigma_v": 0.01},
+        "h0": 2.5, "input": {"kind": "ramp", "u0": 50, "u1": 80, "t0": 0, "t1": 300},
+        "horizon_s": 900.0, "dt_s": 10.0, "paths": 4000, "seed": 3,
+        "constraints": [{"kind": "upper", "limit": 3.0}, {"kind": "lower", "limit": 2.4}],
+        "kpis": ["final", "mean"],
+    })
+
+
+def weibull() -> Scenario:
+    return Scenario.model_validate({
+        "model": {"kind": "weibull", "beta": 2.0, "eta": 10_000.0, "a0": 4_000.0},
+        "horizon_s": 3_000.0, "dt_s": 100.0, "paths": 6000, "seed": 5,
+        "constraints": [{"kind": "upper", "limit": 0.5}],
+    })
+
+
+@pytest.mark.parametrize("make", [oven, tank, weibull], ids=["fopdt", "tank", "weibull"])
+def test_c_and_numpy_agree_statistically(kernel, make):
+    scenario = make()
+    c = native.simulate(scenario, kernel=kernel, threads=2)
+    ref = reference.simulate(scenario, keep_paths=True)
+    n = scenario.paths
+    for rc, rr in zip(c.constraints, ref.constraints, strict=True):
+        p = (rc.violation_probability + rr.violation_probability) / 2
+        tol = 4 * math.sqrt(max(p * (1 - p), 1 / n) * 2 / n)
+        assert abs(rc.violation_probability - rr.violation_probability) <= tol, rc.constraint
+    for kc, kr in zip(c.kpis, ref.kpis, strict=True):
+        tol = 4 * math.sqrt((kc.std**2 + kr.std**2) / n) + 1e-12
+        assert abs(kc.mean - kr.mean) <= tol, kc.kpi
+    if scenario.model.kind == "weibull":
+        return  # a 0/1 output has no continuous quantiles; its constraint compared P(failure)
+    # Percentiles: where C puts its p-quantile, the reference's paths should have about p below.
+    y = ref.y if ref.y.ndim == 2 else ref.y[..., 0]
+    steps = range(0, scenario.n_steps, max(1, scenario.n_steps // 12))
+    for k in steps:
+        column = np.sort(y[:, k])
+        if column[0] == column[-1]:
+            continue  # a degenerate step (e.g. no failure yet): nothing to compare
+        for j, p in enumerate(PCTS):
+            below = np.searchsorted(column, c.percentiles[j, k], side="right") / n
+            tol = 4 * math.sqrt(p * (1 - p) * 2 / n) + 1 / n
+            assert abs(below - p) <= tol, (k, p, below)
+
+
+def test_zero_noise_fopdt_equals_the_reference_exactly(kernel):
+    scenario = oven(model={"kind": "fopdt", "gain": 1.2, "tau": 100.0, "theta": 10.0},
+                    paths=64)
+    c = native.simulate(scenario, kernel=kernel)
+    ref = reference.simulate(scenario)
+    np.testing.assert_allclose(c.percentiles, ref.percentiles, rtol=0, atol=1e-9)
+
+
+def test_same_seed_same_result_whatever_the_thread_count(kernel):
+    scenario = oven(paths=1000)
+    one = native.simulate(scenario, kernel=kernel, threads=1)
+    two = native.simulate(scenario, kernel=kernel, threads=2)
+    three = native.simulate(scenario, kernel=kernel, threads=3)
+    assert np.array_equal(one.percentiles, two.percentiles)
+    assert np.array_equal(one.percentiles, three.percentiles)
+    assert one.summary() == two.summary()
+    other = native.simulate(oven(paths=1000, seed=12), kernel=kernel)
+    assert not np.array_equal(one.percentiles, other.percentiles)
+
+
+def test_adaptive_mode_reaches_its_target(kernel):
+    scenario = oven(paths=1000, adaptive={"rse_target": 0.05, "batch": 500, "max_paths": 50_000})
+    result = native.simulate(scenario, kernel=kernel)
+    assert result.constraints[0].rse <= 0.05
+    assert result.paths_run < 50_000
+
+
+def test_state_space_outputs_each_summarised(kernel):
+    scenario = Scenario.model_validate({
+        "model": {"kind": "state_space", "A": [[0.9, 0.05], [0.0, 0.8]], "B": [[0.1], [0.2]],
+                  "C": [[1.0, 0.0], [0.0, 1.0]], "x0": [1.0, 2.0], "q": [0.01, 0.01],
+                  "r": [0.0, 0.0]},
+        "input": {"kind": "hold", "u0": 1.0}, "horizon_s": 50.0, "dt_s": 1.0, "paths": 3000,
+        "seed": 2, "constraints": [{"kind": "upper", "limit": 1.6, "output": 1}],
+        "kpis": [{"kind": "final", "output": 0}, {"kind": "final", "output": 1}],
+    })
+    c = native.simulate(scenario, kernel=kernel)
+    ref = reference.simulate(scenario)
+    assert c.output_percentiles.shape == ref.output_percentiles.shape
+    for kc, kr in zip(c.kpis, ref.kpis, strict=True):
+        assert abs(kc.mean - kr.mean) <= 4 * math.sqrt((kc.std**2 + kr.std**2) / 3000)
+    p = ref.constraints[0].violation_probability
+    tol = 4 * math.sqrt(max(p * (1 - p), 1 / 3000) * 2 / 3000)
+    assert abs(c.constraints[0].violation_probability - p) <= tol
+
+
+def test_a_distribution_on_noise_is_refused_with_a_clear_error(kernel):
+    scenario = oven(model={"kind": "fopdt", "gain": 1.0, "tau": 100.0,
+                           "sigma_v": {"dist": "uniform", "lo": 0.1, "hi": 0.2}})
+    with pytest.raises(SimulationError, match="sigma_v: the C kernel takes a fixed value"):
+        native.simulate(scenario, kernel=kernel)
+
+
+async def test_async_wrapper_keeps_the_loop_serving(kernel):
+    import asyncio
+
+    ticks = 0
+
+    async def ticker():
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.005)
+            ticks += 1
+
+    task = asyncio.create_task(ticker())
+    result = await native.simulate_async(oven(paths=20_000), kernel=kernel, threads=1)
+    task.cancel()
+    assert result.paths_run == 20_000
+    assert ticks > 0, "the event loop must keep running while C computes"
+
+
+def test_the_package_build_installed_the_kernel():
+    """`pip install` compiles native/ into gateway._simkernel (setup.py cffi_modules)."""
+    from gateway import _simkernel  # noqa: F401  (the import is the test)
+    from gateway.sim import BACKENDS, simulate
+
+    scenario = oven(model={"kind": "fopdt", "gain": 1.2, "tau": 100.0, "theta": 10.0}, paths=64)
+    assert "native" in BACKENDS
+    native_result = simulate(scenario, backend="native")
+    assert native_result.backend == "native"
+    np.testing.assert_allclose(native_result.percentiles, simulate(scenario).percentiles,
+                               rtol=0, atol=1e-9)
