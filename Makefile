@@ -5,7 +5,8 @@ STAMP := $(VENV)/.bootstrapped
 
 .PHONY: demo test lint bench clean
 
-$(STAMP): pyproject.toml scripts/bootstrap
+# The C kernel is compiled by the install, so its sources are prerequisites too.
+$(STAMP): pyproject.toml setup.py scripts/bootstrap $(wildcard native/*.c native/*.h native/build_sim.py)
 	VENV=$(VENV) scripts/bootstrap
 	touch $@
 
