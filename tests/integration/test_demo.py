@@ -45,6 +45,14 @@ def test_demo_writes_setpoints_through_both_drivers_and_reads_them_back(demo):
     assert re.search(r"setpoint line1/oven1/heater_setpoint <- 200 °C: read back 200 °C", out)
 
 
+def test_demo_simulates_the_oven_setpoint_change_before_making_it(demo):
+    _, out = demo
+    match = re.search(r"what-if: oven setpoint 180 -> 200 °C from 1\d\d\.\d °C: "
+                      r"P\(temperature > 203 °C within 10 min\) = (0\.\d\d|1\.00)", out)
+    assert match, "the what-if line is missing"
+    assert out.index("what-if:") < out.index("setpoint line1/oven1/heater_setpoint <- 200")
+
+
 def test_demo_scada_client_reads_the_twin_and_cannot_write(demo):
     _, out = demo
     assert "scada: connected to opc.tcp://" in out and "SignAndEncrypt" in out
