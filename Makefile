@@ -23,6 +23,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/opcua.py
+	$(BIN)/python bench/sim.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info opstwin-demo .pytest_cache .ruff_cache
