@@ -105,7 +105,24 @@ def _check_param(name: str, value: Param, domain: _Domain) -> None:
 # --- models -------------------------------------------------------------------------------------
 
 
-class FopdtModel(_Strict):
+class _ScalarModel(_Strict):
+    """A one-output model whose scalar parameters each have a valid domain (DOMAINS)."""
+
+    DOMAINS: ClassVar[dict[str, _Domain]] = {}
+
+    @model_validator(mode="after")
+    def _domains(self) -> _ScalarModel:
+        for name, dom in self.DOMAINS.items():
+            _check_param(name, getattr(self, name), dom)
+        return self
+
+    @property
+    def n_outputs(self) -> int:
+        """Number of outputs."""
+        return 1
+
+
+class FopdtModel(_ScalarModel):
     """First order plus dead time: y follows K*(u-u0) with time constant tau after theta."""
 
     kind: Literal["fopdt"] = "fopdt"
@@ -118,19 +135,8 @@ class FopdtModel(_Strict):
     DOMAINS: ClassVar[dict[str, _Domain]] = {"gain": ANY, "tau": POSITIVE, "theta": NON_NEGATIVE,
                "sigma_w": NON_NEGATIVE, "sigma_v": NON_NEGATIVE}
 
-    @model_validator(mode="after")
-    def _domains(self) -> FopdtModel:
-        for name, dom in self.DOMAINS.items():
-            _check_param(name, getattr(self, name), dom)
-        return self
 
-    @property
-    def n_outputs(self) -> int:
-        """Number of outputs."""
-        return 1
-
-
-class TankModel(_Strict):
+class TankModel(_ScalarModel):
     """Nonlinear tank: dh/dt = (c_in*u/100 - c_out*sqrt(h))/area, level clipped to [0, h_max]."""
 
     kind: Literal["tank"] = "tank"
@@ -146,19 +152,8 @@ class TankModel(_Strict):
         "h_max": POSITIVE, "sigma_w": NON_NEGATIVE, "sigma_v": NON_NEGATIVE,
     }
 
-    @model_validator(mode="after")
-    def _domains(self) -> TankModel:
-        for name, dom in self.DOMAINS.items():
-            _check_param(name, getattr(self, name), dom)
-        return self
 
-    @property
-    def n_outputs(self) -> int:
-        """Number of outputs."""
-        return 1
-
-
-class WeibullModel(_Strict):
+class WeibullModel(_ScalarModel):
     """Weibull wear: remaining life given survival to age a0; output 1 once failed, else 0."""
 
     kind: Literal["weibull"] = "weibull"
@@ -167,17 +162,6 @@ class WeibullModel(_Strict):
     a0: Param = Field(default=0.0, description="Current age in seconds (>= 0).")
 
     DOMAINS: ClassVar[dict[str, _Domain]] = {"beta": POSITIVE, "eta": POSITIVE, "a0": NON_NEGATIVE}
-
-    @model_validator(mode="after")
-    def _domains(self) -> WeibullModel:
-        for name, dom in self.DOMAINS.items():
-            _check_param(name, getattr(self, name), dom)
-        return self
-
-    @property
-    def n_outputs(self) -> int:
-        """Number of outputs."""
-        return 1
 
 
 class StateSpaceModel(_Strict):
