@@ -33,9 +33,10 @@ The (pid, ts) index is most of the cost: each commit dirties one index leaf page
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from sqlite_utils import Database
@@ -65,6 +66,19 @@ QUALITY_CODE: dict[str, int] = {q: i for i, q in enumerate(QUALITIES)}
 CACHE_KIB = 65536
 BUSY_TIMEOUT_MS = 5000
 WAL_LIMIT_BYTES = 64 * 1024 * 1024
+
+
+@contextlib.contextmanager
+def write_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """BEGIN IMMEDIATE … COMMIT, rolled back on any error (a kill leaves nothing half-done)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 
 
 def connect(path: str | Path, *, read_only: bool = False) -> sqlite3.Connection:

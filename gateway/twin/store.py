@@ -53,7 +53,14 @@ from drivers.base import Quality, Sample
 from gateway.errors import StoreError, UnknownPointError
 from gateway.twin.history import Bucket, HistoryReader, HistoryRow, decode_value
 from gateway.twin.model import EventRecord, PointDef, PointValue, asset_of
-from gateway.twin.schema import QUALITIES, QUALITY_CODE, TELEMETRY, connect, migrate
+from gateway.twin.schema import (
+    QUALITIES,
+    QUALITY_CODE,
+    TELEMETRY,
+    connect,
+    migrate,
+    write_transaction,
+)
 from gateway.twin.writer import PruneResult, TelemetryRow, Writer
 
 log = logging.getLogger(__name__)
@@ -411,8 +418,7 @@ class TwinStore:
         return PointValue(point_id, value, QUALITIES[quality], source_ts, ts, rev, reason)
 
     def _declare_points(self, conn: Any) -> dict[str, int]:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with write_transaction(conn):
             conn.execute("UPDATE points SET declared = 0")
             conn.executemany(
                 "INSERT INTO points(id, device, datatype, unit, lo, hi, writable, deadband, "
@@ -436,11 +442,6 @@ class TwinStore:
                     for p in self.points.values()
                 ],
             )
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
         return dict(conn.execute("SELECT id, pid FROM points WHERE declared = 1").fetchall())
 
     def _load(self, conn: Any, pids: dict[str, int]) -> tuple[int, int]:

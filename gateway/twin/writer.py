@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.errors import StoreError
-from gateway.twin.schema import TELEMETRY, connect
+from gateway.twin.schema import TELEMETRY, connect, write_transaction
 
 log = logging.getLogger(__name__)
 
@@ -299,8 +299,7 @@ class Writer:
         assert conn is not None
         telemetry, events = self._telemetry, self._events
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with write_transaction(conn):
                 if telemetry:
                     rows = list(itertools.chain.from_iterable(telemetry))
                     self._insert_telemetry.write(conn, rows)
@@ -310,11 +309,6 @@ class Writer:
                     self.current_rows_written += len(latest)
                 if events:
                     conn.executemany(INSERT_EVENT, events)
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
         except Exception as exc:
             self._fail(exc, "commit")
             return False
@@ -396,8 +390,7 @@ class Writer:
                 self._plan_prune(job)
             while job.ranges and job.ranges[0][0] >= job.ranges[0][1]:
                 job.ranges.pop(0)
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with write_transaction(conn):
                 if not job.moved_start:
                     # The log start moves first, so a reader never sees a half-deleted log:
                     # a cursor below it gets "expired", never a gap.
@@ -413,11 +406,6 @@ class Writer:
                         ).rowcount
                     job.result.events += conn.execute(DELETE_OTHER, (lo, upto)).rowcount
                     job.ranges[0] = (upto, hi, every_type)
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
         except Exception as exc:
             self._finish_prune(exc)
             return
