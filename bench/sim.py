@@ -119,14 +119,17 @@ def main(argv: list[str] | None = None) -> int:
     c_runs: dict[str, list[float]] = {"c1": [], "c2": [], "floor": []}
     c2_cpu: list[float] = []
     for _ in range(args.repeats):
-        c_runs["c1"].append(timed(
-            lambda: native.simulate(scenario, threads=1, kernel=kernel), 1)[0])
+        c_runs["c1"].append(
+            timed(lambda: native.simulate(scenario, threads=1, kernel=kernel), 1)[0]
+        )
         cpu0 = time.process_time()
-        c_runs["c2"].append(timed(
-            lambda: native.simulate(scenario, threads=2, kernel=kernel), 1)[0])
+        c_runs["c2"].append(
+            timed(lambda: native.simulate(scenario, threads=2, kernel=kernel), 1)[0]
+        )
         c2_cpu.append((time.process_time() - cpu0) / c_runs["c2"][-1])
-        c_runs["floor"].append(timed(
-            lambda: native.rng_floor(args.seed, normals, threads=1, kernel=kernel), 1)[0])
+        c_runs["floor"].append(
+            timed(lambda: native.rng_floor(args.seed, normals, threads=1, kernel=kernel), 1)[0]
+        )
     for key, label in (("c1", "C 1 thr"), ("c2", "C 2 thr"), ("floor", "RNG floor")):
         print(f"  {label:<9} runs (s): {' '.join(f'{t:.3f}' for t in c_runs[key])}")
     print(f"  C 2 thr CPU/wall: {' '.join(f'{u:.2f}' for u in c2_cpu)}  (2.00 = both threads busy)")

@@ -136,8 +136,13 @@ class Gateway:
         # Until the policy engine exists, a SCADA write is refused; the attempt is on record.
         self.store.append_event(
             "WriteRefused",
-            {"source": "opcua", "user": user, "role": role, "value": value,
-             "reason": "writes from OPC UA clients go through the policy engine (not yet built)"},
+            {
+                "source": "opcua",
+                "user": user,
+                "role": role,
+                "value": value,
+                "reason": "writes from OPC UA clients go through the policy engine (not yet built)",
+            },
             point_id=point_id,
         )
 

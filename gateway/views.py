@@ -57,8 +57,14 @@ def cmd_twin(args: argparse.Namespace) -> int:
         _table(
             ["point", "value", "quality", "rev", "age", "reason"],
             (
-                [r["point_id"], _fmt(r["value"]), r["quality"], r["rev"],
-                 _age(r["gateway_ts"]), r["reason"] or ""]
+                [
+                    r["point_id"],
+                    _fmt(r["value"]),
+                    r["quality"],
+                    r["rev"],
+                    _age(r["gateway_ts"]),
+                    r["reason"] or "",
+                ]
                 for r in rows
             ),
         )
@@ -78,8 +84,17 @@ def cmd_history(args: argparse.Namespace) -> int:
             print(
                 _table(
                     ["bucket start", "count", "min", "max", "mean", "last"],
-                    ([_clock(b.start), b.count, _fmt(b.min), _fmt(b.max), _fmt(b.mean),
-                      _fmt(b.last)] for b in buckets),
+                    (
+                        [
+                            _clock(b.start),
+                            b.count,
+                            _fmt(b.min),
+                            _fmt(b.max),
+                            _fmt(b.mean),
+                            _fmt(b.last),
+                        ]
+                        for b in buckets
+                    ),
                 )
             )
         else:
@@ -87,8 +102,10 @@ def cmd_history(args: argparse.Namespace) -> int:
             print(
                 _table(
                     ["time", "value", "quality", "rev", "reason"],
-                    ([_clock(r.ts), _fmt(r.value), str(r.quality), r.rev, r.reason or ""]
-                     for r in rows),
+                    (
+                        [_clock(r.ts), _fmt(r.value), str(r.quality), r.rev, r.reason or ""]
+                        for r in rows
+                    ),
                 )
             )
     finally:
@@ -108,8 +125,16 @@ def cmd_events(args: argparse.Namespace) -> int:
     print(
         _table(
             ["rev", "time", "type", "point / asset", "data"],
-            ([r["rev"], _clock(r["ts"]), r["type"], r["point_id"] or r["asset_id"] or "",
-              r["data"] or ""] for r in rows),
+            (
+                [
+                    r["rev"],
+                    _clock(r["ts"]),
+                    r["type"],
+                    r["point_id"] or r["asset_id"] or "",
+                    r["data"] or "",
+                ]
+                for r in rows
+            ),
         )
     )
     return 0

@@ -199,9 +199,7 @@ def _check_modbus_endpoint(where: PathParts, endpoint: str) -> Iterator[Problem]
         if not parts.path.startswith("/"):
             yield Problem(where, f"expected serial:///dev/NAME, got {endpoint!r}")
     else:
-        yield Problem(
-            where, f"expected tcp://HOST[:PORT] or serial:///dev/NAME, got {endpoint!r}"
-        )
+        yield Problem(where, f"expected tcp://HOST[:PORT] or serial:///dev/NAME, got {endpoint!r}")
 
 
 # The driver's point fields are flat; the config nests the limits under `range`.
@@ -224,8 +222,10 @@ def _from_pydantic(err: Any) -> Problem:
     if len(loc) > 2 and loc[0] == "devices" and loc[2] in DRIVERS:
         loc = loc[:2] + loc[3:]
     if kind == "union_tag_invalid":
-        return Problem((*loc, "driver"), f"expected one of {', '.join(DRIVERS)}, got "
-                       f"{err.get('ctx', {}).get('tag')!r}")
+        return Problem(
+            (*loc, "driver"),
+            f"expected one of {', '.join(DRIVERS)}, got {err.get('ctx', {}).get('tag')!r}",
+        )
     if kind == "union_tag_not_found":
         return Problem((*loc, "driver"), f"required key is missing ({', '.join(DRIVERS)})")
     if kind == "extra_forbidden":

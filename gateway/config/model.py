@@ -66,9 +66,7 @@ class _PointBase(_Strict):
 class ModbusPointConfig(_PointBase):
     """One point of a Modbus device."""
 
-    address: str = Field(
-        description="Modbus address, e.g. `holding:0`, `input:3`, `holding:5.2`."
-    )
+    address: str = Field(description="Modbus address, e.g. `holding:0`, `input:3`, `holding:5.2`.")
     scale: float = Field(1.0, description="Engineering value = raw * scale + offset.")
     offset: float = Field(0.0, description="See `scale`.")
     length: int | None = Field(None, ge=1, le=250, description="Characters, for `string` points.")

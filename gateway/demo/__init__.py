@@ -40,9 +40,22 @@ def run_demo(*, state_dir: str, http_port: int, seed: int, duration: float | Non
     with sim_log.open("w") as log_file:
         # Its own process, as real hardware would be: the gateway reaches it only over TCP.
         sim = subprocess.Popen(
-            [sys.executable, "-m", "plantsim", "--seed", str(seed), "--speed", str(PLANT_SPEED),
-             "--tank-port", str(ports["tank1"]), "--meter-port", str(ports["meter1"]),
-             "--plc-port", str(ports["oven-plc"]), "--stdin"],
+            [
+                sys.executable,
+                "-m",
+                "plantsim",
+                "--seed",
+                str(seed),
+                "--speed",
+                str(PLANT_SPEED),
+                "--tank-port",
+                str(ports["tank1"]),
+                "--meter-port",
+                str(ports["meter1"]),
+                "--plc-port",
+                str(ports["oven-plc"]),
+                "--stdin",
+            ],
             stdin=subprocess.PIPE,
             stdout=log_file,
             stderr=subprocess.STDOUT,
@@ -56,8 +69,9 @@ def run_demo(*, state_dir: str, http_port: int, seed: int, duration: float | Non
             device_ports=ports,
             http_port=http_port,
             opcua_port=opcua_port,
-            users=[{"username": SCADA_USER, "password_hash": hash_password(password),
-                    "role": "viewer"}],
+            users=[
+                {"username": SCADA_USER, "password_hash": hash_password(password), "role": "viewer"}
+            ],
         )
         config = load_config(config_path)
         asyncio.run(_run(config, config_path, sim, sim_log, password, duration))

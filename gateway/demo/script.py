@@ -70,12 +70,15 @@ class Script:
             print(f"  setpoint {point_id} <- {value:g}: refused: {exc}", flush=True)
             return
         unit = self.gateway.points[point_id].unit
-        print(f"  setpoint {point_id} <- {value:g} {unit}: read back {readback:g} {unit}",
-              flush=True)
+        print(
+            f"  setpoint {point_id} <- {value:g} {unit}: read back {readback:g} {unit}", flush=True
+        )
 
     async def _plant(self, command: str, what: str) -> None:
-        print(f"  plant: {what} ({command}); watch its points go STALE and come back by "
-              "themselves", flush=True)
+        print(
+            f"  plant: {what} ({command}); watch its points go STALE and come back by themselves",
+            flush=True,
+        )
         if self.sim.stdin is not None:
             self.sim.stdin.write(f"{command}\n".encode())
             self.sim.stdin.flush()
@@ -103,20 +106,24 @@ class Script:
         spec = yaml.safe_load(text)
         now_sp = float(self.gateway.store.get(OVEN_SETPOINT).value)
         now_t = float(self.gateway.store.get(OVEN_TEMPERATURE).value)
-        spec.update(y0=now_t, input={"kind": "step", "u0": now_sp, "u1": now_sp + step,
-                                     "t_step": 0.0},
-                    constraints=[{"kind": "upper", "limit": limit}])
+        spec.update(
+            y0=now_t,
+            input={"kind": "step", "u0": now_sp, "u1": now_sp + step, "t_step": 0.0},
+            constraints=[{"kind": "upper", "limit": limit}],
+        )
         scenario = Scenario.model_validate(spec)
         started = time.perf_counter()
         result = await simulate_async(scenario)  # C kernel in a worker thread, GIL released
         ms = (time.perf_counter() - started) * 1000
         c = result.constraints[0]
         p50 = result.percentiles[2]
-        print(f"  what-if: oven setpoint {now_sp:g} -> {now_sp + step:g} °C from {now_t:.1f} °C: "
-              f"P(temperature > {limit:g} °C within 10 min) = {c.violation_probability:.2f}; "
-              f"median after 5 / 10 min {p50[299]:.1f} / {p50[-1]:.1f} °C "
-              f"({result.paths_run} paths x {scenario.n_steps} steps in {ms:.0f} ms, C kernel)",
-              flush=True)
+        print(
+            f"  what-if: oven setpoint {now_sp:g} -> {now_sp + step:g} °C from {now_t:.1f} °C: "
+            f"P(temperature > {limit:g} °C within 10 min) = {c.violation_probability:.2f}; "
+            f"median after 5 / 10 min {p50[299]:.1f} / {p50[-1]:.1f} °C "
+            f"({result.paths_run} paths x {scenario.n_steps} steps in {ms:.0f} ms, C kernel)",
+            flush=True,
+        )
 
     def _table(self, elapsed: float) -> None:
         rev, values = self.gateway.store.snapshot()

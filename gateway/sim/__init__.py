@@ -37,6 +37,7 @@ def simulate(scenario: Scenario, *, keep_paths: bool = False, backend: str = "nu
         return native.simulate(scenario, keep_paths=keep_paths)
     raise ValueError(f"unknown simulation backend {backend!r}; choose one of {BACKENDS}")
 
+
 __all__ = [
     "BACKENDS",
     "Adaptive",

@@ -26,8 +26,12 @@ def add_sim_commands(sub: Any) -> None:
 
     run = simsub.add_parser("run", help="run a what-if scenario (YAML or JSON) and print results")
     run.add_argument("scenario", help="scenario file (see README: What-if simulation)")
-    run.add_argument("--backend", choices=("native", "numpy"), default="native",
-                     help="the C kernel (default) or the NumPy reference")
+    run.add_argument(
+        "--backend",
+        choices=("native", "numpy"),
+        default="native",
+        help="the C kernel (default) or the NumPy reference",
+    )
     run.add_argument("--threads", type=int, default=0, help="C kernel threads (0 = all CPUs)")
     run.add_argument("--json", action="store_true", help="print the full result as JSON")
     run.set_defaults(handler=cmd_sim_run)
@@ -76,17 +80,23 @@ def cmd_sim_run(args: argparse.Namespace) -> int:
         print(json.dumps({**result.summary(), "elapsed_s": elapsed}))
         return 0
     steps = scenario.n_steps
-    print(f"{path}: {scenario.model.kind}, {result.paths_run} paths x {steps} steps "
-          f"on {result.backend} in {elapsed * 1000:.0f} ms "
-          f"({result.paths_run * steps / elapsed / 1e6:.1f} M path-steps/s)")
+    print(
+        f"{path}: {scenario.model.kind}, {result.paths_run} paths x {steps} steps "
+        f"on {result.backend} in {elapsed * 1000:.0f} ms "
+        f"({result.paths_run * steps / elapsed / 1e6:.1f} M path-steps/s)"
+    )
     for c in result.constraints:
         first = c.first_violation
         when = f", first violation p50 at {first['p50']:.0f} s" if first else ""
-        print(f"  {c.constraint.kind} limit {c.constraint.limit:g} (output {c.constraint.output}):"
-              f" P(violation) = {c.violation_probability:.4f} (RSE {c.rse:.3f}){when}")
+        print(
+            f"  {c.constraint.kind} limit {c.constraint.limit:g} (output {c.constraint.output}):"
+            f" P(violation) = {c.violation_probability:.4f} (RSE {c.rse:.3f}){when}"
+        )
     for k in result.kpis:
-        print(f"  {k.kpi.kind} (output {k.kpi.output}): mean {k.mean:.4g} sd {k.std:.3g} "
-              f"p5 {k.p5:.4g} p50 {k.p50:.4g} p95 {k.p95:.4g}")
+        print(
+            f"  {k.kpi.kind} (output {k.kpi.output}): mean {k.mean:.4g} sd {k.std:.3g} "
+            f"p5 {k.p5:.4g} p50 {k.p50:.4g} p95 {k.p95:.4g}"
+        )
     print("  fan (output 0):   t        p5       p50       p95")
     for i in np.unique(np.linspace(0, steps - 1, 7).astype(int)):
         p = result.percentiles[:, i]
@@ -123,8 +133,9 @@ def cmd_sim_fit(args: argparse.Namespace) -> int:
     u_vals = np.array([r[1] for r in u_rows], dtype=float)
     idx = np.clip(np.searchsorted(u_ts, grid, side="right") - 1, 0, len(u_ts) - 1)
     u = u_vals[idx]
-    _, y = resample(np.array([r[0] for r in y_rows]), np.array([r[1] for r in y_rows], float),
-                    args.dt)
+    _, y = resample(
+        np.array([r[0] for r in y_rows]), np.array([r[1] for r in y_rows], float), args.dt
+    )
     n = min(len(grid), len(y))
     try:
         fit = fit_fopdt(grid[:n] - t0, u[:n], y[:n])
@@ -132,10 +143,20 @@ def cmd_sim_fit(args: argparse.Namespace) -> int:
         raise GatewayError(f"cannot fit {args.input} -> {args.output}: {exc}") from exc
     model = fit.as_uncertain_model()
     if args.json:
-        print(json.dumps({"gain": fit.gain, "gain_stderr": fit.gain_stderr, "tau": fit.tau,
-                          "tau_stderr": fit.tau_stderr, "theta": fit.theta,
-                          "sigma_v": fit.sigma_v, "samples": fit.n,
-                          "model": model.model_dump()}))
+        print(
+            json.dumps(
+                {
+                    "gain": fit.gain,
+                    "gain_stderr": fit.gain_stderr,
+                    "tau": fit.tau,
+                    "tau_stderr": fit.tau_stderr,
+                    "theta": fit.theta,
+                    "sigma_v": fit.sigma_v,
+                    "samples": fit.n,
+                    "model": model.model_dump(),
+                }
+            )
+        )
         return 0
     print(f"FOPDT fit of {args.input} -> {args.output} over {n} samples ({n * args.dt:.0f} s):")
     print(f"  gain  {fit.gain:10.4g} ± {fit.gain_stderr:.3g}")
@@ -143,13 +164,18 @@ def cmd_sim_fit(args: argparse.Namespace) -> int:
     print(f"  theta {fit.theta:10.4g} s (best on the dead-time grid)")
     print(f"  residual sd {fit.sigma_v:.4g}")
     print("  as a scenario model (uncertainty sampled by the Monte Carlo):")
-    print("    " + yaml.safe_dump({"model": model.model_dump()}, sort_keys=False)
-          .replace("\n", "\n    ").rstrip())
+    print(
+        "    "
+        + yaml.safe_dump({"model": model.model_dump()}, sort_keys=False)
+        .replace("\n", "\n    ")
+        .rstrip()
+    )
     return 0
 
 
 def _usable(rows: list[Any]) -> list[tuple[float, float]]:
-    return [(r.ts, float(r.value)) for r in rows
-            if str(r.quality) in ("GOOD", "UNCERTAIN") and r.value is not None]
-
-
+    return [
+        (r.ts, float(r.value))
+        for r in rows
+        if str(r.quality) in ("GOOD", "UNCERTAIN") and r.value is not None
+    ]

@@ -47,8 +47,9 @@ class FopdtFit:
     def predict(self, u: np.ndarray) -> np.ndarray:
         """Return the fitted model's noise-free response to an input series on the fit's dt."""
         d = math.floor(self.theta / self.dt + 0.5)
-        return self.bias + self.gain * _response(np.asarray(u, float) - self.u0, self.tau,
-                                                  self.dt, d)
+        return self.bias + self.gain * _response(
+            np.asarray(u, float) - self.u0, self.tau, self.dt, d
+        )
 
     def as_uncertain_model(self) -> FopdtModel:
         """Return an FopdtModel whose gain and tau are normal(estimate, stderr)."""
@@ -61,13 +62,15 @@ class FopdtFit:
         )
 
 
-def resample(ts: np.ndarray, values: np.ndarray, dt: float,
-             *, method: Literal["linear", "hold"] = "linear") -> tuple[np.ndarray, np.ndarray]:
+def resample(
+    ts: np.ndarray, values: np.ndarray, dt: float, *, method: Literal["linear", "hold"] = "linear"
+) -> tuple[np.ndarray, np.ndarray]:
     """Resample irregular samples onto a uniform grid from ts[0] in steps of dt."""
     ts, values = np.asarray(ts, float), np.asarray(values, float)
     if ts.ndim != 1 or ts.shape != values.shape or ts.size < 2:
-        raise ValueError(f"ts and values must be 1-D of equal length >= 2, got {ts.shape}, "
-                         f"{values.shape}")
+        raise ValueError(
+            f"ts and values must be 1-D of equal length >= 2, got {ts.shape}, {values.shape}"
+        )
     if not (dt > 0 and math.isfinite(dt)):
         raise ValueError(f"dt must be a positive finite number, got {dt}")
     if not (np.all(np.isfinite(ts)) and np.all(np.isfinite(values))):
@@ -85,8 +88,9 @@ def resample(ts: np.ndarray, values: np.ndarray, dt: float,
     raise ValueError(f"method must be 'linear' or 'hold', got {method!r}")
 
 
-def fit_fopdt(t: np.ndarray, u: np.ndarray, y: np.ndarray, *,
-              theta_grid: np.ndarray | None = None) -> FopdtFit:
+def fit_fopdt(
+    t: np.ndarray, u: np.ndarray, y: np.ndarray, *, theta_grid: np.ndarray | None = None
+) -> FopdtFit:
     """Fit gain, tau and dead time to uniformly sampled u, y (first sample at steady state)."""
     t, u, y = (np.asarray(a, float) for a in (t, u, y))
     if not (t.ndim == u.ndim == y.ndim == 1 and t.size == u.size == y.size):
@@ -142,8 +146,18 @@ def fit_fopdt(t: np.ndarray, u: np.ndarray, y: np.ndarray, *,
         cov = s2 * np.linalg.inv(jac.T @ jac)
     except np.linalg.LinAlgError as exc:
         raise SimulationError("the data cannot identify the fit (singular J^T J)") from exc
-    return FopdtFit(gain=gain, tau=tau, theta=d * dt, bias=bias, u0=u0, dt=dt, cov=cov,
-                    sigma_v=math.sqrt(s2), rss=rss, n=n)
+    return FopdtFit(
+        gain=gain,
+        tau=tau,
+        theta=d * dt,
+        bias=bias,
+        u0=u0,
+        dt=dt,
+        cov=cov,
+        sigma_v=math.sqrt(s2),
+        rss=rss,
+        n=n,
+    )
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -190,8 +204,9 @@ def _linear_rss(s: np.ndarray, y: np.ndarray) -> np.ndarray:
     return rss
 
 
-def _rss_at(du: np.ndarray, y: np.ndarray, tau: float, dt: float,
-            d: int) -> tuple[float, float, float]:
+def _rss_at(
+    du: np.ndarray, y: np.ndarray, tau: float, dt: float, d: int
+) -> tuple[float, float, float]:
     s = _response(du, tau, dt, d)
     sc = s - s.mean()
     sxx = float(sc @ sc)

@@ -132,8 +132,13 @@ class FopdtModel(_ScalarModel):
     sigma_w: Param = Field(default=0.0, description="Process noise std dev per step (>= 0).")
     sigma_v: Param = Field(default=0.0, description="Measurement noise std dev (>= 0).")
 
-    DOMAINS: ClassVar[dict[str, _Domain]] = {"gain": ANY, "tau": POSITIVE, "theta": NON_NEGATIVE,
-               "sigma_w": NON_NEGATIVE, "sigma_v": NON_NEGATIVE}
+    DOMAINS: ClassVar[dict[str, _Domain]] = {
+        "gain": ANY,
+        "tau": POSITIVE,
+        "theta": NON_NEGATIVE,
+        "sigma_w": NON_NEGATIVE,
+        "sigma_v": NON_NEGATIVE,
+    }
 
 
 class TankModel(_ScalarModel):
@@ -148,8 +153,12 @@ class TankModel(_ScalarModel):
     sigma_v: Param = Field(default=0.0, description="Measurement noise std dev, m (>= 0).")
 
     DOMAINS: ClassVar[dict[str, _Domain]] = {
-        "area": POSITIVE, "c_in": NON_NEGATIVE, "c_out": NON_NEGATIVE,
-        "h_max": POSITIVE, "sigma_w": NON_NEGATIVE, "sigma_v": NON_NEGATIVE,
+        "area": POSITIVE,
+        "c_in": NON_NEGATIVE,
+        "c_out": NON_NEGATIVE,
+        "h_max": POSITIVE,
+        "sigma_w": NON_NEGATIVE,
+        "sigma_v": NON_NEGATIVE,
     }
 
 
@@ -221,13 +230,12 @@ class StateSpaceModel(_Strict):
 def _rect(name: str, rows: list[list[float]], n_rows: int, n_cols: int) -> None:
     for i, row in enumerate(rows):
         if len(row) != n_cols:
-            raise ValueError(
-                f"{name} must be {n_rows}x{n_cols}; row {i} has {len(row)} entries"
-            )
+            raise ValueError(f"{name} must be {n_rows}x{n_cols}; row {i} has {len(row)} entries")
 
 
-Model = Annotated[FopdtModel | StateSpaceModel | TankModel | WeibullModel,
-                  Field(discriminator="kind")]
+Model = Annotated[
+    FopdtModel | StateSpaceModel | TankModel | WeibullModel, Field(discriminator="kind")
+]
 
 # --- inputs -------------------------------------------------------------------------------------
 

@@ -49,7 +49,10 @@ def load_kernel() -> ModuleType:
 
 
 def simulate(
-    scenario: Scenario, *, threads: int = 0, keep_paths: bool = False,
+    scenario: Scenario,
+    *,
+    threads: int = 0,
+    keep_paths: bool = False,
     kernel: ModuleType | None = None,
 ) -> SimResult:
     """Run a scenario on the C kernel (blocking; the GIL is released while C runs)."""
@@ -57,8 +60,9 @@ def simulate(
     ffi, lib = kernel.ffi, kernel.lib
     model = _model(ffi, scenario)
     n_steps = scenario.n_steps
-    outputs = sorted({0, *(c.output for c in scenario.constraints),
-                      *(k.output for k in scenario.kpis)})
+    outputs = sorted(
+        {0, *(c.output for c in scenario.constraints), *(k.output for k in scenario.kpis)}
+    )
     n_outputs = model.p if scenario.model.kind == "state_space" else 1
     percentiles = np.full((n_outputs, PERCENTILE_COUNT, n_steps), np.nan)
     constraints: list[ConstraintResult] = []
@@ -69,20 +73,24 @@ def simulate(
     # same seed gives the same paths on every call.
     for out_index in range(n_outputs) if n_outputs > 1 else outputs:
         mine = [c for c in scenario.constraints if c.output == out_index]
-        result = _call(ffi, lib, model, scenario, out_index, mine, threads,
-                       keep_paths and out_index == 0)
+        result = _call(
+            ffi, lib, model, scenario, out_index, mine, threads, keep_paths and out_index == 0
+        )
         percentiles[out_index] = result["percentiles"].reshape(n_steps, PERCENTILE_COUNT).T
         paths_run = result["paths_run"]
         kpis[out_index] = (result["kpi"].reshape(4, 5), result["kpi_rse"])
         for i, c in enumerate(mine):
             first = result["first_violation"][i * 4 : i * 4 + 4]
-            constraints.append(ConstraintResult(
-                constraint=c,
-                violation_probability=float(result["violation_prob"][i]),
-                rse=float(result["violation_rse"][i]),
-                first_violation=None if math.isnan(first[0])
-                else dict(zip(_FIRST, map(float, first), strict=True)),
-            ))
+            constraints.append(
+                ConstraintResult(
+                    constraint=c,
+                    violation_probability=float(result["violation_prob"][i]),
+                    rse=float(result["violation_rse"][i]),
+                    first_violation=None
+                    if math.isnan(first[0])
+                    else dict(zip(_FIRST, map(float, first), strict=True)),
+                )
+            )
         if result["raw"] is not None:
             raw = result["raw"][: paths_run * n_steps].reshape(paths_run, n_steps)
     order = {id(c): i for i, c in enumerate(scenario.constraints)}
@@ -92,8 +100,9 @@ def simulate(
         stats, rse = kpis[k.output]
         row = KPI_ORDER.index(k.kind)
         mean, std, p5, p50, p95 = map(float, stats[row])
-        kpi_results.append(KpiResult(kpi=k, mean=mean, std=std, p5=p5, p50=p50, p95=p95,
-                                     rse=float(rse[row])))
+        kpi_results.append(
+            KpiResult(kpi=k, mean=mean, std=std, p5=p5, p50=p50, p95=p95, rse=float(rse[row]))
+        )
     return SimResult(
         times=scenario.dt_s * np.arange(1, n_steps + 1),
         output_percentiles=percentiles,
@@ -120,8 +129,16 @@ def rng_floor(seed: int, n: int, threads: int = 1, kernel: ModuleType | None = N
 # -- scenario → C ------------------------------------------------------------------------------
 
 
-def _call(ffi: Any, lib: Any, model: Any, scenario: Scenario, out_index: int,
-          constraints: list, threads: int, keep: bool) -> dict[str, Any]:
+def _call(
+    ffi: Any,
+    lib: Any,
+    model: Any,
+    scenario: Scenario,
+    out_index: int,
+    constraints: list,
+    threads: int,
+    keep: bool,
+) -> dict[str, Any]:
     n_steps = scenario.n_steps
     cons = ffi.new("opstwin_constraint[]", max(len(constraints), 1))
     for i, c in enumerate(constraints):
@@ -236,7 +253,5 @@ def _fixed(name: str, value: Any) -> float:
     if value is None:
         return 0.0
     if not isinstance(value, (int, float)):
-        raise SimulationError(
-            f"{name}: the C kernel takes a fixed value here, not a distribution"
-        )
+        raise SimulationError(f"{name}: the C kernel takes a fixed value here, not a distribution")
     return float(value)

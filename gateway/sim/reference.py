@@ -58,8 +58,9 @@ def input_array(scenario: Scenario) -> np.ndarray:
     return np.stack([_plan(p, t) for p in scenario.input_plans], axis=1)
 
 
-def draw(name: str, param: Param, domain: tuple[float, bool], n: int,
-         rng: np.random.Generator) -> np.ndarray:
+def draw(
+    name: str, param: Param, domain: tuple[float, bool], n: int, rng: np.random.Generator
+) -> np.ndarray:
     """Draw a parameter once per path; redraw values outside its domain, never clip."""
     if isinstance(param, float | int):
         return np.full(n, float(param))
@@ -83,8 +84,9 @@ def draw(name: str, param: Param, domain: tuple[float, bool], n: int,
 # --- models -------------------------------------------------------------------------------------
 
 
-def _fopdt(m: FopdtModel, sc: Scenario, u: np.ndarray, n: int,
-           rng: np.random.Generator) -> np.ndarray:
+def _fopdt(
+    m: FopdtModel, sc: Scenario, u: np.ndarray, n: int, rng: np.random.Generator
+) -> np.ndarray:
     p = _draw_all(m, n, rng)
     dt, y0 = sc.dt_s, float(sc.y0)  # type: ignore[arg-type]
     a = np.exp(-dt / p["tau"])
@@ -103,8 +105,9 @@ def _fopdt(m: FopdtModel, sc: Scenario, u: np.ndarray, n: int,
     return y
 
 
-def _tank(m: TankModel, sc: Scenario, u: np.ndarray, n: int,
-          rng: np.random.Generator) -> np.ndarray:
+def _tank(
+    m: TankModel, sc: Scenario, u: np.ndarray, n: int, rng: np.random.Generator
+) -> np.ndarray:
     p = _draw_all(m, n, rng)
     gain_in = sc.dt_s / p["area"] * p["c_in"] / 100.0
     gain_out = sc.dt_s / p["area"] * p["c_out"]
@@ -126,8 +129,7 @@ def _weibull(m: WeibullModel, sc: Scenario, n: int, rng: np.random.Generator) ->
     return (life[:, None] <= times[None, :]).astype(float)
 
 
-def _state_space(m: StateSpaceModel, u: np.ndarray, n: int,
-                 rng: np.random.Generator) -> np.ndarray:
+def _state_space(m: StateSpaceModel, u: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     a, b, c = np.asarray(m.A), np.asarray(m.B), np.asarray(m.C)
     q_sd = np.sqrt(np.asarray(m.q)) if m.q is not None and any(m.q) else None
     r_sd = np.sqrt(np.asarray(m.r)) if m.r is not None and any(m.r) else None
@@ -155,8 +157,8 @@ def _adaptive(sc: Scenario, ad: Adaptive, rng: np.random.Generator) -> np.ndarra
     run = 0
     while run < ad.max_paths:
         size = min(ad.batch, ad.max_paths - run)
-        y[run:run + size] = simulate_paths(sc, size, rng)
-        stat[run:run + size] = _stopping_stat(sc, y[run:run + size])
+        y[run : run + size] = simulate_paths(sc, size, rng)
+        stat[run : run + size] = _stopping_stat(sc, y[run : run + size])
         run += size
         if _stopping_rse(sc, stat[:run]) <= ad.rse_target:
             break
@@ -193,14 +195,17 @@ def _plan(plan: HoldInput | StepInput | RampInput, t: np.ndarray) -> np.ndarray:
     return plan.u0 + frac * (plan.u1 - plan.u0)
 
 
-def _draw_all(model: FopdtModel | TankModel | WeibullModel, n: int,
-              rng: np.random.Generator) -> dict[str, np.ndarray]:
-    return {name: draw(name, getattr(model, name), dom, n, rng)
-            for name, dom in model.DOMAINS.items()}
+def _draw_all(
+    model: FopdtModel | TankModel | WeibullModel, n: int, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+    return {
+        name: draw(name, getattr(model, name), dom, n, rng) for name, dom in model.DOMAINS.items()
+    }
 
 
-def _sample(param: Normal | Uniform | Triangular | Lognormal, n: int,
-            rng: np.random.Generator) -> np.ndarray:
+def _sample(
+    param: Normal | Uniform | Triangular | Lognormal, n: int, rng: np.random.Generator
+) -> np.ndarray:
     if isinstance(param, Normal):
         return rng.normal(param.mean, param.sd, n)
     if isinstance(param, Uniform):

@@ -97,7 +97,11 @@ class SimResult:
             "kpis": [
                 {
                     **k.kpi.model_dump(),
-                    "mean": k.mean, "std": k.std, "p5": k.p5, "p50": k.p50, "p95": k.p95,
+                    "mean": k.mean,
+                    "std": k.std,
+                    "p5": k.p5,
+                    "p50": k.p50,
+                    "p95": k.p95,
                     "rse": _json_float(k.rse),
                 }
                 for k in self.kpis
@@ -135,8 +139,12 @@ def constraint_stats(c: Constraint, y: np.ndarray, times: np.ndarray) -> Constra
     if hit.any():
         t_first = times[np.argmax(viol[hit], axis=1)]
         p5, p50, p95 = np.percentile(t_first, (5, 50, 95))
-        first = {"p5": float(p5), "p50": float(p50), "p95": float(p95),
-                 "mean": float(t_first.mean())}
+        first = {
+            "p5": float(p5),
+            "p50": float(p50),
+            "p95": float(p95),
+            "mean": float(t_first.mean()),
+        }
     return ConstraintResult(c, p, proportion_rse(p, n), first)
 
 

@@ -47,8 +47,11 @@ def test_demo_writes_setpoints_through_both_drivers_and_reads_them_back(demo):
 
 def test_demo_simulates_the_oven_setpoint_change_before_making_it(demo):
     _, out = demo
-    match = re.search(r"what-if: oven setpoint 180 -> 200 °C from 1\d\d\.\d °C: "
-                      r"P\(temperature > 203 °C within 10 min\) = (0\.\d\d|1\.00)", out)
+    match = re.search(
+        r"what-if: oven setpoint 180 -> 200 °C from 1\d\d\.\d °C: "
+        r"P\(temperature > 203 °C within 10 min\) = (0\.\d\d|1\.00)",
+        out,
+    )
     assert match, "the what-if line is missing"
     assert out.index("what-if:") < out.index("setpoint line1/oven1/heater_setpoint <- 200")
 
@@ -56,20 +59,25 @@ def test_demo_simulates_the_oven_setpoint_change_before_making_it(demo):
 def test_demo_scada_client_reads_the_twin_and_cannot_write(demo):
     _, out = demo
     assert "scada: connected to opc.tcp://" in out and "SignAndEncrypt" in out
-    assert re.search(r"scada: read ns=2;s=line1/oven1/temperature = \d+\.\d+ °C \(Good\), "
-                     r"EURange 0\.\.400", out)
+    assert re.search(
+        r"scada: read ns=2;s=line1/oven1/temperature = \d+\.\d+ °C \(Good\), "
+        r"EURange 0\.\.400",
+        out,
+    )
     assert "refused: BadUserAccessDenied" in out
 
 
-@pytest.mark.parametrize(("command", "point", "unit"),
-                         [("tank:restart", LEVEL, "m"), ("oven:restart", OVEN, "°C")])
+@pytest.mark.parametrize(
+    ("command", "point", "unit"), [("tank:restart", LEVEL, "m"), ("oven:restart", OVEN, "°C")]
+)
 def test_demo_rides_out_a_controller_restart(demo, command, point, unit):
     _, out = demo
-    after = out[out.index(command):]
+    after = out[out.index(command) :]
     stale = re.search(rf"{re.escape(point)}\s+\S+ {unit}\s+STALE", after)
     assert stale, f"{point} goes STALE after {command}"
-    assert re.search(rf"{re.escape(point)}\s+\S+ {unit}\s+GOOD", after[stale.start():]), (
-        f"{point} comes back GOOD by itself")
+    assert re.search(rf"{re.escape(point)}\s+\S+ {unit}\s+GOOD", after[stale.start() :]), (
+        f"{point} comes back GOOD by itself"
+    )
 
 
 def test_views_read_the_demo_database(demo):
@@ -91,6 +99,10 @@ def test_views_read_the_demo_database(demo):
     assert "DeviceStateChanged" in events and "DISCONNECTED" in events
     assert "TelemetryChanged" in events
 
-    unknown = subprocess.run([*OPSTWIN, "history", "--config", config, "no/such/point"],
-                             capture_output=True, text=True, timeout=30)
+    unknown = subprocess.run(
+        [*OPSTWIN, "history", "--config", config, "no/such/point"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert unknown.returncode == 1 and "no/such/point" in unknown.stderr

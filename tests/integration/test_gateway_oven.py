@@ -35,8 +35,7 @@ def oven_config(tmp_path: Path, plc_port: int, *, anonymous: bool = False) -> Si
     data["opcua_server"].update(
         security_policies=["Basic256Sha256_SignAndEncrypt"],
         allow_anonymous=anonymous,
-        users=[{"username": "scada", "password_hash": hash_password(PASSWORD),
-                "role": "viewer"}],
+        users=[{"username": "scada", "password_hash": hash_password(PASSWORD), "role": "viewer"}],
     )
     return parse_config(yaml.safe_dump(data, allow_unicode=True), source="test")
 
@@ -66,18 +65,19 @@ def all_good(gw: Gateway) -> bool:
     return all(v.quality is Quality.GOOD for v in gw.store.snapshot()[1].values())
 
 
-async def scada_client(gw: Gateway, tmp_path: Path, *, user: str | None, password: str = PASSWORD,
-                       secure: bool = True) -> Client:
+async def scada_client(
+    gw: Gateway, tmp_path: Path, *, user: str | None, password: str = PASSWORD, secure: bool = True
+) -> Client:
     assert gw.opcua_server is not None
     client = Client(gw.opcua_server.endpoint, timeout=5)
     if user is not None:
         client.set_user(user)
         client.set_password(password)
     if secure:
-        cert = await asyncio.to_thread(ensure_client_certificate, tmp_path / "scada-pki",
-                                       "urn:test:scada")
-        await client.set_security_string(
-            f"Basic256Sha256,SignAndEncrypt,{cert.cert},{cert.key}")
+        cert = await asyncio.to_thread(
+            ensure_client_certificate, tmp_path / "scada-pki", "urn:test:scada"
+        )
+        await client.set_security_string(f"Basic256Sha256,SignAndEncrypt,{cert.cert},{cert.key}")
     return client
 
 
@@ -89,8 +89,10 @@ async def test_the_twin_follows_the_plc(gateway, oven):
 
     oven.advance(60.0)
     moved = oven.served["temperature"]
-    await eventually(lambda: value(gateway, TEMPERATURE).value == pytest.approx(moved),
-                     what="the twin to follow the PLC")
+    await eventually(
+        lambda: value(gateway, TEMPERATURE).value == pytest.approx(moved),
+        what="the twin to follow the PLC",
+    )
 
 
 async def test_setpoint_written_through_the_driver_is_read_back_on_the_plc(gateway, oven):
@@ -105,14 +107,18 @@ async def test_setpoint_written_through_the_driver_is_read_back_on_the_plc(gatew
 async def test_plc_restart_points_stale_then_values_flow_again(gateway, oven):
     await eventually(lambda: all_good(gateway), what="every oven point GOOD")
     restart = asyncio.create_task(oven.restart(downtime=2.0))
-    await eventually(lambda: value(gateway, TEMPERATURE).quality is Quality.STALE,
-                     what="temperature STALE while the PLC is down")
+    await eventually(
+        lambda: value(gateway, TEMPERATURE).quality is Quality.STALE,
+        what="temperature STALE while the PLC is down",
+    )
     await restart
     oven.advance(30.0)
     after = oven.served["temperature"]
     await eventually(
-        lambda: value(gateway, TEMPERATURE).quality is Quality.GOOD
-        and value(gateway, TEMPERATURE).value == pytest.approx(after),
+        lambda: (
+            value(gateway, TEMPERATURE).quality is Quality.GOOD
+            and value(gateway, TEMPERATURE).value == pytest.approx(after)
+        ),
         within=10,
         what="fresh values within a few seconds of the restart, without a gateway restart",
     )
@@ -123,14 +129,16 @@ async def test_bad_status_on_the_plc_is_bad_in_the_twin_and_on_the_gateway_serve
 ):
     await eventually(lambda: all_good(gateway), what="every oven point GOOD")
     oven.faults.bad_status("temperature", "BadSensorFailure")
-    await eventually(lambda: value(gateway, TEMPERATURE).quality is Quality.BAD,
-                     what="temperature BAD")
+    await eventually(
+        lambda: value(gateway, TEMPERATURE).quality is Quality.BAD, what="temperature BAD"
+    )
     assert "BadSensorFailure" in (value(gateway, TEMPERATURE).reason or "")
     client = await scada_client(gateway, tmp_path, user="scada")
     async with client:
         ns = await client.get_namespace_index(NAMESPACE_URI)
         dv = await client.get_node(f"ns={ns};s={TEMPERATURE}").read_data_value(
-            raise_on_bad_status=False)
+            raise_on_bad_status=False
+        )
         assert dv.StatusCode.name == "BadSensorFailure"
 
 
@@ -158,26 +166,30 @@ async def test_scada_reads_what_the_twin_holds_over_a_secure_channel(gateway, ov
         assert refused.value.code == ua.StatusCodes.BadUserAccessDenied
         with pytest.raises(ua.UaStatusCodeError) as read_only:
             await client.get_node(f"ns={ns};s={TEMPERATURE}").write_value(
-                ua.DataValue(ua.Variant(1.0, ua.VariantType.Double)))
-        assert read_only.value.code in (ua.StatusCodes.BadNotWritable,
-                                        ua.StatusCodes.BadUserAccessDenied)
+                ua.DataValue(ua.Variant(1.0, ua.VariantType.Double))
+            )
+        assert read_only.value.code in (
+            ua.StatusCodes.BadNotWritable,
+            ua.StatusCodes.BadUserAccessDenied,
+        )
     await asyncio.sleep(0.3)
     assert oven.model.signals()["heater_setpoint"] == before
     await gateway.store.aflush()
-    refused_events = [e for e in gateway.store.events_since(0, 100_000)
-                      if e.type == "WriteRefused"]
+    refused_events = [e for e in gateway.store.events_since(0, 100_000) if e.type == "WriteRefused"]
     assert refused_events and refused_events[-1].point_id == SETPOINT
     assert refused_events[-1].data["user"] == "scada"
     assert refused_events[-1].data["role"] == "viewer"
 
 
-@pytest.mark.parametrize(("user", "password", "secure"), [
-    (None, PASSWORD, True),            # anonymous, not allowed
-    ("scada", "wrong", True),          # wrong password
-    ("scada", PASSWORD, False),        # no security: not offered by this server
-])
-async def test_the_gateway_server_refuses_who_it_should(gateway, tmp_path, user, password,
-                                                        secure):
+@pytest.mark.parametrize(
+    ("user", "password", "secure"),
+    [
+        (None, PASSWORD, True),  # anonymous, not allowed
+        ("scada", "wrong", True),  # wrong password
+        ("scada", PASSWORD, False),  # no security: not offered by this server
+    ],
+)
+async def test_the_gateway_server_refuses_who_it_should(gateway, tmp_path, user, password, secure):
     client = await scada_client(gateway, tmp_path, user=user, password=password, secure=secure)
     with pytest.raises(Exception):  # noqa: B017 - asyncua raises several kinds here
         async with client:
@@ -202,6 +214,8 @@ async def test_scada_with_a_deadband_sees_a_point_go_bad(gateway, oven, tmp_path
         await sub.deadband_monitor(node, 0.5, deadbandtype=ua.DeadbandType.Absolute)
         await eventually(lambda: received, what="the initial value")
         oven.faults.bad_status("temperature", "BadSensorFailure")
-        await eventually(lambda: any(not dv.StatusCode.is_good() for dv in received),
-                         what="the SCADA client to be told the point went bad")
+        await eventually(
+            lambda: any(not dv.StatusCode.is_good() for dv in received),
+            what="the SCADA client to be told the point went bad",
+        )
         assert received[-1].StatusCode.name == "BadSensorFailure"

@@ -94,14 +94,17 @@ async def test_twin_follows_the_plant_and_sqlite_holds_it(gateway, tank, meter):
         "SELECT value FROM current_values WHERE point_id = ?", (LEVEL,)
     ).fetchone()
     assert stored == pytest.approx(moved, rel=1e-6)
-    history = [v for (v,) in db.execute(
-        "SELECT value FROM history WHERE point_id = ? ORDER BY rev", (LEVEL,))]
+    history = [
+        v
+        for (v,) in db.execute(
+            "SELECT value FROM history WHERE point_id = ? ORDER BY rev", (LEVEL,)
+        )
+    ]
     assert history[0] == pytest.approx(level, rel=1e-6)
     assert history[-1] == pytest.approx(moved, rel=1e-6)
     revs = [r for (r,) in db.execute("SELECT rev FROM events ORDER BY rev")]
     assert revs == list(range(revs[0], revs[0] + len(revs))), "revs must be contiguous"
-    states = db.execute(
-        "SELECT data FROM event_log WHERE type = 'DeviceStateChanged'").fetchall()
+    states = db.execute("SELECT data FROM event_log WHERE type = 'DeviceStateChanged'").fetchall()
     assert any("CONNECTED" in d for (d,) in states)
 
 
@@ -110,8 +113,10 @@ async def test_setpoint_written_to_the_valve_is_read_back(gateway, tank):
     readback = await gateway.write_point(VALVE, 65.0)
     assert readback == pytest.approx(65.0)
     assert tank.model.signals()["valve_pct"] == pytest.approx(65.0)
-    await eventually(lambda: gateway.store.get(VALVE).value == pytest.approx(65.0),
-                     what="the twin to show the new setpoint")
+    await eventually(
+        lambda: gateway.store.get(VALVE).value == pytest.approx(65.0),
+        what="the twin to show the new setpoint",
+    )
 
     assert await gateway.write_point(PUMP, False) is False
     assert tank.model.signals()["pump_on"] is False
@@ -137,14 +142,20 @@ async def test_restart_mid_poll_points_go_stale_then_recover(gateway, tank):
     assert stale.value is not None, "a STALE point keeps its last value"
     assert gateway.drivers["tank1"].state.value != "CONNECTED"
     await restart
-    await eventually(lambda: quality(gateway, LEVEL) is Quality.GOOD, within=15,
-                     what="level GOOD again after the restart, without a gateway restart")
+    await eventually(
+        lambda: quality(gateway, LEVEL) is Quality.GOOD,
+        within=15,
+        what="level GOOD again after the restart, without a gateway restart",
+    )
     # the meter was never affected
     assert quality(gateway, POWER) is Quality.GOOD
     await gateway.store.aflush()
     events = gateway.store.events_since(0, limit=100_000)
-    tank_states = [e.data["state"] for e in events
-                   if e.type == "DeviceStateChanged" and e.data["device"] == "tank1"]
+    tank_states = [
+        e.data["state"]
+        for e in events
+        if e.type == "DeviceStateChanged" and e.data["device"] == "tank1"
+    ]
     assert tank_states[-3:] == ["CONNECTED", "DISCONNECTED", "CONNECTED"]
     level_q = [e.data["quality"] for e in events if e.point_id == LEVEL]
     assert "STALE" in level_q and level_q[-1] == "GOOD"
@@ -158,8 +169,10 @@ async def test_device_killed_and_replaced_on_the_same_port(gateway, tank, tmp_pa
     await asyncio.sleep(1.0)  # several reconnect attempts fail meanwhile
     async with TankDevice(seed=9, port=port, tick_hz=0) as replacement:
         await eventually(
-            lambda: gateway.store.get(LEVEL).quality is Quality.GOOD
-            and gateway.store.get(LEVEL).value == pytest.approx(replacement.served["level"]),
+            lambda: (
+                gateway.store.get(LEVEL).quality is Quality.GOOD
+                and gateway.store.get(LEVEL).value == pytest.approx(replacement.served["level"])
+            ),
             within=15,
             what="the replacement's values GOOD",
         )
@@ -176,8 +189,11 @@ async def test_illegal_address_marks_only_those_points_bad(gateway, tank):
     assert quality(gateway, LEVEL) is Quality.GOOD, "the rest keeps polling"
     assert quality(gateway, VIBRATION) is Quality.BAD
     tank.faults.clear()
-    await eventually(lambda: quality(gateway, VIBRATION) is Quality.GOOD, within=15,
-                     what="vibration GOOD after the fault clears")
+    await eventually(
+        lambda: quality(gateway, VIBRATION) is Quality.GOOD,
+        within=15,
+        what="vibration GOOD after the fault clears",
+    )
 
 
 async def test_device_failure_marks_the_block_bad_and_the_rest_keeps_polling(gateway, tank):
@@ -189,8 +205,11 @@ async def test_device_failure_marks_the_block_bad_and_the_rest_keeps_polling(gat
     assert quality(gateway, VALVE) is Quality.GOOD, "holding registers keep polling"
     assert gateway.drivers["tank1"].connected
     tank.faults.clear()
-    await eventually(lambda: quality(gateway, LEVEL) is Quality.GOOD, within=15,
-                     what="level GOOD after the fault clears")
+    await eventually(
+        lambda: quality(gateway, LEVEL) is Quality.GOOD,
+        within=15,
+        what="level GOOD after the fault clears",
+    )
 
 
 @pytest.mark.parametrize("fault", ["garbage", "slow"])
@@ -206,8 +225,11 @@ async def test_garbage_or_timeouts_mark_points_bad_then_recover(gateway, tank, f
     )
     assert quality(gateway, POWER) is Quality.GOOD
     tank.faults.clear()
-    await eventually(lambda: quality(gateway, LEVEL) is Quality.GOOD, within=15,
-                     what=f"level GOOD after {fault} clears")
+    await eventually(
+        lambda: quality(gateway, LEVEL) is Quality.GOOD,
+        within=15,
+        what=f"level GOOD after {fault} clears",
+    )
 
 
 async def test_http_reads_of_the_twin(tmp_path, tank, meter, aiohttp_client):
@@ -235,12 +257,17 @@ async def test_http_reads_of_the_twin(tmp_path, tank, meter, aiohttp_client):
     await gw.store.aflush()
     rows = await (await client.get("/telemetry/query", params={"point": LEVEL})).json()
     assert rows["rows"] and rows["rows"][0]["quality"] == "GOOD"
-    agg = await (await client.get(
-        "/telemetry/aggregate", params={"point": LEVEL, "bucket_s": "60"})).json()
+    agg = await (
+        await client.get("/telemetry/aggregate", params={"point": LEVEL, "bucket_s": "60"})
+    ).json()
     assert agg["buckets"][0]["count"] >= 1
 
-    for params in ({}, {"point": LEVEL, "start": "soon"}, {"point": LEVEL, "limit": "0"},
-                   {"point": LEVEL, "start": "10", "end": "5"}):
+    for params in (
+        {},
+        {"point": LEVEL, "start": "soon"},
+        {"point": LEVEL, "limit": "0"},
+        {"point": LEVEL, "start": "10", "end": "5"},
+    ):
         resp = await client.get("/telemetry/query", params=params)
         assert resp.status == 400, params
         assert "error" in await resp.json()

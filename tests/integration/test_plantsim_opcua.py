@@ -420,8 +420,11 @@ async def secure_client(
         client.set_password(user[1])
     certificate, key = cert
     await client.set_security(
-        SecurityPolicyBasic256Sha256, certificate, key,
-        server_certificate=str(plc.server.certificate_file), mode=mode,
+        SecurityPolicyBasic256Sha256,
+        certificate,
+        key,
+        server_certificate=str(plc.server.certificate_file),
+        mode=mode,
     )
     return client
 
@@ -467,10 +470,22 @@ async def test_users_need_the_right_password(guarded_plc, client_cert):
 
 async def test_cli_serves_the_oven_and_takes_its_faults():
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "plantsim", "--tank-port", "0", "--meter-port", "0",
-        "--plc-port", "0", "--plc-extra-signals", "5", "--stdin",
-        "--fault", "oven:bad_status:ambient,BadSensorFailure",
-        stdin=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "plantsim",
+        "--tank-port",
+        "0",
+        "--meter-port",
+        "0",
+        "--plc-port",
+        "0",
+        "--plc-extra-signals",
+        "5",
+        "--stdin",
+        "--fault",
+        "oven:bad_status:ambient,BadSensorFailure",
+        stdin=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     lines: list[str] = []
     try:

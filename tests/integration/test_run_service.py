@@ -34,8 +34,15 @@ async def test_run_reports_ready_serves_and_flushes_on_sigterm(tmp_path: Path, u
         notify.setblocking(False)
         env = {**os.environ, "NOTIFY_SOCKET": str(notify_path)}
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway.cli", "run", "--config", str(config),
-            env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            sys.executable,
+            "-m",
+            "gateway.cli",
+            "run",
+            "--config",
+            str(config),
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
         )
         try:
             messages = await _receive(notify, until="READY=1", within=20)
@@ -103,8 +110,14 @@ async def test_run_on_a_busy_http_port_fails_fast_with_a_clear_error(tmp_path: P
             opcua_port=0,
         )
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway.cli", "run", "--config", str(config),
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            sys.executable,
+            "-m",
+            "gateway.cli",
+            "run",
+            "--config",
+            str(config),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
         )
         output, _ = await asyncio.wait_for(proc.communicate(), 20)
     finally:

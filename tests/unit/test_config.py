@@ -45,10 +45,19 @@ GOOD: dict[str, Any] = {
             "endpoint": "opc.tcp://127.0.0.1:4841/plc",
             "options": {"publishing_interval_ms": 250},
             "points": [
-                {"id": "line1/oven1/temperature", "address": "ns=2;s=Oven1.Temperature",
-                 "datatype": "float64", "range": {"lo": 0, "hi": 400}},
-                {"id": "line1/oven1/setpoint", "address": "ns=2;s=Oven1.HeaterSetpoint",
-                 "datatype": "float64", "range": {"lo": 0, "hi": 300}, "writable": True},
+                {
+                    "id": "line1/oven1/temperature",
+                    "address": "ns=2;s=Oven1.Temperature",
+                    "datatype": "float64",
+                    "range": {"lo": 0, "hi": 400},
+                },
+                {
+                    "id": "line1/oven1/setpoint",
+                    "address": "ns=2;s=Oven1.HeaterSetpoint",
+                    "datatype": "float64",
+                    "range": {"lo": 0, "hi": 300},
+                    "writable": True,
+                },
             ],
         }
     ],
@@ -127,61 +136,149 @@ def _dup_device(data):
 CASES = [
     ("unknown top-level key", _set(("historyy",), 3), "historyy", "unknown key"),
     ("missing site id", _delete(("site_id",)), "site_id", "required"),
-    ("bad address syntax", _set(("devices", 2, "points", 5, "address"), "hold:5"),
-     "devices[2].points[5].address", "hold:5"),
-    ("unknown datatype", _set(("devices", 1, "points", 0, "datatype"), "float16"),
-     "devices[1].points[0].datatype", "float32"),
-    ("point id not a path", _set(("devices", 0, "points", 1, "id"), "Level"),
-     "devices[0].points[1].id", "area/line/asset/signal"),
+    (
+        "bad address syntax",
+        _set(("devices", 2, "points", 5, "address"), "hold:5"),
+        "devices[2].points[5].address",
+        "hold:5",
+    ),
+    (
+        "unknown datatype",
+        _set(("devices", 1, "points", 0, "datatype"), "float16"),
+        "devices[1].points[0].datatype",
+        "float32",
+    ),
+    (
+        "point id not a path",
+        _set(("devices", 0, "points", 1, "id"), "Level"),
+        "devices[0].points[1].id",
+        "area/line/asset/signal",
+    ),
     ("duplicate point id", _dup_point, "devices[1].points[3].id", "already declared"),
     ("duplicate device name", _dup_device, "devices[2].name", "already used"),
-    ("writable without range", lambda d: (d["devices"][0]["points"][4].update(writable=True),
-                                          d["devices"][0]["points"][4].pop("range")),
-     "devices[0].points[4].range", "writable"),
-    ("range lo above hi", _set(("devices", 0, "points", 2, "range"), {"lo": 5, "hi": 1}),
-     "devices[0].points[2].range", "lo must be below hi"),
-    ("bad endpoint", _set(("devices", 1, "endpoint"), "modbus://plc:502"),
-     "devices[1].endpoint", "tcp://HOST[:PORT]"),
-    ("endpoint port out of range", _set(("devices", 0, "endpoint"), "tcp://plc:70000"),
-     "devices[0].endpoint", "port 1-65535"),
-    ("unknown driver option", _set(("devices", 0, "options"), {"pol_interval_s": 1}),
-     "devices[0].options.pol_interval_s", "unknown key"),
-    ("negative deadband", _set(("devices", 0, "points", 0, "deadband"), -1),
-     "devices[0].points[0].deadband", "greater than or equal to 0"),
-    ("string without length", _set(("devices", 0, "points", 3, "datatype"), "string"),
-     "devices[0].points[3].length", "length"),
+    (
+        "writable without range",
+        lambda d: (
+            d["devices"][0]["points"][4].update(writable=True),
+            d["devices"][0]["points"][4].pop("range"),
+        ),
+        "devices[0].points[4].range",
+        "writable",
+    ),
+    (
+        "range lo above hi",
+        _set(("devices", 0, "points", 2, "range"), {"lo": 5, "hi": 1}),
+        "devices[0].points[2].range",
+        "lo must be below hi",
+    ),
+    (
+        "bad endpoint",
+        _set(("devices", 1, "endpoint"), "modbus://plc:502"),
+        "devices[1].endpoint",
+        "tcp://HOST[:PORT]",
+    ),
+    (
+        "endpoint port out of range",
+        _set(("devices", 0, "endpoint"), "tcp://plc:70000"),
+        "devices[0].endpoint",
+        "port 1-65535",
+    ),
+    (
+        "unknown driver option",
+        _set(("devices", 0, "options"), {"pol_interval_s": 1}),
+        "devices[0].options.pol_interval_s",
+        "unknown key",
+    ),
+    (
+        "negative deadband",
+        _set(("devices", 0, "points", 0, "deadband"), -1),
+        "devices[0].points[0].deadband",
+        "greater than or equal to 0",
+    ),
+    (
+        "string without length",
+        _set(("devices", 0, "points", 3, "datatype"), "string"),
+        "devices[0].points[3].length",
+        "length",
+    ),
     ("http port out of range", _set(("http",), {"port": 70000}), "http.port", "65535"),
     ("unknown driver", _set(("devices", 0, "driver"), "profibus"), "devices[0].driver", "modbus"),
-    ("device without points", _set(("devices", 2, "points"), []),
-     "devices[2].points", "at least 1"),
-    ("limits on a string", lambda d: d["devices"][0]["points"][1].update(
-        datatype="string", length=4), "devices[0].points[1].range", "numeric"),
-    ("point larger than one read", lambda d: (
-        d["devices"][0]["points"][0].update(datatype="string", length=40),
-        d["devices"][0]["points"][0].pop("range"),
-        d["devices"][0].update(options={"max_registers": 10})),
-     "devices[0].options", "max_registers"),
-    ("opcua bad node id", _set(("devices", 3, "points", 1, "address"), "ns=x;s=Oven1"),
-     "devices[3].points[1].address", "ns=x"),
-    ("opcua endpoint scheme", _set(("devices", 3, "endpoint"), "tcp://127.0.0.1:4841"),
-     "devices[3].endpoint", "opc.tcp://"),
-    ("opcua unknown option", _set(("devices", 3, "options"), {"publish_ms": 1}),
-     "devices[3].options.publish_ms", "unknown key"),
-    ("opcua point with a modbus key", _set(("devices", 3, "points", 0, "scale"), 2),
-     "devices[3].points[0].scale", "unknown key"),
-    ("opcua server password not hashed", _set(("opcua_server", "users"), [
-        {"username": "scada", "password_hash": "secret", "role": "viewer"}]),
-     "opcua_server.users[0].password_hash", "argon2"),
-    ("opcua server unknown role", _set(("opcua_server", "users"), [
-        {"username": "scada", "password_hash": "secret", "role": "god"}]),
-     "opcua_server.users[0].role", "viewer"),
-    ("unknown point key", _set(("devices", 0, "points", 0, "deadbnd"), 0.1),
-     "devices[0].points[0].deadbnd", "unknown key"),
+    (
+        "device without points",
+        _set(("devices", 2, "points"), []),
+        "devices[2].points",
+        "at least 1",
+    ),
+    (
+        "limits on a string",
+        lambda d: d["devices"][0]["points"][1].update(datatype="string", length=4),
+        "devices[0].points[1].range",
+        "numeric",
+    ),
+    (
+        "point larger than one read",
+        lambda d: (
+            d["devices"][0]["points"][0].update(datatype="string", length=40),
+            d["devices"][0]["points"][0].pop("range"),
+            d["devices"][0].update(options={"max_registers": 10}),
+        ),
+        "devices[0].options",
+        "max_registers",
+    ),
+    (
+        "opcua bad node id",
+        _set(("devices", 3, "points", 1, "address"), "ns=x;s=Oven1"),
+        "devices[3].points[1].address",
+        "ns=x",
+    ),
+    (
+        "opcua endpoint scheme",
+        _set(("devices", 3, "endpoint"), "tcp://127.0.0.1:4841"),
+        "devices[3].endpoint",
+        "opc.tcp://",
+    ),
+    (
+        "opcua unknown option",
+        _set(("devices", 3, "options"), {"publish_ms": 1}),
+        "devices[3].options.publish_ms",
+        "unknown key",
+    ),
+    (
+        "opcua point with a modbus key",
+        _set(("devices", 3, "points", 0, "scale"), 2),
+        "devices[3].points[0].scale",
+        "unknown key",
+    ),
+    (
+        "opcua server password not hashed",
+        _set(
+            ("opcua_server", "users"),
+            [{"username": "scada", "password_hash": "secret", "role": "viewer"}],
+        ),
+        "opcua_server.users[0].password_hash",
+        "argon2",
+    ),
+    (
+        "opcua server unknown role",
+        _set(
+            ("opcua_server", "users"),
+            [{"username": "scada", "password_hash": "secret", "role": "god"}],
+        ),
+        "opcua_server.users[0].role",
+        "viewer",
+    ),
+    (
+        "unknown point key",
+        _set(("devices", 0, "points", 0, "deadbnd"), 0.1),
+        "devices[0].points[0].deadbnd",
+        "unknown key",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("change", "key_path", "says"), [c[1:] for c in CASES],
-                         ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(
+    ("change", "key_path", "says"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
 def test_broken_config_names_key_path(tmp_path, change, key_path, says):
     message = error_of(tmp_path, broken(change))
     line = next((ln for ln in message.splitlines() if key_path + " " in ln + " "), None)

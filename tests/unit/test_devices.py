@@ -19,8 +19,9 @@ from gateway.devices import twin_datatype
     ],
 )
 def test_a_scaled_integer_register_is_a_float_in_the_twin(datatype, scale, offset, twin):
-    point = ModbusPointConfig(id="a/b", address="holding:0", datatype=datatype, scale=scale,
-                              offset=offset)
+    point = ModbusPointConfig(
+        id="a/b", address="holding:0", datatype=datatype, scale=scale, offset=offset
+    )
     assert twin_datatype(point) == twin
 
 

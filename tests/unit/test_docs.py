@@ -42,9 +42,13 @@ def test_every_config_model_is_in_the_reference():
 
     listed = {cls for _, cls in sections()}
     declared = {
-        obj for obj in vars(m).values()
-        if isinstance(obj, type) and issubclass(obj, BaseModel) and obj.__module__ == m.__name__
-        and not obj.__name__.startswith("_") and obj is not m.Range
+        obj
+        for obj in vars(m).values()
+        if isinstance(obj, type)
+        and issubclass(obj, BaseModel)
+        and obj.__module__ == m.__name__
+        and not obj.__name__.startswith("_")
+        and obj is not m.Range
     }
     assert declared <= listed, f"not in the reference: {declared - listed}"
 

@@ -54,8 +54,10 @@ def test_a_bad_scenario_names_the_field(tmp_path, capsys):
 
 def test_sim_fit_recovers_a_known_response_from_twin_history(tmp_path, capsys):
     gain, tau, theta, u0, u1, y0 = 1.5, 40.0, 6.0, 100.0, 120.0, 150.0
-    points = [PointDef(id="a/setpoint", device="d", datatype="float64"),
-              PointDef(id="a/temperature", device="d", datatype="float64")]
+    points = [
+        PointDef(id="a/setpoint", device="d", datatype="float64"),
+        PointDef(id="a/temperature", device="d", datatype="float64"),
+    ]
     t0 = time.time() - 900
     now = [t0]
     store = TwinStore(tmp_path / "twin.db", points, clock=lambda: now[0])
@@ -68,20 +70,50 @@ def test_sim_fit_recovers_a_known_response_from_twin_history(tmp_path, capsys):
         u = u1 if k >= 30 else u0
         u_delayed = u1 if k - theta >= 30 else u0
         x = a * x + (1 - a) * (y0 + gain * (u_delayed - u0))
-        store.ingest([Sample("a/setpoint", u, Quality.GOOD),
-                      Sample("a/temperature", x + rng.normal(0, 0.05), Quality.GOOD)])
+        store.ingest(
+            [
+                Sample("a/setpoint", u, Quality.GOOD),
+                Sample("a/temperature", x + rng.normal(0, 0.05), Quality.GOOD),
+            ]
+        )
     store.close()
     config = tmp_path / "site.yaml"
-    config.write_text(yaml.safe_dump({
-        "site_id": "s", "gateway_id": "g", "storage": {"path": "twin.db"},
-        "devices": [{"name": "d", "driver": "modbus", "endpoint": "tcp://127.0.0.1:1502",
-                     "points": [{"id": "a/setpoint", "address": "holding:0",
-                                 "datatype": "float64"},
-                                {"id": "a/temperature", "address": "holding:4",
-                                 "datatype": "float64"}]}],
-    }))
-    assert main(["sim", "fit", "--config", str(config), "a/setpoint", "a/temperature",
-                 "--minutes", "30", "--json"]) == 0
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "site_id": "s",
+                "gateway_id": "g",
+                "storage": {"path": "twin.db"},
+                "devices": [
+                    {
+                        "name": "d",
+                        "driver": "modbus",
+                        "endpoint": "tcp://127.0.0.1:1502",
+                        "points": [
+                            {"id": "a/setpoint", "address": "holding:0", "datatype": "float64"},
+                            {"id": "a/temperature", "address": "holding:4", "datatype": "float64"},
+                        ],
+                    }
+                ],
+            }
+        )
+    )
+    assert (
+        main(
+            [
+                "sim",
+                "fit",
+                "--config",
+                str(config),
+                "a/setpoint",
+                "a/temperature",
+                "--minutes",
+                "30",
+                "--json",
+            ]
+        )
+        == 0
+    )
     fit = json.loads(capsys.readouterr().out)
     assert abs(fit["gain"] - gain) <= 3 * fit["gain_stderr"] + 1e-3
     assert abs(fit["tau"] - tau) <= 3 * fit["tau_stderr"] + 0.5
@@ -90,17 +122,33 @@ def test_sim_fit_recovers_a_known_response_from_twin_history(tmp_path, capsys):
 
 
 def test_sim_fit_without_history_says_so(tmp_path, capsys):
-    points = [PointDef(id="a/in", device="d", datatype="float64"),
-              PointDef(id="a/out", device="d", datatype="float64")]
+    points = [
+        PointDef(id="a/in", device="d", datatype="float64"),
+        PointDef(id="a/out", device="d", datatype="float64"),
+    ]
     store = TwinStore(tmp_path / "twin.db", points)
     store.open()
     store.close()
     config = tmp_path / "site.yaml"
-    config.write_text(yaml.safe_dump({
-        "site_id": "s", "gateway_id": "g", "storage": {"path": "twin.db"},
-        "devices": [{"name": "d", "driver": "modbus", "endpoint": "tcp://127.0.0.1:1502",
-                     "points": [{"id": "a/in", "address": "holding:0", "datatype": "float64"},
-                                {"id": "a/out", "address": "holding:4", "datatype": "float64"}]}],
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "site_id": "s",
+                "gateway_id": "g",
+                "storage": {"path": "twin.db"},
+                "devices": [
+                    {
+                        "name": "d",
+                        "driver": "modbus",
+                        "endpoint": "tcp://127.0.0.1:1502",
+                        "points": [
+                            {"id": "a/in", "address": "holding:0", "datatype": "float64"},
+                            {"id": "a/out", "address": "holding:4", "datatype": "float64"},
+                        ],
+                    }
+                ],
+            }
+        )
+    )
     assert main(["sim", "fit", "--config", str(config), "a/in", "a/out"]) == 1
     assert "not enough GOOD history" in capsys.readouterr().err

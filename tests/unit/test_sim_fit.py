@@ -10,12 +10,19 @@ from gateway.sim.fit import fit_fopdt, resample
 from gateway.sim.reference import input_array, simulate
 
 
-def _history(seed: int, *, gain: float = 2.0, tau: float = 25.0, theta: float = 4.0,
-             sigma_v: float = 0.05) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _history(
+    seed: int, *, gain: float = 2.0, tau: float = 25.0, theta: float = 4.0, sigma_v: float = 0.05
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Simulated twin history: u and y sampled at t = 0..300 s, step at 20 s."""
-    sc = Scenario(model=FopdtModel(gain=gain, tau=tau, theta=theta, sigma_v=sigma_v), y0=60.0,
-                  input=StepInput(u0=10, u1=13, t_step=20), horizon_s=300, dt_s=1, paths=1,
-                  seed=seed)
+    sc = Scenario(
+        model=FopdtModel(gain=gain, tau=tau, theta=theta, sigma_v=sigma_v),
+        y0=60.0,
+        input=StepInput(u0=10, u1=13, t_step=20),
+        horizon_s=300,
+        dt_s=1,
+        paths=1,
+        seed=seed,
+    )
     y = simulate(sc, keep_paths=True).y
     assert y is not None
     t = np.arange(301.0)
@@ -57,7 +64,7 @@ def test_uncertain_model_samples_the_fit_uncertainty() -> None:
 def test_fit_rejects_bad_data() -> None:
     t, u, y = _history(5)
     with pytest.raises(ValueError, match="uniformly spaced"):
-        fit_fopdt(t ** 1.01, u, y)
+        fit_fopdt(t**1.01, u, y)
     with pytest.raises(ValueError, match="y holds NaN"):
         fit_fopdt(t, u, np.where(t == 50, np.nan, y))
     with pytest.raises(Exception, match="never moves"):

@@ -12,19 +12,30 @@ from gateway.sim.models import MAX_STEPS
 
 
 def _scenario(**kw: Any) -> Scenario:
-    base: dict[str, Any] = {"model": {"kind": "fopdt", "gain": 1.0, "tau": 10.0}, "y0": 0.0,
-                            "horizon_s": 100.0, "dt_s": 1.0, "paths": 100}
+    base: dict[str, Any] = {
+        "model": {"kind": "fopdt", "gain": 1.0, "tau": 10.0},
+        "y0": 0.0,
+        "horizon_s": 100.0,
+        "dt_s": 1.0,
+        "paths": 100,
+    }
     base.update(kw)
     return Scenario.model_validate(base)
 
 
 def test_scenario_from_plain_dict_with_distributions() -> None:
-    sc = _scenario(model={"kind": "fopdt", "gain": {"dist": "normal", "mean": 2, "sd": 0.1},
-                          "tau": {"dist": "lognormal", "mu": 2, "sigma": 0.1},
-                          "theta": {"dist": "triangular", "lo": 0, "mode": 1, "hi": 3},
-                          "sigma_v": {"dist": "uniform", "lo": 0, "hi": 0.1}},
-                   input={"kind": "step", "u0": 0, "u1": 1, "t_step": 5},
-                   constraints=[{"kind": "upper", "limit": 3}], kpis=["max", {"kind": "final"}])
+    sc = _scenario(
+        model={
+            "kind": "fopdt",
+            "gain": {"dist": "normal", "mean": 2, "sd": 0.1},
+            "tau": {"dist": "lognormal", "mu": 2, "sigma": 0.1},
+            "theta": {"dist": "triangular", "lo": 0, "mode": 1, "hi": 3},
+            "sigma_v": {"dist": "uniform", "lo": 0, "hi": 0.1},
+        },
+        input={"kind": "step", "u0": 0, "u1": 1, "t_step": 5},
+        constraints=[{"kind": "upper", "limit": 3}],
+        kpis=["max", {"kind": "final"}],
+    )
     assert isinstance(sc.model, FopdtModel) and isinstance(sc.model.gain, Normal)
     assert sc.n_steps == 100 and [k.kind for k in sc.kpis] == ["max", "final"]
 
@@ -42,12 +53,18 @@ def test_n_steps_is_ceil_of_horizon_over_dt() -> None:
         ({"model": {"kind": "fopdt", "gain": 1, "tau": -5}}, "tau must be > 0"),
         ({"model": {"kind": "fopdt", "gain": 1, "tau": 0}}, "tau must be > 0"),
         ({"model": {"kind": "fopdt", "gain": 1, "tau": 1, "theta": -1}}, "theta must be >= 0"),
-        ({"model": {"kind": "fopdt", "gain": 1, "tau": {"dist": "uniform", "lo": -3, "hi": -1}}},
-         "tau"),
-        ({"model": {"kind": "fopdt", "gain": {"dist": "normal", "mean": 1, "sd": -1}, "tau": 1}},
-         "sd"),
-        ({"model": {"kind": "fopdt", "gain": {"dist": "uniform", "lo": 2, "hi": 1}, "tau": 1}},
-         "lo < hi"),
+        (
+            {"model": {"kind": "fopdt", "gain": 1, "tau": {"dist": "uniform", "lo": -3, "hi": -1}}},
+            "tau",
+        ),
+        (
+            {"model": {"kind": "fopdt", "gain": {"dist": "normal", "mean": 1, "sd": -1}, "tau": 1}},
+            "sd",
+        ),
+        (
+            {"model": {"kind": "fopdt", "gain": {"dist": "uniform", "lo": 2, "hi": 1}, "tau": 1}},
+            "lo < hi",
+        ),
         ({"model": {"kind": "fopdt", "gain": {"dist": "beta", "a": 1}, "tau": 1}}, "dist"),
         ({"model": {"kind": "fopdt", "gain": 1, "tau": 1, "bogus": 1}}, "bogus"),
         ({"y0": float("nan")}, "y0"),
@@ -62,8 +79,7 @@ def test_n_steps_is_ceil_of_horizon_over_dt() -> None:
         ({"constraints": [{"kind": "above", "limit": 1}]}, "kind"),
         ({"kpis": ["median"]}, "kpis"),
         ({"adaptive": {"rse_target": 0.01}}, "adaptive needs a constraint or a KPI"),
-        ({"adaptive": {"max_paths": 10_000_000}, "kpis": ["max"], "horizon_s": 1e4},
-         "GiB bound"),
+        ({"adaptive": {"max_paths": 10_000_000}, "kpis": ["max"], "horizon_s": 1e4}, "GiB bound"),
         ({"input": {"kind": "ramp", "u0": 0, "u1": 1, "t0": 5, "t1": 5}}, "t0 < t1"),
     ],
 )
@@ -123,8 +139,10 @@ def test_state_space_input_count_and_output_index() -> None:
 
 
 def test_scenario_json_round_trip() -> None:
-    sc = _scenario(model={"kind": "weibull", "beta": {"dist": "uniform", "lo": 1, "hi": 2},
-                          "eta": 1e5}, constraints=[{"kind": "upper", "limit": 0.5}],
-                   adaptive={"rse_target": 0.05})
+    sc = _scenario(
+        model={"kind": "weibull", "beta": {"dist": "uniform", "lo": 1, "hi": 2}, "eta": 1e5},
+        constraints=[{"kind": "upper", "limit": 0.5}],
+        adaptive={"rse_target": 0.05},
+    )
     assert Scenario.model_validate_json(sc.model_dump_json()) == sc
     assert "rse_target" in str(Scenario.model_json_schema())

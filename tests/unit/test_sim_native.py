@@ -27,13 +27,20 @@ def kernel(tmp_path_factory):
 
 def oven(**over) -> Scenario:
     spec = {
-        "model": {"kind": "fopdt", "gain": {"dist": "normal", "mean": 1.2, "sd": 0.1},
-                  "tau": {"dist": "uniform", "lo": 80, "hi": 140},
-                  "theta": {"dist": "triangular", "lo": 5, "mode": 10, "hi": 20},
-                  "sigma_w": 0.05, "sigma_v": 0.3},
+        "model": {
+            "kind": "fopdt",
+            "gain": {"dist": "normal", "mean": 1.2, "sd": 0.1},
+            "tau": {"dist": "uniform", "lo": 80, "hi": 140},
+            "theta": {"dist": "triangular", "lo": 5, "mode": 10, "hi": 20},
+            "sigma_w": 0.05,
+            "sigma_v": 0.3,
+        },
         "y0": 180.0,
         "input": {"kind": "step", "u0": 180.0, "u1": 200.0, "t_step": 10.0},
-        "horizon_s": 600.0, "dt_s": 5.0, "paths": 4000, "seed": 11,
+        "horizon_s": 600.0,
+        "dt_s": 5.0,
+        "paths": 4000,
+        "seed": 11,
         "constraints": [{"kind": "upper", "limit": 203.0}],
         "kpis": ["final", "max"],
     }
@@ -42,22 +49,40 @@ def oven(**over) -> Scenario:
 
 
 def tank() -> Scenario:
-    return Scenario.model_validate({
-        "model": {"kind": "tank", "area": {"dist": "lognormal", "mu": math.log(2.0), "sigma": 0.1},
-                  "c_in": 0.02, "c_out": 0.011, "h_max": 5.0, "sigma_w": 0.001, "sigma_v": 0.01},
-        "h0": 2.5, "input": {"kind": "ramp", "u0": 50, "u1": 80, "t0": 0, "t1": 300},
-        "horizon_s": 900.0, "dt_s": 10.0, "paths": 4000, "seed": 3,
-        "constraints": [{"kind": "upper", "limit": 3.0}, {"kind": "lower", "limit": 2.4}],
-        "kpis": ["final", "mean"],
-    })
+    return Scenario.model_validate(
+        {
+            "model": {
+                "kind": "tank",
+                "area": {"dist": "lognormal", "mu": math.log(2.0), "sigma": 0.1},
+                "c_in": 0.02,
+                "c_out": 0.011,
+                "h_max": 5.0,
+                "sigma_w": 0.001,
+                "sigma_v": 0.01,
+            },
+            "h0": 2.5,
+            "input": {"kind": "ramp", "u0": 50, "u1": 80, "t0": 0, "t1": 300},
+            "horizon_s": 900.0,
+            "dt_s": 10.0,
+            "paths": 4000,
+            "seed": 3,
+            "constraints": [{"kind": "upper", "limit": 3.0}, {"kind": "lower", "limit": 2.4}],
+            "kpis": ["final", "mean"],
+        }
+    )
 
 
 def weibull() -> Scenario:
-    return Scenario.model_validate({
-        "model": {"kind": "weibull", "beta": 2.0, "eta": 10_000.0, "a0": 4_000.0},
-        "horizon_s": 3_000.0, "dt_s": 100.0, "paths": 6000, "seed": 5,
-        "constraints": [{"kind": "upper", "limit": 0.5}],
-    })
+    return Scenario.model_validate(
+        {
+            "model": {"kind": "weibull", "beta": 2.0, "eta": 10_000.0, "a0": 4_000.0},
+            "horizon_s": 3_000.0,
+            "dt_s": 100.0,
+            "paths": 6000,
+            "seed": 5,
+            "constraints": [{"kind": "upper", "limit": 0.5}],
+        }
+    )
 
 
 @pytest.mark.parametrize("make", [oven, tank, weibull], ids=["fopdt", "tank", "weibull"])
@@ -89,8 +114,7 @@ def test_c_and_numpy_agree_statistically(kernel, make):
 
 
 def test_zero_noise_fopdt_equals_the_reference_exactly(kernel):
-    scenario = oven(model={"kind": "fopdt", "gain": 1.2, "tau": 100.0, "theta": 10.0},
-                    paths=64)
+    scenario = oven(model={"kind": "fopdt", "gain": 1.2, "tau": 100.0, "theta": 10.0}, paths=64)
     c = native.simulate(scenario, kernel=kernel)
     ref = reference.simulate(scenario)
     np.testing.assert_allclose(c.percentiles, ref.percentiles, rtol=0, atol=1e-9)
@@ -116,14 +140,26 @@ def test_adaptive_mode_reaches_its_target(kernel):
 
 
 def test_state_space_outputs_each_summarised(kernel):
-    scenario = Scenario.model_validate({
-        "model": {"kind": "state_space", "A": [[0.9, 0.05], [0.0, 0.8]], "B": [[0.1], [0.2]],
-                  "C": [[1.0, 0.0], [0.0, 1.0]], "x0": [1.0, 2.0], "q": [0.01, 0.01],
-                  "r": [0.0, 0.0]},
-        "input": {"kind": "hold", "u0": 1.0}, "horizon_s": 50.0, "dt_s": 1.0, "paths": 3000,
-        "seed": 2, "constraints": [{"kind": "upper", "limit": 1.6, "output": 1}],
-        "kpis": [{"kind": "final", "output": 0}, {"kind": "final", "output": 1}],
-    })
+    scenario = Scenario.model_validate(
+        {
+            "model": {
+                "kind": "state_space",
+                "A": [[0.9, 0.05], [0.0, 0.8]],
+                "B": [[0.1], [0.2]],
+                "C": [[1.0, 0.0], [0.0, 1.0]],
+                "x0": [1.0, 2.0],
+                "q": [0.01, 0.01],
+                "r": [0.0, 0.0],
+            },
+            "input": {"kind": "hold", "u0": 1.0},
+            "horizon_s": 50.0,
+            "dt_s": 1.0,
+            "paths": 3000,
+            "seed": 2,
+            "constraints": [{"kind": "upper", "limit": 1.6, "output": 1}],
+            "kpis": [{"kind": "final", "output": 0}, {"kind": "final", "output": 1}],
+        }
+    )
     c = native.simulate(scenario, kernel=kernel)
     ref = reference.simulate(scenario)
     assert c.output_percentiles.shape == ref.output_percentiles.shape
@@ -135,8 +171,14 @@ def test_state_space_outputs_each_summarised(kernel):
 
 
 def test_a_distribution_on_noise_is_refused_with_a_clear_error(kernel):
-    scenario = oven(model={"kind": "fopdt", "gain": 1.0, "tau": 100.0,
-                           "sigma_v": {"dist": "uniform", "lo": 0.1, "hi": 0.2}})
+    scenario = oven(
+        model={
+            "kind": "fopdt",
+            "gain": 1.0,
+            "tau": 100.0,
+            "sigma_v": {"dist": "uniform", "lo": 0.1, "hi": 0.2},
+        }
+    )
     with pytest.raises(SimulationError, match="sigma_v: the C kernel takes a fixed value"):
         native.simulate(scenario, kernel=kernel)
 
@@ -168,5 +210,6 @@ def test_the_package_build_installed_the_kernel():
     assert "native" in BACKENDS
     native_result = simulate(scenario, backend="native")
     assert native_result.backend == "native"
-    np.testing.assert_allclose(native_result.percentiles, simulate(scenario).percentiles,
-                               rtol=0, atol=1e-9)
+    np.testing.assert_allclose(
+        native_result.percentiles, simulate(scenario).percentiles, rtol=0, atol=1e-9
+    )

@@ -43,15 +43,20 @@ def test_fopdt_deterministic_step_matches_analytic_response() -> None:
     # response exactly at the sample times t_{k+1}: a^(k+1-s-d) = exp(-(t - t_step - theta)/tau).
     gain, tau, theta, dt, t_step, y0, u0, u1 = 2.0, 7.3, 3.0, 0.5, 2.5, 20.0, 10.0, 14.0
     sc = Scenario(
-        model=FopdtModel(gain=gain, tau=tau, theta=theta), y0=y0,
-        input=StepInput(u0=u0, u1=u1, t_step=t_step), horizon_s=60.0, dt_s=dt, paths=3,
+        model=FopdtModel(gain=gain, tau=tau, theta=theta),
+        y0=y0,
+        input=StepInput(u0=u0, u1=u1, t_step=t_step),
+        horizon_s=60.0,
+        dt_s=dt,
+        paths=3,
     )
     r = simulate(sc, keep_paths=True)
     t = r.times
     assert t[0] == pytest.approx(dt) and t.size == 120
     lag = t - t_step - theta
-    expected = np.where(lag >= 0, y0 + gain * (u1 - u0) * (1 - np.exp(-np.maximum(lag, 0) / tau)),
-                        y0)
+    expected = np.where(
+        lag >= 0, y0 + gain * (u1 - u0) * (1 - np.exp(-np.maximum(lag, 0) / tau)), y0
+    )
     assert r.y is not None
     np.testing.assert_allclose(r.y, np.broadcast_to(expected, r.y.shape), rtol=0, atol=1e-9)
     # The output stays at y0 until one step after t_step + theta.
@@ -59,8 +64,13 @@ def test_fopdt_deterministic_step_matches_analytic_response() -> None:
 
 
 def test_input_plans_at_step_times() -> None:
-    sc = Scenario(model=FopdtModel(gain=1, tau=1), y0=0, horizon_s=6, dt_s=1,
-                  input=RampInput(u0=1, u1=3, t0=2, t1=4))
+    sc = Scenario(
+        model=FopdtModel(gain=1, tau=1),
+        y0=0,
+        horizon_s=6,
+        dt_s=1,
+        input=RampInput(u0=1, u1=3, t0=2, t1=4),
+    )
     np.testing.assert_allclose(input_array(sc)[:, 0], [1, 1, 1, 2, 3, 3])
     sc = sc.model_copy(update={"input": StepInput(u0=0, u1=5, t_step=2)})
     np.testing.assert_allclose(input_array(sc)[:, 0], [0, 0, 5, 5, 5, 5])
@@ -69,8 +79,13 @@ def test_input_plans_at_step_times() -> None:
 def test_tank_reaches_analytic_steady_level() -> None:
     c_in, c_out, u = 0.05, 0.02, 60.0
     sc = Scenario(
-        model=TankModel(area=0.5, c_in=c_in, c_out=c_out, h_max=5.0), h0=0.5,
-        input=HoldInput(u0=u), horizon_s=4000, dt_s=1.0, paths=2, kpis=["final"],
+        model=TankModel(area=0.5, c_in=c_in, c_out=c_out, h_max=5.0),
+        h0=0.5,
+        input=HoldInput(u0=u),
+        horizon_s=4000,
+        dt_s=1.0,
+        paths=2,
+        kpis=["final"],
     )
     r = simulate(sc)
     assert r.kpis[0].mean == pytest.approx((c_in * u / 100 / c_out) ** 2, abs=1e-9)
@@ -78,8 +93,14 @@ def test_tank_reaches_analytic_steady_level() -> None:
 
 def test_tank_recursion_and_clip_at_h_max() -> None:
     area, c_in, c_out, h_max, h0, dt = 1.0, 0.5, 0.1, 2.0, 1.5, 2.0
-    sc = Scenario(model=TankModel(area=area, c_in=c_in, c_out=c_out, h_max=h_max), h0=h0,
-                  input=StepInput(u0=0, u1=100, t_step=4), horizon_s=20, dt_s=dt, paths=1)
+    sc = Scenario(
+        model=TankModel(area=area, c_in=c_in, c_out=c_out, h_max=h_max),
+        h0=h0,
+        input=StepInput(u0=0, u1=100, t_step=4),
+        horizon_s=20,
+        dt_s=dt,
+        paths=1,
+    )
     r = simulate(sc, keep_paths=True)
     h, expected = h0, []
     for k in range(sc.n_steps):
@@ -97,15 +118,18 @@ def test_state_space_matches_hand_recursion() -> None:
     c = [[1.0, 0.0], [0.5, 0.5]]
     x0 = [1.0, -1.0]
     plans = [StepInput(u0=0, u1=1, t_step=3), RampInput(u0=2, u1=0, t0=1, t1=5)]
-    sc = Scenario(model=StateSpaceModel(A=a, B=b, C=c, x0=x0), input=plans,
-                  horizon_s=10, dt_s=1, paths=2)
+    sc = Scenario(
+        model=StateSpaceModel(A=a, B=b, C=c, x0=x0), input=plans, horizon_s=10, dt_s=1, paths=2
+    )
     r = simulate(sc, keep_paths=True)
     x = list(x0)
     for k in range(10):
         t = float(k)
         u = [0.0 if t < 3 else 1.0, 2.0 if t <= 1 else (0.0 if t >= 5 else 2.0 - (t - 1) / 2)]
-        x = [sum(a[i][j] * x[j] for j in range(2)) + sum(b[i][j] * u[j] for j in range(2))
-             for i in range(2)]
+        x = [
+            sum(a[i][j] * x[j] for j in range(2)) + sum(b[i][j] * u[j] for j in range(2))
+            for i in range(2)
+        ]
         y = [sum(c[i][j] * x[j] for j in range(2)) for i in range(2)]
         assert r.y is not None
         np.testing.assert_allclose(r.y[:, k, :], [y, y], rtol=0, atol=1e-12)
@@ -116,18 +140,29 @@ def test_state_space_process_noise_gives_stationary_variance() -> None:
     # Scalar AR(1): x+ = a x + w, Var -> q/(1-a^2). Sample variance of n normals has
     # relative standard error sqrt(2/(n-1)).
     a, q, n = 0.8, 0.5, 20_000
-    sc = Scenario(model=StateSpaceModel(A=[[a]], B=[[0.0]], C=[[1.0]], x0=[0.0], q=[q]),
-                  horizon_s=60, dt_s=1, paths=n, seed=3)
+    sc = Scenario(
+        model=StateSpaceModel(A=[[a]], B=[[0.0]], C=[[1.0]], x0=[0.0], q=[q]),
+        horizon_s=60,
+        dt_s=1,
+        paths=n,
+        seed=3,
+    )
     r = simulate(sc, keep_paths=True)
     assert r.y is not None
-    var = q * (1 - a ** 120) / (1 - a**2)
+    var = q * (1 - a**120) / (1 - a**2)
     assert np.var(r.y[:, -1], ddof=1) == pytest.approx(var, rel=Z * math.sqrt(2 / (n - 1)))
 
 
 def test_weibull_failure_probability_matches_conditional_cdf() -> None:
     beta, eta, a0, horizon, n = 2.0, 1000.0, 500.0, 300.0, 20_000
-    sc = Scenario(model=WeibullModel(beta=beta, eta=eta, a0=a0), horizon_s=horizon, dt_s=10,
-                  paths=n, seed=11, constraints=[Constraint(kind="upper", limit=0.5)])
+    sc = Scenario(
+        model=WeibullModel(beta=beta, eta=eta, a0=a0),
+        horizon_s=horizon,
+        dt_s=10,
+        paths=n,
+        seed=11,
+        constraints=[Constraint(kind="upper", limit=0.5)],
+    )
     r = simulate(sc, keep_paths=True)
 
     def cdf(t: float) -> float:
@@ -143,25 +178,42 @@ def test_weibull_failure_probability_matches_conditional_cdf() -> None:
 def test_violation_probability_with_measurement_noise_only() -> None:
     # Constant y with N(0, sd^2) noise on each of k steps: P(any above L) = 1 - Phi((L-y)/sd)^k.
     y0, sd, limit, k, n = 10.0, 0.5, 10.6, 10, 20_000
-    sc = Scenario(model=FopdtModel(gain=1, tau=5, sigma_v=sd), y0=y0, horizon_s=k, dt_s=1,
-                  paths=n, seed=5, constraints=[{"kind": "upper", "limit": limit},
-                                                {"kind": "lower", "limit": y0 - 2 * sd}])
+    sc = Scenario(
+        model=FopdtModel(gain=1, tau=5, sigma_v=sd),
+        y0=y0,
+        horizon_s=k,
+        dt_s=1,
+        paths=n,
+        seed=5,
+        constraints=[{"kind": "upper", "limit": limit}, {"kind": "lower", "limit": y0 - 2 * sd}],
+    )
     r = simulate(sc)
     p_up = 1 - _phi((limit - y0) / sd) ** k
     p_low = 1 - _phi(2.0) ** k
     assert abs(r.violation_probability[0] - p_up) <= _binomial_tol(p_up, n)
     assert abs(r.violation_probability[1] - p_low) <= _binomial_tol(p_low, n)
-    assert r.rse[0] == pytest.approx(math.sqrt((1 - r.violation_probability[0])
-                                               / (n * r.violation_probability[0])))
+    assert r.rse[0] == pytest.approx(
+        math.sqrt((1 - r.violation_probability[0]) / (n * r.violation_probability[0]))
+    )
 
 
 def _uncertain_scenario(**kw: object) -> Scenario:
     base: dict[str, object] = dict(
-        model=FopdtModel(gain=Normal(mean=2, sd=0.3), tau=Lognormal(mu=2.3, sigma=0.2),
-                         theta=Triangular(lo=0, mode=2, hi=5), sigma_w=0.02,
-                         sigma_v=Uniform(lo=0.05, hi=0.1)),
-        y0=50.0, input=StepInput(u0=0, u1=3, t_step=5), horizon_s=80, dt_s=1, paths=2000,
-        seed=42, constraints=[{"kind": "upper", "limit": 55.0}], kpis=["max", "final", "mean"],
+        model=FopdtModel(
+            gain=Normal(mean=2, sd=0.3),
+            tau=Lognormal(mu=2.3, sigma=0.2),
+            theta=Triangular(lo=0, mode=2, hi=5),
+            sigma_w=0.02,
+            sigma_v=Uniform(lo=0.05, hi=0.1),
+        ),
+        y0=50.0,
+        input=StepInput(u0=0, u1=3, t_step=5),
+        horizon_s=80,
+        dt_s=1,
+        paths=2000,
+        seed=42,
+        constraints=[{"kind": "upper", "limit": 55.0}],
+        kpis=["max", "final", "mean"],
     )
     base.update(kw)
     return Scenario(**base)  # type: ignore[arg-type]
@@ -211,8 +263,10 @@ def test_summary_is_plain_json() -> None:
 
 def test_adaptive_stops_at_rse_target() -> None:
     target, batch = 0.03, 500
-    sc = _uncertain_scenario(adaptive=Adaptive(rse_target=target, batch=batch, max_paths=50_000),
-                             constraints=[{"kind": "upper", "limit": 56.3}])
+    sc = _uncertain_scenario(
+        adaptive=Adaptive(rse_target=target, batch=batch, max_paths=50_000),
+        constraints=[{"kind": "upper", "limit": 56.3}],
+    )
     r = simulate(sc, keep_paths=True)
     assert r.y is not None and r.paths_run == r.y.shape[0]
     assert r.paths_run % batch == 0 and r.paths_run < 50_000
@@ -230,8 +284,11 @@ def test_adaptive_stops_at_path_cap() -> None:
 
 
 def test_adaptive_uses_first_kpi_without_constraints() -> None:
-    sc = _uncertain_scenario(constraints=[], kpis=["final"],
-                             adaptive=Adaptive(rse_target=3e-4, batch=200, max_paths=10_000))
+    sc = _uncertain_scenario(
+        constraints=[],
+        kpis=["final"],
+        adaptive=Adaptive(rse_target=3e-4, batch=200, max_paths=10_000),
+    )
     r = simulate(sc)
     assert r.kpis[0].rse <= 3e-4 and r.paths_run < 10_000
 
@@ -255,10 +312,12 @@ def test_draw_that_never_lands_in_domain_names_the_parameter() -> None:
     [
         (Normal(mean=2.0, sd=0.5), 2.0, 0.25),
         (Uniform(lo=1.0, hi=3.0), 2.0, 4 / 12),
-        (Triangular(lo=1.0, mode=1.5, hi=4.0),
-         6.5 / 3, (1 + 1.5**2 + 16 - 1.5 - 4 - 6) / 18),
-        (Lognormal(mu=0.5, sigma=0.3), math.exp(0.5 + 0.045),
-         (math.exp(0.09) - 1) * math.exp(1 + 0.09)),
+        (Triangular(lo=1.0, mode=1.5, hi=4.0), 6.5 / 3, (1 + 1.5**2 + 16 - 1.5 - 4 - 6) / 18),
+        (
+            Lognormal(mu=0.5, sigma=0.3),
+            math.exp(0.5 + 0.045),
+            (math.exp(0.09) - 1) * math.exp(1 + 0.09),
+        ),
     ],
 )
 def test_gain_drawn_once_per_path_from_its_distribution(
@@ -266,8 +325,15 @@ def test_gain_drawn_once_per_path_from_its_distribution(
 ) -> None:
     # tau << dt makes a = exp(-dt/tau) = 0, so y = y0 + K*(u1 - u0) on every step of a path.
     n = 20_000
-    sc = Scenario(model=FopdtModel(gain=dist, tau=1e-4), y0=1.0,
-                  input=StepInput(u0=0, u1=2, t_step=0), horizon_s=5, dt_s=1, paths=n, seed=9)
+    sc = Scenario(
+        model=FopdtModel(gain=dist, tau=1e-4),
+        y0=1.0,
+        input=StepInput(u0=0, u1=2, t_step=0),
+        horizon_s=5,
+        dt_s=1,
+        paths=n,
+        seed=9,
+    )
     r = simulate(sc, keep_paths=True)
     assert r.y is not None
     np.testing.assert_array_equal(r.y[:, 0], r.y[:, -1])  # one draw per path, not per step
@@ -279,9 +345,16 @@ def test_gain_drawn_once_per_path_from_its_distribution(
 
 
 def test_min_and_mean_kpis_and_lower_first_violation() -> None:
-    sc = Scenario(model=FopdtModel(gain=-1, tau=4), y0=10, input=StepInput(u0=0, u1=5, t_step=2),
-                  horizon_s=30, dt_s=1, paths=4, kpis=["min", "mean"],
-                  constraints=[{"kind": "lower", "limit": 7.0}])
+    sc = Scenario(
+        model=FopdtModel(gain=-1, tau=4),
+        y0=10,
+        input=StepInput(u0=0, u1=5, t_step=2),
+        horizon_s=30,
+        dt_s=1,
+        paths=4,
+        kpis=["min", "mean"],
+        constraints=[{"kind": "lower", "limit": 7.0}],
+    )
     r = simulate(sc, keep_paths=True)
     assert r.y is not None
     assert r.kpis[0].mean == pytest.approx(r.y[0].min())

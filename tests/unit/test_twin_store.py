@@ -397,14 +397,19 @@ async def test_aflush_waits_off_the_loop(store: TwinStore) -> None:
 
 
 def test_listeners_get_each_accepted_change_in_rev_order(tmp_path):
-    points = [PointDef(id="a/x", device="d", datatype="float64", deadband=0.5),
-              PointDef(id="a/y", device="d", datatype="float64")]
+    points = [
+        PointDef(id="a/x", device="d", datatype="float64", deadband=0.5),
+        PointDef(id="a/y", device="d", datatype="float64"),
+    ]
     store = TwinStore(tmp_path / "t.db", points)
     store.open()
     try:
         seen: list[list[tuple[str, object, str, int]]] = []
-        store.add_listener(lambda changes: seen.append(
-            [(c.point_id, c.value, str(c.quality), c.rev) for c in changes]))
+        store.add_listener(
+            lambda changes: seen.append(
+                [(c.point_id, c.value, str(c.quality), c.rev) for c in changes]
+            )
+        )
         store.add_listener(lambda changes: 1 / 0)  # a broken listener harms no one
         store.ingest([Sample("a/x", 1.0, Quality.GOOD), Sample("a/y", 2.0, Quality.GOOD)])
         store.ingest([Sample("a/x", 1.2, Quality.GOOD)])  # inside the deadband: no change

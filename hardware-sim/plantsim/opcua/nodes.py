@@ -108,18 +108,45 @@ def oven_map() -> NodeMap:
     return NodeMap(
         "Oven1",
         (
-            NodeSpec("Temperature", "temperature", "Double", "oven air temperature",
-                     CELSIUS, (0.0, 400.0)),
-            NodeSpec("HeaterSetpoint", "heater_setpoint", "Double", "heater setpoint",
-                     CELSIUS, (0.0, 300.0), writable=True),
-            NodeSpec("HeaterPower", "heater_power", "Double", "heater power commanded",
-                     PERCENT, (0.0, 100.0)),
-            NodeSpec("Ambient", "ambient", "Double", "ambient (hall) temperature",
-                     CELSIUS, (-10.0, 50.0)),
-            NodeSpec("HeaterWear", "heater_wear", "Double", "heater wear, 0 new .. 1 worn out",
-                     ONE, (0.0, 1.0)),
-            NodeSpec("Running", "running", "Boolean", "oven running (heater enabled)",
-                     writable=True),
+            NodeSpec(
+                "Temperature",
+                "temperature",
+                "Double",
+                "oven air temperature",
+                CELSIUS,
+                (0.0, 400.0),
+            ),
+            NodeSpec(
+                "HeaterSetpoint",
+                "heater_setpoint",
+                "Double",
+                "heater setpoint",
+                CELSIUS,
+                (0.0, 300.0),
+                writable=True,
+            ),
+            NodeSpec(
+                "HeaterPower",
+                "heater_power",
+                "Double",
+                "heater power commanded",
+                PERCENT,
+                (0.0, 100.0),
+            ),
+            NodeSpec(
+                "Ambient", "ambient", "Double", "ambient (hall) temperature", CELSIUS, (-10.0, 50.0)
+            ),
+            NodeSpec(
+                "HeaterWear",
+                "heater_wear",
+                "Double",
+                "heater wear, 0 new .. 1 worn out",
+                ONE,
+                (0.0, 1.0),
+            ),
+            NodeSpec(
+                "Running", "running", "Boolean", "oven running (heater enabled)", writable=True
+            ),
             NodeSpec("BatchCount", "batch_count", "UInt32", "batches cured since commissioning"),
             NodeSpec("Mode", "mode", "String", "AUTO while running, OFF otherwise"),
         ),

@@ -633,10 +633,26 @@ def _variable(
             Description=ua.LocalizedText(spec.unit.description),
         )
         eu_range = ua.Range(Low=spec.eu_range[0], High=spec.eu_range[1])
-        items.append(_property(f"{identifier}.EngineeringUnits", "EngineeringUnits", idx, nodeid,
-                               ua.Variant(units), ua.ObjectIds.EUInformation))
-        items.append(_property(f"{identifier}.EURange", "EURange", idx, nodeid,
-                               ua.Variant(eu_range), ua.ObjectIds.Range))
+        items.append(
+            _property(
+                f"{identifier}.EngineeringUnits",
+                "EngineeringUnits",
+                idx,
+                nodeid,
+                ua.Variant(units),
+                ua.ObjectIds.EUInformation,
+            )
+        )
+        items.append(
+            _property(
+                f"{identifier}.EURange",
+                "EURange",
+                idx,
+                nodeid,
+                ua.Variant(eu_range),
+                ua.ObjectIds.Range,
+            )
+        )
     return items
 
 
