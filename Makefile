@@ -13,12 +13,14 @@ $(STAMP): pyproject.toml setup.py scripts/bootstrap $(wildcard native/*.c native
 demo: $(STAMP)
 	$(BIN)/opstwin demo
 
-test: $(STAMP)
-	$(BIN)/ruff check .
+# The tests start with the lint: a type error or an unformatted file fails CI like a test does.
+test: lint
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 bench: $(STAMP)
 	$(BIN)/python bench/ingest.py
@@ -26,4 +28,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/sim.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info opstwin-demo .pytest_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info opstwin-demo .pytest_cache .ruff_cache .mypy_cache

@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from drivers.base import Quality, Sample
+from drivers.contract import Quality, Sample
 from gateway.twin.model import PointDef
 from gateway.twin.schema import connect, migrate
 from gateway.twin.store import TwinStore

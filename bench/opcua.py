@@ -46,7 +46,7 @@ from typing import Any
 from asyncua import Client, ua
 
 from drivers.backoff import Backoff
-from drivers.base import Quality
+from drivers.contract import Quality
 from drivers.opcua import OpcuaDriver, OpcuaPoint
 from gateway.twin.model import PointDef
 from gateway.twin.store import TwinStore

@@ -26,6 +26,8 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
+from types import ModuleType
 
 # OpenBLAS worker threads (started with NumPy) busy-wait after a call; perf showed them taking
 # ~5 % of the samples of C-only runs on a 2-CPU machine, CPU the kernel's second thread needs.
@@ -36,6 +38,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 from gateway.sim import (
     Constraint,
     FopdtModel,
+    Kpi,
     Normal,
     Scenario,
     StepInput,
@@ -71,7 +74,7 @@ def oven(
         paths=paths,
         seed=seed,
         constraints=[Constraint(kind="upper", limit=203.0)] if constraint else [],
-        kpis=["final", "max"],
+        kpis=[Kpi(kind="final"), Kpi(kind="max")],
     )
 
 
@@ -194,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def profile(
-    args: argparse.Namespace, kernel: object, rates: dict[str, float], t_floor: float
+    args: argparse.Namespace, kernel: ModuleType, rates: dict[str, float], t_floor: float
 ) -> None:
     """Briefly break one C 1-thread run down by varying the scenario; print a one-line verdict."""
     print()
@@ -207,7 +210,7 @@ def profile(
     )
     times = {}
     for label, sc in variants:
-        t, _ = timed(lambda sc=sc: native.simulate(sc, threads=1, kernel=kernel), args.repeats)
+        t, _ = timed(partial(native.simulate, sc, threads=1, kernel=kernel), args.repeats)
         times[label] = t
         print(f"  {label:<44} {t * 1000:8.1f} ms")
     t_full = times["full reference oven"]

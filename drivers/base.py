@@ -4,6 +4,7 @@ A driver is given its points as opaque string keys plus protocol addresses; it t
 responses into `Sample`s and never learns what a key means. One supervisor task per connection
 connects, runs the protocol's poll/subscription loop, and on loss fails every pending request at
 once with the cause, marks the points STALE, and reconnects with capped, jittered backoff.
+What a driver hands upward (samples, qualities, states) is defined in `drivers.contract`.
 """
 
 from __future__ import annotations
@@ -11,55 +12,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from enum import StrEnum
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from drivers.backoff import Backoff
+from drivers.contract import ConnectionState, Quality, Sample, StateListener
 from drivers.errors import ConnectionLostError, NotConnectedError
+
+# The contract types are imported from drivers.contract by everyone else, not from here.
+__all__ = ["Driver", "next_tick", "summarize_keys"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-class Quality(StrEnum):
-    """Value quality, with OPC UA semantics."""
-
-    GOOD = "GOOD"
-    UNCERTAIN = "UNCERTAIN"
-    BAD = "BAD"
-    STALE = "STALE"
-
-
-class ConnectionState(StrEnum):
-    """Where a driver's connection is in its life."""
-
-    DISCONNECTED = "DISCONNECTED"
-    CONNECTING = "CONNECTING"
-    CONNECTED = "CONNECTED"
-    BACKOFF = "BACKOFF"
-    CLOSED = "CLOSED"
-
-
-@dataclass(slots=True, frozen=True)
-class Sample:
-    """One reading of one point.
-
-    `value` None with a non-GOOD quality means "no new value": the consumer keeps the last one
-    and only changes its quality (a lost connection, a point the device refused).
-    """
-
-    key: str
-    value: Any
-    quality: Quality
-    source_ts: float | None = None
-    reason: str | None = None
-
-
-StateListener = Callable[[str, ConnectionState, "str | None"], None]
 
 
 class Driver(ABC):
@@ -72,7 +39,11 @@ class Driver(ABC):
         self._backoff = backoff or Backoff()
         # Bounded so a stalled consumer cannot grow memory without limit; see _emit.
         self._queue: asyncio.Queue[list[Sample] | None] = asyncio.Queue(maxsize=queue_size)
-        self._listeners: list[StateListener] = []
+        # Keyed by a token per registration, so one unsubscribe removes exactly its own entry
+        # even when the same callable was added twice.
+        self._listeners: dict[object, StateListener] = {}
+        # Last quality logged per key, so _log_transitions speaks on transitions only.
+        self._quality: dict[str, Quality] = {}
         self._task: asyncio.Task[None] | None = None
         self._lost: asyncio.Future[None] | None = None
         self._drop_cause: BaseException | None = None
@@ -131,9 +102,15 @@ class Driver(ABC):
                 return
             yield batch
 
-    def add_state_listener(self, listener: StateListener) -> None:
-        """Call `listener(name, state, reason)` on every connection-state transition."""
-        self._listeners.append(listener)
+    def add_state_listener(self, listener: StateListener) -> Callable[[], None]:
+        """Call `listener(name, state, reason)` on every transition; return its unsubscribe."""
+        token = object()
+        self._listeners[token] = listener
+
+        def remove() -> None:
+            self._listeners.pop(token, None)  # a second call finds nothing: harmless
+
+        return remove
 
     @property
     def connected(self) -> bool:
@@ -165,8 +142,9 @@ class Driver(ABC):
             why = self.last_error or dropped or "starting"
             raise NotConnectedError(f"{self.name}: not connected ({why})")
         task = asyncio.ensure_future(awaitable)
+        waiters: set[asyncio.Future[Any]] = {task, lost}
         try:
-            done, _ = await asyncio.wait({task, lost}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             # asyncio.wait does not cancel what it waits for: without this the request would
             # run on, orphaned, after its caller gave up.
@@ -189,6 +167,61 @@ class Driver(ABC):
             f"{self.name}: connection lost during request: {cause}"
         ) from cause
 
+    async def _poll_every(self, interval: float, poll: Callable[[], Awaitable[None]]) -> None:
+        """Run `poll` on a fixed grid of `interval` seconds until the connection is lost."""
+        # Taken once: _fail_pending clears self._lost, and the cause lives on this future.
+        lost = self._lost
+        loop = asyncio.get_running_loop()
+        tick = loop.time()
+        while True:
+            await poll()
+            now = loop.time()
+            tick = next_tick(tick, now, interval)
+            await self._sleep_unless_lost(tick - now, lost)
+
+    async def _sleep_unless_lost(self, delay: float, lost: asyncio.Future[None] | None) -> None:
+        """Sleep `delay` seconds, but raise the cause at once if the connection drops meanwhile.
+
+        Only for loops that run while connected, which pass the `_lost` future taken when their
+        connection came up. None means that connection is already gone (or never was): sleeping
+        on would poll a dead link, so it raises instead.
+        """
+        if lost is None:
+            raise ConnectionLostError(f"{self.name}: connection lost")
+        if not lost.done():
+            await asyncio.wait({lost}, timeout=max(delay, 0.0))
+        if lost.done():
+            cause = lost.exception()
+            if cause is None:
+                raise ConnectionLostError(f"{self.name}: connection lost")
+            raise cause
+
+    def _log_transitions(self, samples: Iterable[Sample]) -> None:
+        """Log the points whose quality changed, grouped by reason; unchanged ones stay quiet."""
+        went_bad: dict[str, list[str]] = {}
+        doubtful: dict[str, list[str]] = {}
+        recovered: list[str] = []
+        last = self._quality
+        for s in samples:
+            quality = s.quality
+            before = last.get(s.key)
+            if quality is before:
+                continue
+            last[s.key] = quality
+            if quality is Quality.BAD:
+                went_bad.setdefault(s.reason or "unknown", []).append(s.key)
+            elif quality is Quality.UNCERTAIN:
+                doubtful.setdefault(s.reason or "unknown", []).append(s.key)
+            elif quality is Quality.GOOD and before is not None:
+                # Only GOOD is recovery: a STALE point has no current value, it is not back.
+                recovered.append(s.key)
+        for reason, keys in went_bad.items():
+            log.warning("%s: %s BAD: %s", self.name, summarize_keys(keys), reason)
+        for reason, keys in doubtful.items():
+            log.info("%s: %s UNCERTAIN: %s", self.name, summarize_keys(keys), reason)
+        if recovered:
+            log.info("%s: %s GOOD again", self.name, summarize_keys(recovered))
+
     # -- the supervisor -------------------------------------------------------------------------
 
     async def _supervise(self) -> None:
@@ -209,6 +242,7 @@ class Driver(ABC):
             self._lost = loop.create_future()
             self._drop_cause = None
             self._ever_connected = True
+            self._quality.clear()  # a new connection: its first qualities are no transition
             self.last_error = None
             self._set_state(ConnectionState.CONNECTED, None)
             try:
@@ -267,7 +301,7 @@ class Driver(ABC):
             log.info("%s: connected", self.name)
         elif state is ConnectionState.DISCONNECTED and previous is ConnectionState.CONNECTED:
             log.warning("%s: connection lost: %s", self.name, reason)
-        for listener in list(self._listeners):
+        for listener in list(self._listeners.values()):
             try:
                 listener(self.name, state, reason)
             except Exception:
@@ -283,6 +317,24 @@ class Driver(ABC):
                 self._queue.get_nowait()
             self.dropped_batches += 1
             self._queue.put_nowait(item)
+
+
+def next_tick(tick: float, now: float, interval: float) -> float:
+    """Return the next poll time on the fixed grid `tick + k * interval` that lies after `now`.
+
+    No drift (the grid never moves), and a poll that overran skips the ticks it missed instead
+    of firing them back to back.
+    """
+    tick += interval
+    if tick <= now:
+        tick += (math.floor((now - tick) / interval) + 1) * interval
+    return tick
+
+
+def summarize_keys(keys: Sequence[str], limit: int = 5) -> str:
+    """Join the first `limit` keys for a log line and say how many more there are."""
+    shown = ", ".join(keys[:limit])
+    return shown if len(keys) <= limit else f"{shown} and {len(keys) - limit} more"
 
 
 def _describe(exc: BaseException) -> str:

@@ -27,7 +27,7 @@ class ConnectionLostError(DriverError):
     """The connection dropped while the request was pending."""
 
 
-class DeviceError(DriverError):
+class DeviceResponseError(DriverError):
     """The device answered, but with an error (exception code, bad status)."""
 
 

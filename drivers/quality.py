@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from drivers.base import Quality
+from drivers.contract import Quality
 
 __all__ = ["assess", "format_range"]
 

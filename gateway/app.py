@@ -5,15 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from typing import Any
 
-from drivers.base import ConnectionState, Driver
+from drivers.base import Driver
+from drivers.contract import ConnectionState
 from drivers.errors import DriverError
+from drivers.limits import limit_violation
 from gateway.config import SiteConfig
 from gateway.devices import build_drivers, point_defs
-from gateway.errors import DeviceError, UnknownPointError
+from gateway.errors import DeviceError, GatewayError, UnknownPointError
+from gateway.lifecycle import Lifecycle, ShutdownError, wait_or_cancel
 from gateway.opcua_server import TwinOpcuaServer
 from gateway.twin.model import PointDef
 from gateway.twin.store import TwinStore
@@ -21,6 +23,8 @@ from gateway.twin.store import TwinStore
 log = logging.getLogger(__name__)
 
 __all__ = ["Gateway"]
+
+PUMP_DRAIN_S = 5.0  # how long a stopping gateway waits for queued samples to reach the twin
 
 
 class Gateway:
@@ -43,30 +47,28 @@ class Gateway:
                 config.opcua_server,
                 self.store,
                 self.points,
-                pki_dir=config.storage.pki_dir,
+                pki_dir=config.storage.pki_path,
                 on_write=self._on_opcua_write,
             )
         self.started_at: float | None = None
-        self._pumps: list[asyncio.Task[None]] = []
-        self._prune_task: asyncio.Task[None] | None = None
+        self._life: Lifecycle | None = None
         self._logged_state: dict[str, ConnectionState] = {}
 
     async def start(self) -> None:
-        """Open the store (migrations run off the loop), then start every driver."""
-        await asyncio.to_thread(self.store.open)
-        self.started_at = time.time()
-        for driver in self.drivers.values():
-            driver.add_state_listener(self._on_state)
-            await driver.start()
-            self._pumps.append(asyncio.create_task(self._pump(driver), name=f"pump:{driver.name}"))
-        self._prune_task = asyncio.create_task(self._prune_periodically(), name="twin:prune")
-        if self.opcua_server is not None:
-            try:
-                await self.opcua_server.start()
-            except BaseException:
-                await self.stop()
-                raise
-            log.info("OPC UA server listening on %s", self.opcua_server.endpoint)
+        """Start every subsystem in order; if one fails, stop what had started and raise."""
+        if self._life is not None:
+            raise GatewayError("the gateway is already running")
+        life = self._life = Lifecycle()
+        try:
+            await self._start_store(life)
+            await self._start_drivers(life)
+            life.task(self._prune_periodically(), "twin:prune")
+            await self._start_opcua_server(life)
+        except BaseException:
+            self._life = None
+            with contextlib.suppress(ShutdownError):  # already logged step by step
+                await life.aclose()
+            raise
         log.info(
             "gateway %s/%s started: %d devices, %d points, rev %d",
             self.config.site_id,
@@ -77,20 +79,53 @@ class Gateway:
         )
 
     async def stop(self) -> None:
-        """Stop serving, close drivers, drain what they already sent, flush and close the store."""
-        if self._prune_task is not None:
-            self._prune_task.cancel()
-        if self.opcua_server is not None:
-            await self.opcua_server.stop()
-        await asyncio.gather(*(d.close() for d in self.drivers.values()), return_exceptions=True)
-        # close() ends each sample stream, so the pumps finish after ingesting what was queued.
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*self._pumps, return_exceptions=True), 5)
-        for task in self._pumps:
-            task.cancel()
-        self._pumps.clear()
-        await asyncio.to_thread(self.store.close)
-        log.info("gateway stopped at rev %d", self.store.rev)
+        """Stop every subsystem, newest first: serving, drivers, draining, then the store."""
+        life, self._life = self._life, None
+        if life is None:
+            return
+        try:
+            await life.aclose()
+        finally:
+            log.info("gateway stopped at rev %d", self.store.rev)
+
+    # -- subsystems: each registers its own teardown right after it starts ----------------------
+
+    async def _start_store(self, life: Lifecycle) -> None:
+        await asyncio.to_thread(self.store.open)  # migrations run off the loop
+        life.on_stop("twin store", lambda: asyncio.to_thread(self.store.close))
+        self.started_at = time.time()
+
+    async def _start_drivers(self, life: Lifecycle) -> None:
+        pumps = [
+            asyncio.create_task(self._pump(driver), name=f"pump:{driver.name}")
+            for driver in self.drivers.values()
+        ]
+        # Registered before the drivers' own teardown, so it runs after it: close() ends each
+        # sample stream, and the pumps finish by ingesting what was already queued.
+        life.on_stop("sample pumps", lambda: wait_or_cancel(pumps, PUMP_DRAIN_S))
+        for driver in self.drivers.values():
+            life.on_stop(f"{driver.name} state listener", driver.add_state_listener(self._on_state))
+        life.on_stop("drivers", self._close_drivers)
+        for driver in self.drivers.values():
+            await driver.start()
+
+    async def _start_opcua_server(self, life: Lifecycle) -> None:
+        if self.opcua_server is None:
+            return
+        server = self.opcua_server
+        life.on_stop("OPC UA server", server.stop)  # stop() also undoes a half-done start()
+        await server.start()
+        log.info("OPC UA server listening on %s", server.endpoint)
+
+    async def _close_drivers(self) -> None:
+        results = await asyncio.gather(
+            *(d.close() for d in self.drivers.values()), return_exceptions=True
+        )
+        failed = [
+            f"{name}: {r}" for name, r in zip(self.drivers, results, strict=True) if r is not None
+        ]
+        if failed:
+            raise GatewayError("drivers did not close cleanly: " + "; ".join(failed))
 
     async def write_point(self, point_id: str, value: Any) -> Any:
         """Write a setpoint through the owning driver; return the value read back."""
@@ -101,9 +136,10 @@ class Gateway:
             raise DeviceError(f"{point_id}: point is not writable")
         # The driver checks limits too; checking here as well means a refusal never depends on
         # one layer alone.
-        if _outside_limits(point, value):
+        why = limit_violation(value, point.lo, point.hi)
+        if why is not None:
             limits = f"[{point.lo}, {point.hi}]"
-            raise DeviceError(f"{point_id}: value {value!r} outside limits {limits}")
+            raise DeviceError(f"{point_id}: value {value!r} outside limits {limits}: {why}")
         driver = self.drivers[point.device]
         try:
             return await driver.write(point_id, value)
@@ -118,6 +154,7 @@ class Gateway:
         }
 
     async def _pump(self, driver: Driver) -> None:
+        # One pump per driver: ingest never waits on SQLite, so this loop never blocks.
         async for batch in driver.samples():
             self.store.ingest(batch)
 
@@ -153,11 +190,3 @@ class Gateway:
                 await asyncio.to_thread(self.store.prune)
             except Exception:
                 log.exception("history pruning failed; will retry in an hour")
-
-
-def _outside_limits(point: PointDef, value: Any) -> bool:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False  # the driver checks non-numeric values against the datatype
-    if not math.isfinite(value):
-        return True
-    return point.lo is not None and point.hi is not None and not point.lo <= value <= point.hi

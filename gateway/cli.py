@@ -72,9 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     hashpw.set_defaults(handler=cmd_hash_password)
 
     from gateway.sim.cli import add_sim_commands
-    from gateway.views import add_view_commands  # read-only views share their own module
+    from gateway.twin_cli import add_twin_commands
 
-    add_view_commands(sub)
+    add_twin_commands(sub)
     add_sim_commands(sub)
     return parser
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -15,6 +15,7 @@ from gateway.app import Gateway
 from gateway.config import SiteConfig
 from gateway.errors import GatewayError
 from gateway.http import create_app
+from gateway.lifecycle import Lifecycle
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,9 @@ async def serve(
     """Start everything, report READY, and shut down cleanly on SIGTERM, SIGINT or `stop`."""
     gateway = Gateway(config)
     runner = web.AppRunner(create_app(gateway), handle_signals=False, access_log=None)
+    life = Lifecycle()
     await runner.setup()  # runs the app's cleanup_ctx: opens the twin, starts the drivers
+    life.on_stop("gateway", runner.cleanup)  # stops drivers, flushes and closes the twin
     try:
         site = web.TCPSite(runner, config.http.host, config.http.port)
         try:
@@ -44,18 +47,16 @@ async def serve(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        watchdog = asyncio.create_task(_watchdog(), name="sd-watchdog")
+            life.on_stop(f"{sig.name} handler", functools.partial(loop.remove_signal_handler, sig))
+        life.task(_watchdog(), "sd-watchdog")
         sdnotify.notify(f"READY=1\nSTATUS=serving {len(gateway.points)} points")
         if on_ready is not None:
             await on_ready(gateway, urls)
         await stop.wait()
         log.info("stopping")
         sdnotify.notify("STOPPING=1")
-        watchdog.cancel()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
     finally:
-        await runner.cleanup()  # stops drivers, flushes and closes the twin
+        await life.aclose()
 
 
 def _addresses(runner: web.AppRunner) -> list[str]:
@@ -70,7 +71,6 @@ async def _watchdog() -> None:
     interval = sdnotify.watchdog_interval()
     if interval is None:
         return
-    with contextlib.suppress(asyncio.CancelledError):
-        while True:
-            sdnotify.notify("WATCHDOG=1")
-            await asyncio.sleep(interval)
+    while True:
+        sdnotify.notify("WATCHDOG=1")
+        await asyncio.sleep(interval)

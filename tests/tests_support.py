@@ -1,13 +1,58 @@
-"""Helpers shared by the test modules (on pytest's pythonpath; see pyproject.toml)."""
+"""Helpers shared by the test modules (on pytest's pythonpath; see pyproject.toml).
+
+Plain functions and classes live here, so that helper classes (a fake plant, a proxy) can use
+them too; fixtures that wrap them live in conftest.py.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
+
+# A realistic epoch (November 2023): code that stores or formats wall-clock times sees a
+# plausible one, and code that only takes differences does not care.
+EPOCH = 1_700_000_000.0
+
+
+class FakeClock:
+    """A clock the test moves by hand, for code that takes a `clock` callable."""
+
+    def __init__(self, now: float = EPOCH) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> float:
+        """Move the clock forward and return the new time."""
+        self.now += seconds
+        return self.now
+
+
+def import_file(path: Path, name: str | None = None) -> ModuleType:
+    """Import a Python file that is not on sys.path, as module `name` (default: its stem)."""
+    spec = importlib.util.spec_from_file_location(name or path.stem, path)
+    assert spec is not None and spec.loader is not None, f"cannot import {path}"
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that nothing listens on right now."""
+    # Not port 0 at bind time: fakes that restart (a PLC power cycle) must come back on the
+    # port the driver was configured with. Nothing holds it in between; a collision is rare.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 async def eventually(check: Callable[[], Any], within: float = 10.0, what: str = "") -> Any:

@@ -22,18 +22,20 @@ from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOEx
 from pymodbus.pdu import ModbusPDU
 
 from drivers.backoff import Backoff
-from drivers.base import Driver, Quality, Sample
+from drivers.base import Driver
+from drivers.contract import Quality, Sample
 from drivers.errors import (
     ConfigurationError,
     ConnectionLostError,
-    DeviceError,
+    DeviceResponseError,
     WriteRejectedError,
     WriteVerifyError,
 )
+from drivers.limits import limit_violation
 from drivers.modbus.bus import Bus, BusSettings, get_bus, parse_endpoint
 from drivers.modbus.codec import DataType, Format, Table, decode, encode, set_bit, tolerance
 from drivers.modbus.options import ModbusOptions
-from drivers.modbus.plan import Block, next_tick, plan_reads, split_block
+from drivers.modbus.plan import Block, plan_reads, split_block
 from drivers.modbus.point import ModbusPoint
 from drivers.quality import assess, format_range
 
@@ -137,7 +139,6 @@ class ModbusDriver(Driver):
         self._bus: Bus = get_bus(self.endpoint, settings)
         self._overrides: dict[int, _Override] = {}
         self._split_seen: set[Block] = set()
-        self._quality: dict[str, Quality] = {}
         self._silent_polls = 0
         self._silent_since = 0.0
 
@@ -177,7 +178,7 @@ class ModbusDriver(Driver):
         try:
             actual = decode(fmt, read_back)
         except ValueError as exc:
-            raise DeviceError(f"{where}: read-back after write is garbage: {exc}") from None
+            raise DeviceResponseError(f"{where}: read-back after write is garbage: {exc}") from None
         ok, tol = _matches(fmt, value, words, actual)
         if not ok:
             detail = f" (tolerance {tol:g})" if tol else ""
@@ -192,7 +193,6 @@ class ModbusDriver(Driver):
     async def _connect(self) -> None:
         await self._bus.attach(self, self._on_link_lost)
         self._silent_polls = 0
-        self._quality.clear()
 
     async def _disconnect(self) -> None:
         try:
@@ -201,15 +201,7 @@ class ModbusDriver(Driver):
             log.debug("%s: detach failed", self.name, exc_info=True)
 
     async def _run(self) -> None:
-        lost = self._lost
-        loop = asyncio.get_running_loop()
-        interval = self.options.poll_interval_s
-        tick = loop.time()
-        while True:
-            await self._poll()
-            now = loop.time()
-            tick = next_tick(tick, now, interval)
-            await _sleep_unless_lost(tick - now, lost)
+        await self._poll_every(self.options.poll_interval_s, self._poll)
 
     def _on_link_lost(self, cause: BaseException) -> None:
         # Fail whatever is in flight now, not when its own timeout expires.
@@ -379,15 +371,17 @@ class ModbusDriver(Driver):
                     words = [set_bit(int(current[0]), addr.bit, bool(words[0]))]
                 await self._write_registers(addr.offset, words, unit, multiple, what)
         except _Refused as exc:
-            raise DeviceError(f"{where}: {exc.text}") from None
+            raise DeviceResponseError(f"{where}: {exc.text}") from None
         except _NoAnswer as exc:
-            raise DeviceError(
+            raise DeviceResponseError(
                 f"{where}: {exc.text}; the write may or may not have taken effect"
             ) from None
         try:
             return await self._read_raw(block, held=True)
         except (_Refused, _NoAnswer) as exc:
-            raise DeviceError(f"{where}: written, but reading it back failed: {exc}") from None
+            raise DeviceResponseError(
+                f"{where}: written, but reading it back failed: {exc}"
+            ) from None
 
     async def _write_registers(
         self, offset: int, words: list[int], unit: int, multiple: bool, what: str
@@ -437,30 +431,6 @@ class ModbusDriver(Driver):
             raise _Refused(code, f"Modbus exception {code} ({name}) {what}")
         return response
 
-    # -- logging --------------------------------------------------------------------------------
-
-    def _log_transitions(self, samples: list[Sample]) -> None:
-        went_bad: dict[str, list[str]] = {}
-        doubtful: dict[str, list[str]] = {}
-        recovered: list[str] = []
-        for s in samples:
-            before = self._quality.get(s.key)
-            self._quality[s.key] = s.quality
-            if s.quality is before:
-                continue
-            if s.quality is Quality.BAD:
-                went_bad.setdefault(s.reason or "unknown", []).append(s.key)
-            elif s.quality is Quality.UNCERTAIN:
-                doubtful.setdefault(s.reason or "unknown", []).append(s.key)
-            elif before is not None:
-                recovered.append(s.key)
-        for reason, keys in went_bad.items():
-            log.warning("%s: %s BAD: %s", self.name, _some(keys), reason)
-        for reason, keys in doubtful.items():
-            log.info("%s: %s UNCERTAIN: %s", self.name, _some(keys), reason)
-        if recovered:
-            log.info("%s: %s GOOD again", self.name, _some(recovered))
-
 
 # -- helpers ------------------------------------------------------------------------------------
 
@@ -499,18 +469,6 @@ class _Cycle:
         self.samples.extend(Sample(p.key, None, Quality.BAD, ts, reason) for p in points)
 
 
-async def _sleep_unless_lost(delay: float, lost: asyncio.Future[None] | None) -> None:
-    """Sleep `delay` seconds, but raise the cause at once if the connection drops meanwhile."""
-    if lost is None:
-        await asyncio.sleep(max(delay, 0.0))
-        return
-    if not lost.done():
-        await asyncio.wait({lost}, timeout=max(delay, 0.0))
-    if lost.done():
-        cause = lost.exception()
-        raise cause if cause is not None else ConnectionLostError("connection lost")
-
-
 def _check_value(point: ModbusPoint, value: Any) -> str | None:
     """Why `value` may not be written to `point`, or None."""
     dt = point.datatype
@@ -522,11 +480,7 @@ def _check_value(point: ModbusPoint, value: Any) -> str | None:
         return None if isinstance(value, str) else "a string point takes text"
     if isinstance(value, bool) or not isinstance(value, int | float):
         return f"a {dt} point takes a number, not {type(value).__name__}"
-    if not math.isfinite(value):
-        return "the value is not finite"
-    if (point.lo is not None and value < point.lo) or (point.hi is not None and value > point.hi):
-        return "outside the point's limits"
-    return None
+    return limit_violation(value, point.lo, point.hi)
 
 
 def _matches(fmt: Format, value: Any, words: list[int], actual: Any) -> tuple[bool, float]:
@@ -540,8 +494,3 @@ def _matches(fmt: Format, value: Any, words: list[int], actual: Any) -> tuple[bo
     if fmt.datatype is DataType.STRING:
         return actual == decode(fmt, words), 0.0  # compare as the device stores it (padding)
     return actual == bool(value), 0.0
-
-
-def _some(keys: list[str], limit: int = 5) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown if len(keys) <= limit else f"{shown} and {len(keys) - limit} more"

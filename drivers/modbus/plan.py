@@ -1,4 +1,4 @@
-"""The read planner: merge points into as few block reads as the limits allow, and when. Pure.
+"""The read planner: merge points into as few block reads as the limits allow. Pure.
 
 Points of one unit and one table are sorted by address and merged while the block stays within
 the table's maximum count and the hole between neighbours is at most `max_gap` addresses. A
@@ -8,7 +8,6 @@ on the same register (bits of one word) always land in one block.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import groupby
@@ -20,7 +19,7 @@ from drivers.modbus.codec import Table
 if TYPE_CHECKING:
     from drivers.modbus.point import ModbusPoint
 
-__all__ = ["MAX_BITS", "MAX_REGISTERS", "Block", "next_tick", "plan_reads", "split_block"]
+__all__ = ["MAX_BITS", "MAX_REGISTERS", "Block", "plan_reads", "split_block"]
 
 # What one Modbus request can carry (FC1/2: 2000 bits, FC3/4: 125 registers).
 MAX_REGISTERS = 125
@@ -99,18 +98,6 @@ def split_block(block: Block) -> list[Block]:
         Block(block.unit, block.table, start, count, tuple(members))
         for (start, count), members in sorted(spans.items())
     ]
-
-
-def next_tick(tick: float, now: float, interval: float) -> float:
-    """Return the next poll time on the fixed grid `tick + k * interval` that lies after `now`.
-
-    No drift (the grid never moves), and a poll that overran skips the ticks it missed instead
-    of firing them back to back.
-    """
-    tick += interval
-    if tick <= now:
-        tick += (math.floor((now - tick) / interval) + 1) * interval
-    return tick
 
 
 # -- helpers ------------------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TypeVar
 
 from drivers.errors import PointError
 from drivers.modbus.codec import (
@@ -20,8 +22,10 @@ __all__ = ["MAX_STRING_LENGTH", "ModbusPoint", "PointError", "validate_point"]
 # One read request carries at most 125 registers, and a point is never split across requests.
 MAX_STRING_LENGTH = 250
 
+E = TypeVar("E", bound=StrEnum)
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(frozen=True, slots=True, init=False)
 class ModbusPoint:
     """One point: an opaque key, where it lives on the device, and how to decode it.
 
@@ -33,42 +37,68 @@ class ModbusPoint:
 
     key: str
     address: Address
-    datatype: DataType | None = None
-    length: int | None = None
-    byte_order: Order | None = None
-    word_order: Order | None = None
-    scale: float = 1.0
-    offset: float = 0.0
-    lo: float | None = None
-    hi: float | None = None
-    writable: bool = False
-    unit_id: int | None = field(default=None, kw_only=True)
+    datatype: DataType
+    length: int | None
+    byte_order: Order | None
+    word_order: Order | None
+    scale: float
+    offset: float
+    lo: float | None
+    hi: float | None
+    writable: bool
+    unit_id: int | None
 
-    def __post_init__(self) -> None:
-        # Normalise the text forms a config hands over, then check the combination.
-        if isinstance(self.address, str):
+    # Written out rather than generated: it takes the text forms a config hands over, while
+    # the attributes are always parsed (an Address, a DataType), so readers need no checks.
+    def __init__(
+        self,
+        key: str,
+        address: Address | str,
+        datatype: DataType | str | None = None,
+        length: int | None = None,
+        byte_order: Order | str | None = None,
+        word_order: Order | str | None = None,
+        scale: float = 1.0,
+        offset: float = 0.0,
+        lo: float | None = None,
+        hi: float | None = None,
+        writable: bool = False,
+        *,
+        unit_id: int | None = None,
+    ) -> None:
+        """Parse the text forms, fill the default datatype, then check the combination."""
+        if isinstance(address, str):
             try:
-                object.__setattr__(self, "address", parse_address(self.address))
+                address = parse_address(address)
             except ValueError as exc:
                 raise PointError("address", str(exc)) from None
-        if self.datatype is None:
-            bitlike = self.address.table.is_bits or self.address.bit is not None
-            object.__setattr__(self, "datatype", DataType.BOOL if bitlike else DataType.UINT16)
-        for name, enum in (("datatype", DataType), ("byte_order", Order), ("word_order", Order)):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, enum):
-                try:
-                    object.__setattr__(self, name, enum(value))
-                except ValueError:
-                    choices = ", ".join(m.value for m in enum)
-                    raise PointError(name, f"{value!r} is not one of {choices}") from None
+        if not isinstance(address, Address):
+            raise PointError("address", f"expected an address like holding:100, got {address!r}")
+        if datatype is None:
+            bitlike = address.table.is_bits or address.bit is not None
+            datatype = DataType.BOOL if bitlike else DataType.UINT16
+        fields = {
+            "key": key,
+            "address": address,
+            "datatype": _member(DataType, "datatype", datatype),
+            "length": length,
+            "byte_order": _member(Order, "byte_order", byte_order),
+            "word_order": _member(Order, "word_order", word_order),
+            "scale": scale,
+            "offset": offset,
+            "lo": lo,
+            "hi": hi,
+            "writable": writable,
+            "unit_id": unit_id,
+        }
+        for name, value in fields.items():
+            object.__setattr__(self, name, value)  # frozen: set once, here
         validate_point(self)
 
     def format(
         self, byte_order: Order | str = Order.BIG, word_order: Order | str = Order.BIG
     ) -> Format:
         """Return the codec format, filling unset orders with the device defaults given."""
-        assert self.datatype is not None
         return Format(
             datatype=self.datatype,
             length=self.length,
@@ -82,7 +112,6 @@ class ModbusPoint:
     @property
     def span(self) -> int:
         """Registers (or bits) the point occupies on the device."""
-        assert self.datatype is not None
         return register_count(self.datatype, self.length)
 
 
@@ -93,8 +122,6 @@ def validate_point(point: ModbusPoint) -> None:
         raise PointError("address", f"expected an address like holding:100, got {addr!r}")
     if not isinstance(point.key, str) or not point.key:
         raise PointError("key", "a point needs a non-empty key")
-    if dt is None:
-        raise PointError("datatype", "a point needs a datatype")
     if addr.table.is_bits and dt is not DataType.BOOL:
         raise PointError(
             "datatype",
@@ -163,3 +190,14 @@ def validate_point(point: ModbusPoint) -> None:
         or not 0 <= point.unit_id <= 247
     ):
         raise PointError("unit_id", f"unit_id must be 0..247, got {point.unit_id!r}")
+
+
+def _member(enum: type[E], name: str, value: E | str | None) -> E | None:
+    """`value` as a member of `enum` (None stays None); PointError naming `name` if not one."""
+    if value is None or isinstance(value, enum):
+        return value
+    try:
+        return enum(value)
+    except ValueError:
+        choices = ", ".join(m.value for m in enum)
+        raise PointError(name, f"{value!r} is not one of {choices}") from None

@@ -20,7 +20,7 @@ from typing import Any
 from asyncua import ua
 from asyncua.ua.status_codes import code_to_name_doc
 
-from drivers.base import Quality, Sample
+from drivers.contract import Quality, Sample
 from drivers.quality import assess
 
 __all__ = [

@@ -135,7 +135,7 @@ def _identifier(text: str, kind: IdKind, value: str) -> int | str | uuid.UUID | 
     return data
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class OpcuaPoint:
     """One point: an opaque key, the node it reads, its limits and subscription overrides.
 
@@ -147,19 +147,44 @@ class OpcuaPoint:
 
     key: str
     node_id: NodeRef
-    lo: float | None = None
-    hi: float | None = None
-    writable: bool = False
-    deadband: float | None = None
-    sampling_interval_ms: float | None = None
-    queue_size: int | None = None
+    lo: float | None
+    hi: float | None
+    writable: bool
+    deadband: float | None
+    sampling_interval_ms: float | None
+    queue_size: int | None
 
-    def __post_init__(self) -> None:
-        if isinstance(self.node_id, str):
+    # Written out rather than generated: it takes the text form a config hands over, while
+    # the attribute is always a parsed NodeRef, so readers need no checks.
+    def __init__(
+        self,
+        key: str,
+        node_id: NodeRef | str,
+        lo: float | None = None,
+        hi: float | None = None,
+        writable: bool = False,
+        deadband: float | None = None,
+        sampling_interval_ms: float | None = None,
+        queue_size: int | None = None,
+    ) -> None:
+        """Parse a textual node id, then check the point's settings."""
+        if isinstance(node_id, str):
             try:
-                object.__setattr__(self, "node_id", parse_node_id(self.node_id))
+                node_id = parse_node_id(node_id)
             except ValueError as exc:
                 raise PointError("node_id", str(exc)) from None
+        fields = {
+            "key": key,
+            "node_id": node_id,
+            "lo": lo,
+            "hi": hi,
+            "writable": writable,
+            "deadband": deadband,
+            "sampling_interval_ms": sampling_interval_ms,
+            "queue_size": queue_size,
+        }
+        for name, value in fields.items():
+            object.__setattr__(self, name, value)  # frozen: set once, here
         validate_point(self)
 
 

@@ -73,6 +73,7 @@ def _resolve_paths(config: SiteConfig, base: Path) -> SiteConfig:
     storage = config.storage
     db = (base / storage.path).resolve()
     pki = db.parent / "pki" if storage.pki_dir is None else (base / storage.pki_dir).resolve()
+    # Written out, so what `check` prints and what `run` uses is the same resolved folder.
     storage = storage.model_copy(update={"path": db, "pki_dir": pki})
     return config.model_copy(update={"storage": storage})
 

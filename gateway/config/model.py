@@ -136,6 +136,11 @@ class StorageConfig(_Strict):
         "default `pki/` beside the database. A relative path is relative to the config file.",
     )
 
+    @property
+    def pki_path(self) -> Path:
+        """The certificate folder: `pki_dir`, or `pki/` beside the database when unset."""
+        return self.pki_dir if self.pki_dir is not None else self.path.parent / "pki"
+
 
 class HttpConfig(_Strict):
     """The gateway's HTTP listener (health, twin reads)."""

@@ -149,7 +149,7 @@ async def scada_read(gateway: Gateway, user: str, password: str) -> list[str]:
         return ["the OPC UA server is off in this config"]
     cert = await asyncio.to_thread(
         ensure_client_certificate,
-        gateway.config.storage.pki_dir / "demo-scada",
+        gateway.config.storage.pki_path / "demo-scada",
         "urn:opstwin:demo-scada",
     )
     client = Client(server.endpoint, timeout=5)

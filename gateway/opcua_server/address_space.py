@@ -14,8 +14,8 @@ the point has a unit); other numeric points are BaseAnalogType; bools and string
 BaseDataVariableType. Units map to UNECE Recommendation 20 codes where the unit is a common one
 (`°C` → CEL); any other unit is published with its display name only (UnitId -1).
 
-`status_of()` maps twin quality to OPC UA status codes; `datavalue()` builds the DataValue a client
-reads. Both run once per twin change, so they stay small.
+Quality maps to OPC UA status codes, and a twin value to the DataValue a client reads, once per
+twin change, so both stay small.
 """
 
 from __future__ import annotations
@@ -28,28 +28,27 @@ from typing import Any
 
 from asyncua import ua
 
+from asyncua_glue.datavalue import SharedDataValue
+from asyncua_glue.properties import engineering_units_item, eu_range_item
+from asyncua_glue.properties import eu_information as unit_information
 from drivers.opcua.convert import INTEGER_RANGES
 from gateway.errors import ConfigError
 from gateway.twin.model import PointDef, PointValue, Quality
 
 __all__ = [
     "NAMESPACE_URI",
-    "UNECE_NAMESPACE",
     "AddressSpacePlan",
     "FolderPlan",
-    "TwinDataValue",
     "VariablePlan",
     "add_nodes_items",
     "datavalue",
     "eu_information",
     "plan_address_space",
     "status_of",
-    "unece_unit_id",
     "variant_type_of",
 ]
 
 NAMESPACE_URI = "urn:opstwin:twin"
-UNECE_NAMESPACE = "http://www.opcfoundation.org/UA/units/un/cefact"
 
 _VARIANT_TYPES: dict[str, ua.VariantType] = {
     "bool": ua.VariantType.Boolean,
@@ -217,38 +216,17 @@ def eu_information(unit: str) -> ua.EUInformation | None:
     unit = unit.strip()
     if not unit:
         return None
-    known = _UNECE.get(unit)
-    if known is None:
-        return ua.EUInformation(
-            NamespaceUri=None,
-            UnitId=-1,
-            DisplayName=ua.LocalizedText(unit),
-            Description=ua.LocalizedText(unit),
-        )
-    code, name = known
-    return ua.EUInformation(
-        NamespaceUri=UNECE_NAMESPACE,
-        UnitId=unece_unit_id(code),
-        DisplayName=ua.LocalizedText(unit),
-        Description=ua.LocalizedText(name),
-    )
-
-
-def unece_unit_id(code: str) -> int:
-    """The EUInformation UnitId of a UNECE common code: its ASCII bytes, big-endian."""
-    if not 1 <= len(code) <= 3 or not code.isascii():
-        raise ValueError(f"UNECE common codes have 1-3 ASCII characters, got {code!r}")
-    unit_id = 0
-    for char in code:
-        unit_id = (unit_id << 8) | ord(char)
-    return unit_id
+    code, name = _UNECE.get(unit, (None, unit))
+    return unit_information(code, unit, name)
 
 
 def _variable(point: PointDef, name: str, parent: str) -> VariablePlan:
     vtype = variant_type_of(point.datatype)
     numeric = vtype in _INT_LIMITS or vtype in _FLOATS
-    ranged = numeric and point.lo is not None and point.hi is not None
-    if ranged:
+    eu_range = None
+    if numeric and point.lo is not None and point.hi is not None:
+        eu_range = ua.Range(Low=float(point.lo), High=float(point.hi))
+    if eu_range is not None:
         type_definition = ua.ObjectIds.AnalogItemType
     elif numeric:
         type_definition = ua.ObjectIds.BaseAnalogType
@@ -263,7 +241,7 @@ def _variable(point: PointDef, name: str, parent: str) -> VariablePlan:
         type_definition=type_definition,
         writable=point.writable,
         engineering_units=eu_information(point.unit) if numeric else None,
-        eu_range=ua.Range(Low=float(point.lo), High=float(point.hi)) if ranged else None,
+        eu_range=eu_range,
     )
 
 
@@ -324,38 +302,12 @@ def add_nodes_items(plan: AddressSpacePlan, ns: int) -> list[ua.AddNodesItem]:
             )
         )
         if var.eu_range is not None:
-            items.append(_property(nodeid, ns, "EURange", var.eu_range, ua.ObjectIds.Range))
+            prop = ua.NodeId(f"{var.point_id}#EURange", ns)
+            items.append(eu_range_item(prop, nodeid, var.eu_range))
         if var.engineering_units is not None:
-            items.append(
-                _property(
-                    nodeid,
-                    ns,
-                    "EngineeringUnits",
-                    var.engineering_units,
-                    ua.ObjectIds.EUInformation,
-                )
-            )
+            prop = ua.NodeId(f"{var.point_id}#EngineeringUnits", ns)
+            items.append(engineering_units_item(prop, nodeid, var.engineering_units))
     return items
-
-
-def _property(parent: ua.NodeId, ns: int, name: str, value: Any, datatype: int) -> ua.AddNodesItem:
-    attrs = ua.VariableAttributes()
-    attrs.DisplayName = ua.LocalizedText(name)
-    attrs.Description = ua.LocalizedText(name)
-    attrs.DataType = ua.NodeId(datatype)
-    attrs.ValueRank = ua.ValueRank.Scalar
-    attrs.ArrayDimensions = None
-    attrs.Value = ua.Variant(value, ua.VariantType.ExtensionObject)
-    return ua.AddNodesItem(
-        ParentNodeId=parent,
-        ReferenceTypeId=ua.NodeId(ua.ObjectIds.HasProperty),
-        RequestedNewNodeId=ua.NodeId(f"{parent.Identifier}#{name}", ns),
-        # Standard property names live in namespace 0 (OPC 10000-8 §5.3.2).
-        BrowseName=ua.QualifiedName(name, 0),
-        NodeClass=ua.NodeClass.Variable,
-        NodeAttributes=attrs,
-        TypeDefinition=ua.NodeId(ua.ObjectIds.PropertyType),
-    )
 
 
 # -- values --------------------------------------------------------------------------------------
@@ -416,7 +368,7 @@ def datavalue(
     hi: float | None = None,
     last_source: datetime | None = None,
     now: float | None = None,
-) -> TwinDataValue:
+) -> SharedDataValue:
     """The DataValue a client reads for a twin value.
 
     SourceTimestamp is the device's time; a STALE value without one keeps `last_source` (the time
@@ -430,37 +382,19 @@ def datavalue(
         if variant is None:
             status = _S.BadTypeMismatch
     server_ts = change.gateway_ts or now
+    source: datetime | None
     if change.source_ts is not None:
         source = _utc(change.source_ts)
     elif change.quality is Quality.STALE and last_source is not None:
         source = last_source
     else:
         source = _utc(server_ts) if server_ts else None
-    return TwinDataValue(
+    return SharedDataValue(
         Value=variant if variant is not None else ua.Variant(None, ua.VariantType.Null),
         StatusCode=ua.StatusCode(status),
         SourceTimestamp=source,
         ServerTimestamp=_utc(server_ts) if server_ts else None,
     )
-
-
-class TwinDataValue(ua.DataValue):
-    """A DataValue that is never changed after it is made, so copying it is returning it.
-
-    asyncua deep-copies the DataValue of every change for every monitored item that watches it
-    ("to prevent referencing the inner value"); for a float with two timestamps that deepcopy
-    costs more than everything else the server does per change, five times over. The values
-    made here are fresh per change and nobody mutates them, so the copy can be the original.
-    It encodes as a plain DataValue: asyncua serialises by the declared field type.
-    """
-
-    __slots__ = ()
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> TwinDataValue:
-        return self
-
-    def __copy__(self) -> TwinDataValue:
-        return self
 
 
 def _variant(value: Any, vtype: ua.VariantType) -> ua.Variant | None:

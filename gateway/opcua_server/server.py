@@ -1,12 +1,5 @@
 """The gateway's own OPC UA server: the twin, read-only, for SCADA/HMI clients.
 
-    TwinOpcuaServer(config, store, points, *, pki_dir, on_write=None)
-    await start() / await stop()         or `async with`
-    endpoint -> str                      the URL clients use (a configured port 0 resolved)
-    certificate_thumbprint -> str        SHA-1 of the server certificate, as clients show it
-    nodeid(point_id) -> str              `ns=2;s=<point id>`
-    changes_applied -> int               twin changes written into the address space so far
-
 The address space is planned in `address_space.py` from the point definitions. Values follow the
 twin through `TwinStore.add_listener`: the listener only queues the batch (it runs inside
 ingest), and one task writes each change into asyncua's address space directly, which also
@@ -44,11 +37,11 @@ from asyncua.server.address_space import AttributeService
 from asyncua.server.user_managers import UserManager
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from asyncua_glue import fixes
 from drivers.errors import ConfigurationError
 from drivers.opcua.security import ensure_app_certificate
 from gateway import __version__
 from gateway.errors import GatewayError
-from gateway.opcua_server import asyncua_fixes
 from gateway.opcua_server.address_space import (
     NAMESPACE_URI,
     add_nodes_items,
@@ -61,7 +54,7 @@ from gateway.twin.model import PointDef, PointValue
 from gateway.twin.store import TwinStore
 
 log = logging.getLogger(__name__)
-asyncua_fixes.apply()
+fixes.apply()
 
 __all__ = ["GatewayUser", "TwinOpcuaServer", "TwinUserManager", "WriteHook", "default_app_uri"]
 
@@ -78,6 +71,7 @@ _POLICIES = {
     "Basic256Sha256_SignAndEncrypt": ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt,
 }
 _INTERNAL = User(role=UserRole.Admin)
+_TYPE_MISMATCH = ua.StatusCode(ua.StatusCodes.BadTypeMismatch)
 
 
 def default_app_uri() -> str:
@@ -115,6 +109,7 @@ class TwinOpcuaServer:
         self._pending: collections.deque[list[PointValue]] = collections.deque()
         self._wake: asyncio.Event | None = None
         self._follower: asyncio.Task[None] | None = None
+        self._unlisten: Callable[[], None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
         self._listening = False
@@ -253,7 +248,7 @@ class TwinOpcuaServer:
         self._wake = asyncio.Event()
         _, values = self.store.snapshot()
         self._pending.append([values[p] for p in self._slots if p in values])
-        self.store.add_listener(self._on_changes)
+        self._unlisten = self.store.add_listener(self._on_changes)
         self._follower = asyncio.create_task(self._follow(), name="opcua-server:follow")
 
     def _resolve_port(self, server: Server) -> str:
@@ -275,8 +270,9 @@ class TwinOpcuaServer:
         return url
 
     async def _teardown(self) -> None:
-        with contextlib.suppress(ValueError):
-            self.store.remove_listener(self._on_changes)
+        if self._unlisten is not None:
+            self._unlisten()
+            self._unlisten = None
         if self._follower is not None:
             self._follower.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -335,7 +331,7 @@ class TwinOpcuaServer:
                 if change.source_ts is not None:
                     slot.last_source = dv.SourceTimestamp
                 result = await write(slot.nodeid, value_attr, dv)
-                if not result.is_good() or dv.StatusCode.value == ua.StatusCodes.BadTypeMismatch:
+                if not result.is_good() or dv.StatusCode == _TYPE_MISMATCH:
                     self._warn_once(change, result)
                 self.changes_applied += 1
                 since_yield += 1

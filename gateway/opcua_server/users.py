@@ -1,10 +1,5 @@
 """Who may log in to the OPC UA server: argon2 password hashes mapped to gateway roles.
 
-    hash_password(plain) -> str                 an argon2id PHC string for the config
-    is_argon2_hash(text) -> bool                 does `text` look like one (parameters parse)?
-    UserStore(users, *, allow_anonymous, allow_unsecured)
-        .authenticate(username, password, *, secured) -> Account | None
-
 No asyncua here (the config model imports this module, and every config load would pay for
 it); the asyncua UserManager that asks a UserStore lives in `server.py`.
 

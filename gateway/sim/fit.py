@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -121,19 +123,18 @@ def fit_fopdt(
     taus = np.geomspace(0.1 * dt, 10.0 * dt * n, _COARSE_TAUS)
     s0 = _response_many(du, taus, dt)  # (n, n_taus) unit responses with no dead time
     best: list[tuple[float, int, int]] = []
-    for d in delays:
-        s = _shift(s0, int(d))
-        rss = _linear_rss(s, y)
-        i = int(np.argmin(rss))
-        best.append((float(rss[i]), int(d), i))
+    for delay in delays:
+        rss_grid = _linear_rss(_shift(s0, int(delay)), y)
+        i = int(np.argmin(rss_grid))
+        best.append((float(rss_grid[i]), int(delay), i))
     best.sort()
     # Refine tau for the few most promising dead times; the coarse grid can misrank neighbours.
-    refined = []
+    refined: list[tuple[float, int, float]] = []
     for _, d, i in best[:3]:
         lo, hi = taus[max(i - 1, 0)], taus[min(i + 1, taus.size - 1)]
-        tau = _golden(lambda tau, d=d: _rss_at(du, y, tau, dt, d)[0], math.log(lo), math.log(hi))
+        tau = _golden(functools.partial(_rss_of_tau, du, y, dt, d), math.log(lo), math.log(hi))
         refined.append((_rss_at(du, y, tau, dt, d)[0], d, tau))
-    rss, d, tau = min(refined)
+    rss_best, d, tau = min(refined)
     _, bias, gain = _rss_at(du, y, tau, dt, d)
 
     s = _response(du, tau, dt, d)
@@ -141,7 +142,7 @@ def fit_fopdt(
     ds_dtau = (_response(du, tau + h, dt, d) - _response(du, tau - h, dt, d)) / (2 * h)
     jac = np.column_stack([np.ones(n), s, gain * ds_dtau])
     dof = n - 3
-    s2 = rss / dof
+    s2 = rss_best / dof
     try:
         cov = s2 * np.linalg.inv(jac.T @ jac)
     except np.linalg.LinAlgError as exc:
@@ -155,7 +156,7 @@ def fit_fopdt(
         dt=dt,
         cov=cov,
         sigma_v=math.sqrt(s2),
-        rss=rss,
+        rss=rss_best,
         n=n,
     )
 
@@ -204,6 +205,10 @@ def _linear_rss(s: np.ndarray, y: np.ndarray) -> np.ndarray:
     return rss
 
 
+def _rss_of_tau(du: np.ndarray, y: np.ndarray, dt: float, d: int, tau: float) -> float:
+    return _rss_at(du, y, tau, dt, d)[0]
+
+
 def _rss_at(
     du: np.ndarray, y: np.ndarray, tau: float, dt: float, d: int
 ) -> tuple[float, float, float]:
@@ -218,7 +223,7 @@ def _rss_at(
     return float(r @ r), bias, gain
 
 
-def _golden(f, lo: float, hi: float, tol: float = 1e-10) -> float:  # type: ignore[no-untyped-def]
+def _golden(f: Callable[[float], float], lo: float, hi: float, tol: float = 1e-10) -> float:
     """Minimise f(exp(x)) over x in [lo, hi] by golden-section search; return exp(x*)."""
     a, b = lo, hi
     c, d = b - _GOLDEN * (b - a), a + _GOLDEN * (b - a)

@@ -338,12 +338,11 @@ class Scenario(_Strict):
         if len(inputs) not in (1, n_in):
             raise ValueError(f"input: model takes {n_in} input(s), got {len(inputs)} plans")
         p = m.n_outputs
-        for where, items in (("constraints", self.constraints), ("kpis", self.kpis)):
-            for i, c in enumerate(items):
-                if c.output >= p:
-                    raise ValueError(
-                        f"{where}[{i}].output={c.output} but the model has {p} output(s)"
-                    )
+        outputs = [("constraints", i, c.output) for i, c in enumerate(self.constraints)]
+        outputs += [("kpis", i, k.output) for i, k in enumerate(self.kpis)]
+        for where, i, output in outputs:
+            if output >= p:
+                raise ValueError(f"{where}[{i}].output={output} but the model has {p} output(s)")
         if self.adaptive and not (self.constraints or self.kpis):
             raise ValueError("adaptive needs a constraint or a KPI whose RSE it can target")
         steps = self.n_steps

@@ -4,12 +4,8 @@ Plain blocking functions on their own read-only connections (one per calling thr
 event loop runs them with `asyncio.to_thread` and they never wait for the writer (WAL). They see
 committed data only.
 
-    HistoryReader(path)
-    history(point_id, start, end, limit=1000) -> list[HistoryRow]   oldest first, start <= ts <= end
-    aggregate(point_id, start, end, bucket_s) -> list[Bucket]        non-empty buckets only
-    events_since(rev, limit=1000) -> list[EventRecord]                rev order; CursorExpiredError
-                                                                      if retention dropped revs
-    close() -> None
+A cursor older than what retention kept raises CursorExpiredError rather than silently skipping
+the dropped revs: a consumer must know it has a gap.
 
 Times are the gateway timestamps (epoch seconds). Aggregates take only values of quality GOOD or
 UNCERTAIN: a BAD or STALE row repeats the last value without measuring it.
@@ -22,10 +18,11 @@ import math
 import sqlite3
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from drivers.base import Quality
+from drivers.contract import Quality
 from gateway.errors import StoreError, UnknownPointError
 from gateway.twin.model import EventRecord, asset_of
 from gateway.twin.schema import QUALITIES, TELEMETRY, connect
@@ -64,7 +61,8 @@ class HistoryRow(NamedTuple):
     reason: str | None
 
 
-class Bucket(NamedTuple):
+@dataclass(slots=True, frozen=True)
+class Bucket:
     """Aggregates of one time bucket [start, end)."""
 
     start: float

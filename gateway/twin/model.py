@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from drivers.base import Quality
+from drivers.contract import Quality
 
 __all__ = ["EventRecord", "PointDef", "PointValue", "Quality", "asset_of"]
 

@@ -41,7 +41,7 @@ from pathlib import Path
 
 from sqlite_utils import Database
 
-from drivers.base import Quality
+from drivers.contract import Quality
 from gateway.errors import StoreError
 
 __all__ = [
@@ -134,7 +134,9 @@ def migrate(conn: sqlite3.Connection, *, path: str | Path = "") -> int:
             continue
         with db.atomic():
             apply(db)
-            db["_migrations"].insert({"version": version, "name": name, "applied_at": time.time()})
+            db.table("_migrations").insert(
+                {"version": version, "name": name, "applied_at": time.time()}
+            )
     return SCHEMA_VERSION
 
 

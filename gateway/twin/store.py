@@ -1,26 +1,8 @@
 """The twin store: in-memory current state in front of the SQLite event log and history.
 
-Public API (all methods are safe to call from the event-loop thread: none waits on SQLite except
-those marked *blocking*, which the loop runs through `asyncio.to_thread`):
-
-    TwinStore(path, points, *, flush_interval_s=0.005, flush_rows=5000, history_days=30,
-              events_days=7, clock=time.time)
-    open() -> None                       blocking: migrate, load current values + rev, start writer
-    close() -> None                      blocking: commit everything, stop the writer
-    ingest(batch: Iterable[Sample]) -> int         accepted count; never blocks on SQLite
-    append_event(type, data, *, point_id=None, asset_id=None) -> int     the event's rev
-    get(point_id) -> PointValue                    UnknownPointError if not declared
-    snapshot() -> tuple[int, dict[str, PointValue]]
-    rev: int                             newest rev assigned in memory (may not be committed yet)
-    committed_rev: int                   newest rev known to be in the database
-    flush(timeout=10.0) -> None          blocking: wait until `rev` (as of the call) is committed
-    aflush() -> None                     the same, awaitable (off-loop thread)
-    prune(now=None) -> PruneResult       blocking: retention, run on the writer thread
-    history(point_id, start, end, limit=1000) -> list[HistoryRow]      blocking reads, see
-    aggregate(point_id, start, end, bucket_s) -> list[Bucket]          `gateway.twin.history`
-    events_since(rev, limit=1000) -> list[EventRecord]
-    stats -> StoreStats                  accepted / filtered / unknown / invalid, writer counters
-    add_listener(fn) / remove_listener(fn)         fn(list[PointValue]) after each ingest
+Nothing here waits on SQLite on the event loop: ingest and append_event hand rows to the writer
+thread; the methods that do wait (open, close, flush, prune and the history reads) say so in their
+docstrings, and the loop runs them through `asyncio.to_thread`.
 
 Ingest filters on change: the first sample of a point is always accepted; a quality change is
 always accepted; otherwise a value is accepted when it differs from the last accepted one by more
@@ -39,6 +21,7 @@ events; a rev taken from `rev`/`snapshot()` may be reused after a crash.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import numbers
@@ -49,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from drivers.base import Quality, Sample
+from drivers.contract import Quality, Sample
 from gateway.errors import StoreError, UnknownPointError
 from gateway.twin.history import Bucket, HistoryReader, HistoryRow, decode_value
 from gateway.twin.model import EventRecord, PointDef, PointValue, asset_of
@@ -61,7 +44,15 @@ from gateway.twin.schema import (
     migrate,
     write_transaction,
 )
-from gateway.twin.writer import PruneResult, TelemetryRow, Writer
+from gateway.twin.writer import (
+    ROW_PID,
+    ROW_QUALITY,
+    ROW_SOURCE_TS,
+    ROW_VALUE,
+    PruneResult,
+    TelemetryRow,
+    Writer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -126,11 +117,9 @@ class TwinStore:
         self._reader: HistoryReader | None = None
         self._open = False
         self._rev = 0
-        # point id -> [pid, deadband, last row]; the last row is the TelemetryRow that the writer
-        # also gets, so an accepted update allocates one tuple and nothing else. pid is known
-        # once open() has read the points table.
-        self._state: dict[str, list[Any]] = {
-            p.id: [0, max(p.deadband or 0.0, 0.0), None] for p in self.points.values()
+        # pid is known once open() has read the points table.
+        self._state: dict[str, _PointState] = {
+            p.id: _PointState(0, max(p.deadband or 0.0, 0.0), None) for p in self.points.values()
         }
         self._accepted = 0
         self._filtered = 0
@@ -143,7 +132,7 @@ class TwinStore:
     # -- lifecycle --------------------------------------------------------------------------------
 
     def open(self) -> None:
-        """Migrate the database, load current values and rev, and start the writer thread."""
+        """Migrate the database, load current values and rev, start the writer (blocking)."""
         if self._open:
             raise StoreError(f"{self.path}: twin store is already open")
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -176,7 +165,7 @@ class TwinStore:
         log.info("%s: twin store open at rev %d with %d points", self.path, rev, len(self.points))
 
     def close(self) -> None:
-        """Commit everything ingested so far, stop the writer and close every connection."""
+        """Commit everything ingested so far, stop the writer, close connections (blocking)."""
         with self._lock:
             if not self._open:
                 return
@@ -224,22 +213,22 @@ class TwinStore:
                         invalid += 1
                         continue
                 source_ts = sample.source_ts
-                last = entry[2]
+                last = entry.last
                 if last is not None:
                     if value is None:
-                        if quality == last[4]:
+                        if quality == last[ROW_QUALITY]:
                             filtered += 1
                             continue
                         # No new reading: the value and its source time stay the last ones.
-                        value = last[3]
+                        value = last[ROW_VALUE]
                         if source_ts is None:
-                            source_ts = last[5]
-                    elif quality == last[4]:
-                        previous = last[3]
+                            source_ts = last[ROW_SOURCE_TS]
+                    elif quality == last[ROW_QUALITY]:
+                        previous = last[ROW_VALUE]
                         if value == previous:
                             filtered += 1
                             continue
-                        deadband = entry[1]
+                        deadband = entry.deadband
                         if deadband:
                             try:
                                 if abs(value - previous) <= deadband:
@@ -248,8 +237,8 @@ class TwinStore:
                             except TypeError:
                                 pass  # not numbers (text, a None previous): changed is changed
                 rev += 1
-                row = (rev, now, entry[0], value, quality, source_ts, sample.reason)
-                entry[2] = row
+                row = (rev, now, entry.pid, value, quality, source_ts, sample.reason)
+                entry.last = row
                 append(row)
             if rows:
                 self._rev = rev
@@ -263,18 +252,21 @@ class TwinStore:
             self._notify(rows)
         return len(rows)
 
-    def add_listener(self, listener: ChangeListener) -> None:
-        """Call `listener(changes)` after every ingest that accepted changes.
+    def add_listener(self, listener: ChangeListener) -> Callable[[], None]:
+        """Call `listener(changes)` after every ingest that accepted changes; return its remover.
 
         Listeners run on the thread that called ingest() (the event loop), in rev order, with
         the new values; they must be quick and must not raise (a failure is logged and the
-        listener stays registered). The OPC UA server follows the twin through this.
+        listener stays registered). The remover is idempotent, so a subsystem can hand it to its
+        teardown stack without tracking whether it already ran.
         """
         self._listeners.append(listener)
 
-    def remove_listener(self, listener: ChangeListener) -> None:
-        """Stop calling `listener`."""
-        self._listeners.remove(listener)
+        def remove() -> None:
+            with contextlib.suppress(ValueError):
+                self._listeners.remove(listener)
+
+        return remove
 
     def append_event(
         self,
@@ -302,7 +294,7 @@ class TwinStore:
                 entry = self._state.get(point_id)
                 if entry is None:
                     raise UnknownPointError(f"unknown point {point_id!r}")
-                pid = entry[0]
+                pid = entry.pid
                 if asset_id is None:
                     asset_id = asset_of(point_id)
             self._rev += 1
@@ -312,7 +304,7 @@ class TwinStore:
         return rev
 
     def flush(self, timeout: float = 10.0) -> None:
-        """Block until everything ingested so far is committed; StoreError if it cannot be."""
+        """Wait until everything ingested so far is committed; StoreError if not (blocking)."""
         writer = self._require_writer()
         writer.flush(self._rev, timeout)
 
@@ -321,7 +313,7 @@ class TwinStore:
         await asyncio.to_thread(self.flush)
 
     def prune(self, now: float | None = None, timeout: float = 600.0) -> PruneResult:
-        """Drop history older than `history_days` and events older than `events_days`."""
+        """Drop history older than `history_days`, events older than `events_days` (blocking)."""
         writer = self._require_writer()
         result = writer.prune(self._clock() if now is None else now, timeout)
         log.info(
@@ -355,13 +347,13 @@ class TwinStore:
         entry = self._state.get(point_id)
         if entry is None:
             raise UnknownPointError(f"unknown point {point_id!r}")
-        return self._value_of(point_id, entry[2])
+        return self._value_of(point_id, entry.last)
 
     def snapshot(self) -> tuple[int, dict[str, PointValue]]:
         """Every point's current value and the rev they were taken at."""
         with self._lock:
             rev = self._rev
-            rows = [(point_id, entry[2]) for point_id, entry in self._state.items()]
+            rows = [(point_id, entry.last) for point_id, entry in self._state.items()]
         return rev, {point_id: self._value_of(point_id, row) for point_id, row in rows}
 
     def history(
@@ -446,7 +438,7 @@ class TwinStore:
 
     def _load(self, conn: Any, pids: dict[str, int]) -> tuple[int, int]:
         current = {
-            row[2]: row
+            row[ROW_PID]: row
             for row in conn.execute(
                 "SELECT rev, ts, pid, value, quality, source_ts, reason FROM current"
             )
@@ -458,9 +450,9 @@ class TwinStore:
             if row is not None:
                 decode = decode_value(point.datatype)
                 if decode is not None:
-                    row = (*row[:3], decode(row[3]), *row[4:])
+                    row = (*row[:ROW_VALUE], decode(row[ROW_VALUE]), *row[ROW_VALUE + 1 :])
             deadband = point.deadband if point.deadband and point.deadband > 0 else 0.0
-            self._state[point_id] = [pid, deadband, row]
+            self._state[point_id] = _PointState(pid, deadband, row)
         top_event = conn.execute("SELECT max(rev) FROM events").fetchone()[0] or 0
         top_current = conn.execute("SELECT max(rev) FROM current").fetchone()[0] or 0
         log_start = int(
@@ -483,6 +475,16 @@ class TwinStore:
         if self._reader is None:
             raise StoreError(f"{self.path}: twin store was never opened")
         return self._reader
+
+
+@dataclass(slots=True)
+class _PointState:
+    """What ingest keeps per point."""
+
+    pid: int
+    deadband: float
+    # The TelemetryRow the writer also got: an accepted update allocates one tuple, nothing else.
+    last: TelemetryRow | None
 
 
 # -- value checks ----------------------------------------------------------------------------------

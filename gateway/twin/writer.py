@@ -22,17 +22,32 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from gateway.errors import StoreError
 from gateway.twin.schema import TELEMETRY, connect, write_transaction
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EventRow", "PruneResult", "TelemetryRow", "Writer"]
+__all__ = [
+    "ROW_PID",
+    "ROW_QUALITY",
+    "ROW_SOURCE_TS",
+    "ROW_VALUE",
+    "EventRow",
+    "PruneResult",
+    "TelemetryRow",
+    "Writer",
+]
 
 # (rev, ts, pid, value, quality code, source_ts, reason): bound as-is by INSERT_TELEMETRY.
 TelemetryRow = tuple[int, float, int, Any, int, "float | None", "str | None"]
+# Positions in a TelemetryRow. The row stays a plain tuple (bound as-is, one allocation per
+# accepted sample on the hot ingest path); these names keep readers off bare indexes.
+ROW_PID: Final = 2
+ROW_VALUE: Final = 3
+ROW_QUALITY: Final = 4
+ROW_SOURCE_TS: Final = 5
 # (rev, ts, type, pid, asset_id, data JSON)
 EventRow = tuple[int, float, str, "int | None", "str | None", str]
 

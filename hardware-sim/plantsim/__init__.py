@@ -6,13 +6,13 @@ nothing from `gateway` or `drivers`: it is the plant, not the product.
 
 from __future__ import annotations
 
-from .device import Device, Model
-from .devices import MeterDevice, OvenDevice, Plant, TankDevice
-from .faults import Faults, ModbusFaults, OpcUaFaults
+from .device_base import Device, Model
+from .faults import Faults, ModbusFaults, OpcuaFaults
 from .meter import MeterModel, MeterParams
-from .modbus.device import ModbusDevice
-from .opcua.device import OpcUaDevice
+from .modbus.modbus_device import ModbusDevice
+from .opcua.opcua_device import OpcuaDevice
 from .oven import OvenModel, OvenParams
+from .plant import MeterDevice, OvenDevice, Plant, TankDevice
 from .tank import TankModel, TankParams
 
 __all__ = [
@@ -24,8 +24,8 @@ __all__ = [
     "ModbusDevice",
     "ModbusFaults",
     "Model",
-    "OpcUaDevice",
-    "OpcUaFaults",
+    "OpcuaDevice",
+    "OpcuaFaults",
     "OvenDevice",
     "OvenModel",
     "OvenParams",

@@ -9,10 +9,11 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Mapping
 
 from .control import USAGE, FaultCommand, FaultSpecError, apply_fault, parse_fault
-from .device import Device
-from .devices import Plant
+from .device_base import Device
+from .plant import Plant
 
 log = logging.getLogger("plantsim")
 
@@ -100,7 +101,7 @@ def describe(device: Device, seed: int) -> str:
     )
 
 
-async def _later(command: FaultCommand, devices: dict[str, Device]) -> None:
+async def _later(command: FaultCommand, devices: Mapping[str, Device]) -> None:
     await asyncio.sleep(command.delay_s)
     try:
         log.info("%s", await apply_fault(command, devices))
@@ -108,7 +109,7 @@ async def _later(command: FaultCommand, devices: dict[str, Device]) -> None:
         log.error("%s", exc)
 
 
-async def _read_stdin(devices: dict[str, Device]) -> None:
+async def _read_stdin(devices: Mapping[str, Device]) -> None:
     """Apply one fault command per line of stdin (the demo's tiny control channel)."""
     loop = asyncio.get_running_loop()
     lines: asyncio.Queue[str] = asyncio.Queue()

@@ -7,9 +7,10 @@ ARGS are comma-separated. Examples: `tank:spike:level,1.0,10`, `meter:exception:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .device import Device
+from .device_base import Device
 
 USAGE = """\
 faults (DEVICE:FAULT[:ARGS][@DELAY_S]):
@@ -67,7 +68,7 @@ def parse_fault(text: str) -> FaultCommand:
     return FaultCommand(parts[0], parts[1], args, delay, text.strip())
 
 
-async def apply_fault(command: FaultCommand, devices: dict[str, Device]) -> str:
+async def apply_fault(command: FaultCommand, devices: Mapping[str, Device]) -> str:
     """Apply a parsed command to its device; return a line describing what was done."""
     device = devices.get(command.device)
     if device is None:

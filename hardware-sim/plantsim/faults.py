@@ -3,7 +3,7 @@
 Signal faults (freeze, spike, noise) change what a device *reports*, never the physics behind
 it: a stuck transmitter does not stop the water. Link faults (refuse, slow, garbage, drop,
 stop/start, restart) act on the device's server. Protocol-specific faults live in subclasses:
-`ModbusFaults.exception`, `OpcUaFaults.bad_status`.
+`ModbusFaults.exception`, `OpcuaFaults.bad_status`.
 """
 
 from __future__ import annotations
@@ -262,7 +262,7 @@ class ModbusFaults(Faults):
         self._rules: list[_ExceptionRule] = []
 
 
-class OpcUaFaults(Faults):
+class OpcuaFaults(Faults):
     """Faults of an OPC UA device: the common switches plus bad status codes per variable."""
 
     def bad_status(self, signal: str, status: str | int, on: bool = True) -> None:

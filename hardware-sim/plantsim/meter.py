@@ -81,7 +81,7 @@ class MeterModel:
             seconds -= excess
         return kws / seconds
 
-    def write(self, signal: str, value: float | bool) -> None:
+    def write(self, signal: str, value: float | bool | int | str) -> None:
         """Apply a command from a client: `demand_window_min`."""
         if signal != "demand_window_min":
             raise KeyError(f"meter: {signal!r} is not writable (demand_window_min is)")

@@ -76,7 +76,7 @@ class TankModel:
             return 0.0
         return self.params.outflow_coeff_m3h * math.sqrt(max(self.level_m, 0.0))
 
-    def write(self, signal: str, value: float | bool) -> None:
+    def write(self, signal: str, value: float | bool | int | str) -> None:
         """Apply a command from a client: `valve_pct` or `pump_on`."""
         if signal == "valve_pct":
             self.valve_pct = float(value)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # one demo run of about 45 s, shared by the module
+
 OPSTWIN = [sys.executable, "-m", "gateway.cli"]
 LEVEL = "utilities/cooling/tank1/level"
 OVEN = "line1/oven1/temperature"

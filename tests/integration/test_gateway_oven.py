@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -11,14 +11,16 @@ import yaml
 from asyncua import Client, ua
 from tests_support import eventually
 
-from drivers.base import Quality
-from drivers.opcua.security import ensure_client_certificate
+from drivers.contract import Quality
+from drivers.opcua.security import ensure_client_certificate, thumbprint
 from gateway.app import Gateway
 from gateway.config import SiteConfig, parse_config
 from gateway.demo import demo_config_data
 from gateway.opcua_server.address_space import NAMESPACE_URI
 from gateway.opcua_server.users import hash_password
 from plantsim import OvenDevice
+
+pytestmark = pytest.mark.slow  # two asyncua servers start per test, ~2 s each
 
 TEMPERATURE = "line1/oven1/temperature"
 SETPOINT = "line1/oven1/heater_setpoint"
@@ -48,7 +50,14 @@ async def oven() -> AsyncIterator[OvenDevice]:
 
 
 @pytest.fixture
-async def gateway(tmp_path, oven) -> AsyncIterator[Gateway]:
+def pki(tmp_path: Path, install_pki: Callable[[str, Path], Path]) -> None:
+    """Certificates where the gateway (its default `pki/`) and the SCADA client look."""
+    install_pki("gateway", tmp_path / "pki")
+    install_pki("client", tmp_path / "scada-pki")
+
+
+@pytest.fixture
+async def gateway(tmp_path: Path, oven: OvenDevice, pki: None) -> AsyncIterator[Gateway]:
     gw = Gateway(oven_config(tmp_path, oven.port))
     await gw.start()
     try:
@@ -143,6 +152,10 @@ async def test_bad_status_on_the_plc_is_bad_in_the_twin_and_on_the_gateway_serve
 
 
 async def test_scada_reads_what_the_twin_holds_over_a_secure_channel(gateway, oven, tmp_path):
+    # The server kept the certificate it found in its pki_dir: clients that trusted it still do.
+    assert gateway.opcua_server is not None
+    installed = (tmp_path / "pki" / "opcua-server" / "cert.der").read_bytes()
+    assert gateway.opcua_server.certificate_thumbprint == thumbprint(installed).lower()
     await eventually(lambda: all_good(gateway), what="every oven point GOOD")
     client = await scada_client(gateway, tmp_path, user="scada")
     async with client:

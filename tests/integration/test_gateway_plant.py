@@ -11,7 +11,7 @@ import pytest
 import yaml
 from tests_support import eventually
 
-from drivers.base import Quality
+from drivers.contract import Quality
 from gateway.app import Gateway
 from gateway.config import SiteConfig, parse_config
 from gateway.demo import demo_config_data

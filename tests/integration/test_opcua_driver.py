@@ -19,10 +19,11 @@ from asyncua.crypto import cert_gen
 from asyncua.crypto.permission_rules import User, UserRole
 from asyncua.server.user_managers import UserManager
 from cryptography.x509.oid import ExtendedKeyUsageOID
+from tests_support import free_port
 
 from drivers.backoff import Backoff
-from drivers.base import ConnectionState, Quality, Sample
-from drivers.errors import DeviceError, WriteRejectedError, WriteVerifyError
+from drivers.contract import ConnectionState, Quality, Sample
+from drivers.errors import DeviceResponseError, WriteRejectedError, WriteVerifyError
 from drivers.opcua import OpcuaDriver, OpcuaPoint
 
 pytestmark = pytest.mark.timeout(60)
@@ -51,12 +52,6 @@ NODES: dict[str, tuple[Any, ua.VariantType, bool]] = {
     "Oven1.Sticky": (3.0, ua.VariantType.Double, True),  # answers Good, keeps its value
     "Oven1.Slow": (4.0, ua.VariantType.Double, True),  # applies a write 150 ms later
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Users(UserManager):
@@ -227,7 +222,7 @@ class Plc:
                 for i in range(len(params.ItemsToCreate))
             ]
 
-        service.create_monitored_items = counted_create  # type: ignore[method-assign]
+        service.create_monitored_items = counted_create
         attributes = server.iserver.attribute_service
         read, write = attributes.read, attributes.write
 
@@ -245,8 +240,8 @@ class Plc:
                 return [ua.StatusCode(code or 0) for code in refused]
             return await (write(params) if user is None else write(params, user))
 
-        attributes.read = counted_read  # type: ignore[method-assign]
-        attributes.write = refusing_write  # type: ignore[method-assign]
+        attributes.read = counted_read
+        attributes.write = refusing_write
 
     async def _server_certificate(self) -> tuple[Path, Path]:
         assert self.secure_dir is not None
@@ -368,7 +363,7 @@ class Recorder:
 
 
 def points(*names: str, **overrides: Any) -> list[OpcuaPoint]:
-    defaults = {
+    defaults: dict[str, dict[str, Any]] = {
         "Oven1.Temperature": {"lo": 0, "hi": 300},
         "Oven1.Setpoint": {"lo": 0, "hi": 250, "writable": True},
         "Oven1.Ratio": {"lo": 0, "hi": 1, "writable": True},
@@ -536,6 +531,7 @@ async def test_monitored_items_are_created_in_batches_of_the_server_limit() -> N
         await plc.stop()
 
 
+@pytest.mark.slow
 async def test_a_server_understating_its_limit_gets_smaller_batches() -> None:
     # The PLC claims 10 per call but refuses more than 4: the driver halves until accepted.
     plc = Plc(signals=12, max_items_per_call=4)
@@ -607,13 +603,13 @@ async def test_refused_writes_leave_the_server_value_unchanged(plc: Plc) -> None
 async def test_writes_the_server_refuses_name_node_and_status(plc: Plc) -> None:
     async with running(plc) as (driver, rec):
         await rec.all(Quality.GOOD)
-        with pytest.raises(DeviceError, match=r"ns=2;s=Oven1\.Locked.*BadNotWritable"):
+        with pytest.raises(DeviceResponseError, match=r"ns=2;s=Oven1\.Locked.*BadNotWritable"):
             await driver.write("oven1.locked", 2.0)
         plc.refuse_writes["Oven1.Guarded"] = ua.StatusCodes.BadOutOfRange
-        with pytest.raises(DeviceError, match=r"ns=2;s=Oven1\.Guarded.*BadOutOfRange"):
+        with pytest.raises(DeviceResponseError, match=r"ns=2;s=Oven1\.Guarded.*BadOutOfRange"):
             await driver.write("oven1.guarded", 50.0)
         plc.refuse_writes["Oven1.Guarded"] = ua.StatusCodes.BadTypeMismatch
-        with pytest.raises(DeviceError, match="BadTypeMismatch"):
+        with pytest.raises(DeviceResponseError, match="BadTypeMismatch"):
             await driver.write("oven1.guarded", 50.0)
         assert (plc.get("Oven1.Locked"), plc.get("Oven1.Guarded")) == (1.0, 5.0)
 
@@ -661,6 +657,7 @@ async def test_lost_session_is_noticed_and_resubscribed(plc: Plc) -> None:
         await rec.value("oven1.temperature", 77.0)
 
 
+@pytest.mark.slow
 async def test_network_loss_without_close_is_noticed_and_ridden_out(plc: Plc) -> None:
     proxy = Proxy(plc.port)
     await proxy.start()
@@ -696,6 +693,7 @@ async def test_silent_subscription_is_detected_and_rebuilt(plc: Plc, how: str) -
 # -- security -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_sign_and_encrypt_with_certificate_made_on_first_use_and_pinned(
     tmp_path: Path,
 ) -> None:
@@ -756,6 +754,7 @@ async def test_secure_mode_without_pki_dir_says_so(plc: Plc) -> None:
         )
 
 
+@pytest.mark.slow
 async def test_username_and_password(tmp_path: Path) -> None:
     plc = Plc(secure_dir=tmp_path, users=True)
     await plc.start()

@@ -14,7 +14,7 @@ import hashlib
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,7 +29,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from drivers.base import Quality, Sample
+from drivers.contract import Quality, Sample
 from gateway.errors import GatewayError
 from gateway.opcua_server import OpcuaServerConfig, TwinOpcuaServer, hash_password
 from gateway.opcua_server.address_space import NAMESPACE_URI
@@ -97,7 +97,7 @@ def client_pki(tmp_path_factory) -> ClientPki:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> TwinStore:
+def store(tmp_path_factory) -> Iterator[TwinStore]:
     twin = TwinStore(tmp_path_factory.mktemp("twin") / "twin.db", POINTS)
     twin.open()
     yield twin
@@ -331,7 +331,7 @@ async def test_anonymous_is_a_viewer_when_allowed_with_the_none_policy(
     serve, store, client_pki, caplog
 ):
     ingest(store, Sample(LEVEL, 3.5, Quality.GOOD, time.time()))
-    writes: list[tuple[str, str, Any]] = []
+    writes: list[tuple[str, str, str, Any]] = []
     server = await serve(
         allow_anonymous=True,
         security_policies=["None", "Basic256Sha256_SignAndEncrypt"],
@@ -403,6 +403,7 @@ async def test_writes_never_reach_the_twin(shared, store, hooked, client_pki, ca
 # -- restarts -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_a_restart_keeps_node_ids_and_the_certificate(serve, store, client_pki, tmp_path):
     ingest(store, Sample(COUNTER, 7, Quality.GOOD, time.time()))
     pki = tmp_path / "state" / "pki"
@@ -428,6 +429,7 @@ async def test_a_restart_keeps_node_ids_and_the_certificate(serve, store, client
     assert nodeid == ua.NodeId(COUNTER, 2) and ns == 2 and value == 7
 
 
+@pytest.mark.slow
 async def test_a_busy_port_is_a_gateway_error_naming_the_endpoint(serve, store):
     listeners = list(store._listeners)
     with socket.socket() as taken:

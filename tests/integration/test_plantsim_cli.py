@@ -27,6 +27,7 @@ async def start(*args: str) -> tuple[asyncio.subprocess.Process, dict[str, int],
         stdin=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
+    assert proc.stderr is not None
     ports: dict[str, int] = {}
     lines: list[str] = []
     async with asyncio.timeout(15):
@@ -43,6 +44,7 @@ async def stop(proc: asyncio.subprocess.Process, sig: int) -> tuple[int, str]:
     proc.send_signal(sig)
     async with asyncio.timeout(10):
         _, err = await proc.communicate()
+    assert proc.returncode is not None
     return proc.returncode, err.decode()
 
 
@@ -65,6 +67,7 @@ async def test_cli_serves_both_devices_and_exits_cleanly_on_a_signal(sig):
         level = AsyncModbusTcpClient.convert_from_registers(
             tank.registers[:2], AsyncModbusTcpClient.DATATYPE.FLOAT32
         )
+        assert isinstance(level, float)
         assert 0.0 <= level <= 5.0
     finally:
         code, err = await stop(proc, sig)
@@ -78,6 +81,7 @@ async def test_cli_applies_faults_from_the_command_line_and_stdin():
         r = await read(ports["meter"], 0, 2)
         assert r.isError() and r.exception_code == 4
         assert not (await read(ports["tank"], 0, 2)).isError()
+        assert proc.stdin is not None
         proc.stdin.write(b"meter:clear\ntank:exception:6\n")
         await proc.stdin.drain()
         for _ in range(50):

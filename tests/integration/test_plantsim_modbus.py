@@ -75,7 +75,7 @@ async def test_tank_serves_every_register_as_the_model_says(framer, connect):
     assert value(c, ir[0:2], DT.FLOAT32) == pytest.approx(s["level"], rel=1e-6)
     assert value(c, ir[2:3], DT.INT16) == round(s["outlet_flow"] * 100)
     assert value(c, ir[3:5], DT.FLOAT32) == pytest.approx(s["vibration"], rel=1e-6)
-    assert ir[5] == s["high_alarm"] | s["low_alarm"] << 1
+    assert ir[5] == int(s["high_alarm"]) | int(s["low_alarm"]) << 1
     assert value(c, ir[6:7], DT.INT16) == round(s["water_temp"] * 10)
     assert coil is s["pump_on"] is True
     assert switches == [s["high_switch"], s["low_switch"]]

@@ -227,6 +227,23 @@ async def test_subscription_sees_changes_and_bad_status(plc, connect):
     await sub.delete()
 
 
+async def test_a_deadband_subscription_is_told_of_bad_status_and_recovery(plc, connect):
+    # Stock asyncua 2.1 loses both notifications (a null value under a deadband, see
+    # docs/upstream/); asyncua_glue.fixes makes them arrive.
+    client = await connect(plc.endpoint)
+    changes = Changes()
+    sub = await client.create_subscription(20, changes)
+    await sub.deadband_monitor(client.get_node(plc.node_id("ambient")), 0.5)
+    initial = await changes.next()
+    plc.faults.bad_status("ambient", "BadSensorFailure")
+    bad = await changes.next()
+    assert bad.StatusCode.value == ua.StatusCodes.BadSensorFailure and bad.Value.Value is None
+    plc.faults.bad_status("ambient", "BadSensorFailure", on=False)
+    back = await changes.next()
+    assert back.StatusCode.is_good() and back.Value.Value == initial.Value.Value
+    await sub.delete()
+
+
 # -- faults -----------------------------------------------------------------------------------
 
 
@@ -487,6 +504,7 @@ async def test_cli_serves_the_oven_and_takes_its_faults():
         stdin=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
+    assert proc.stderr is not None and proc.stdin is not None
     lines: list[str] = []
     try:
         async with asyncio.timeout(20):
@@ -494,7 +512,9 @@ async def test_cli_serves_the_oven_and_takes_its_faults():
                 line = (await proc.stderr.readline()).decode()
                 assert line, f"plantsim exited early:\n{''.join(lines)}"
                 lines.append(line)
-        url = re.search(r"oven listening on (opc\.tcp://\S+)", "".join(lines)).group(1)
+        found = re.search(r"oven listening on (opc\.tcp://\S+)", "".join(lines))
+        assert found is not None
+        url = found.group(1)
         assert "ns=2 urn:opstwin:plantsim" in "".join(lines)
         async with Client(url, timeout=3.0) as client:
             ambient = client.get_node("ns=2;s=Oven1.Ambient")

@@ -13,10 +13,15 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 import yaml
+from tests_support import free_port
 
 from gateway.demo import write_demo_config
 from plantsim import Plant
+
+# Each test starts `opstwin run` as a process (imports, plant, gateway): several seconds.
+pytestmark = pytest.mark.slow
 
 
 async def test_run_reports_ready_serves_and_flushes_on_sigterm(tmp_path: Path, unused_tcp_port):
@@ -105,7 +110,7 @@ async def test_run_on_a_busy_http_port_fails_fast_with_a_clear_error(tmp_path: P
         # connect must not hang (asyncio.wait_for in 3.11 can swallow the cancellation).
         config = write_demo_config(
             tmp_path,
-            device_ports={"tank1": _closed_port(), "meter1": _closed_port()},
+            device_ports={"tank1": free_port(), "meter1": free_port()},
             http_port=busy,
             opcua_port=0,
         )
@@ -124,9 +129,3 @@ async def test_run_on_a_busy_http_port_fails_fast_with_a_clear_error(tmp_path: P
         holder.close()
     assert proc.returncode == 1, output.decode()
     assert f"cannot listen on http 127.0.0.1:{busy}" in output.decode()
-
-
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

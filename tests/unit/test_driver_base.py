@@ -1,8 +1,10 @@
-"""The driver supervisor and its backoff, with a scripted in-memory driver (no sockets)."""
+"""The driver supervisor, its backoff, schedule and shared helpers, with a scripted in-memory
+driver (no sockets)."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from collections.abc import Sequence
 from typing import Any
@@ -10,7 +12,8 @@ from typing import Any
 import pytest
 
 from drivers.backoff import Backoff
-from drivers.base import ConnectionState, Driver, Quality, Sample
+from drivers.base import Driver, next_tick
+from drivers.contract import ConnectionState, Quality, Sample
 from drivers.errors import ConnectionLostError, NotConnectedError
 
 # -- backoff ----------------------------------------------------------------------------------
@@ -48,6 +51,33 @@ def test_backoff_reset_starts_again_from_initial() -> None:
     assert 0.5 <= b.next_delay() <= 1.0
 
 
+# -- poll schedule ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("tick", "now", "expected"),
+    [
+        (10.0, 10.2, 11.0),  # a quick poll: the next grid point
+        (10.0, 10.999, 11.0),
+        (10.0, 11.0, 12.0),  # finished exactly on the next tick: that one is missed
+        (10.0, 11.5, 12.0),  # overran one tick: skip it, don't fire twice
+        (10.0, 13.7, 14.0),  # overran three
+    ],
+)
+def test_next_tick_stays_on_the_grid_and_skips_missed_ticks(
+    tick: float, now: float, expected: float
+) -> None:
+    assert next_tick(tick, now, 1.0) == pytest.approx(expected)
+
+
+def test_next_tick_does_not_drift() -> None:
+    tick, now = 0.0, 0.0
+    for _ in range(10_000):
+        now = tick + 0.03  # every poll takes 30 ms of a 100 ms period
+        tick = next_tick(tick, now, 0.1)
+    assert tick == pytest.approx(1000.0)
+
+
 # -- supervisor -------------------------------------------------------------------------------
 
 
@@ -61,6 +91,8 @@ class ScriptedDriver(Driver):
         self.disconnects = 0
         self.drop: asyncio.Future[None] | None = None
         self.polled = asyncio.Event()
+        self.states: list[ConnectionState] = []
+        self.add_state_listener(lambda name, state, reason: self.states.append(state))
 
     @property
     def keys(self) -> Sequence[str]:
@@ -90,9 +122,6 @@ class ScriptedDriver(Driver):
 @pytest.fixture
 async def driver() -> Any:
     d = ScriptedDriver()
-    states: list[ConnectionState] = []
-    d.add_state_listener(lambda name, state, reason: states.append(state))
-    d.states = states  # type: ignore[attr-defined]
     yield d
     await d.close()
 
@@ -142,7 +171,7 @@ async def test_loss_marks_every_point_stale_and_reconnects_by_itself(
     assert sorted(s.key for s in stale) == ["a", "b"]
     assert all(s.value is None and "gone" in (s.reason or "") for s in stale)
     assert driver.connects == 2 and driver.disconnects >= 1
-    assert driver.states[:6] == [  # type: ignore[attr-defined]
+    assert driver.states[:6] == [
         ConnectionState.CONNECTING,
         ConnectionState.CONNECTED,
         ConnectionState.DISCONNECTED,
@@ -205,8 +234,10 @@ async def test_close_fails_pending_ends_the_stream_and_stops_reconnecting(
     with pytest.raises(ConnectionLostError, match="driver closed"):
         await pending
     assert driver.state is ConnectionState.CLOSED
+    # What was emitted before closing is still delivered, then the stream ends: no STALE
+    # batch, since a closed driver did not lose its device.
     batches = [batch async for batch in driver.samples()]
-    assert batches and all(isinstance(b, list) for b in batches)
+    assert batches == [[Sample("a", 1, Quality.GOOD), Sample("b", 2, Quality.GOOD)]]
     connects = driver.connects
     await asyncio.sleep(0.1)
     assert driver.connects == connects
@@ -269,3 +300,89 @@ async def test_close_stops_the_supervisor_even_when_a_library_eats_the_cancellat
     assert driver.state is ConnectionState.CLOSED
     await asyncio.sleep(0.05)
     assert driver.connects == 1, "a closed driver must never try to connect again"
+
+
+# -- listeners --------------------------------------------------------------------------------
+
+
+async def test_add_state_listener_returns_its_unsubscribe_which_is_idempotent() -> None:
+    d = ScriptedDriver()
+    kept: list[ConnectionState] = []
+    removed: list[ConnectionState] = []
+    unsubscribe = d.add_state_listener(lambda name, state, reason: removed.append(state))
+    d.add_state_listener(lambda name, state, reason: kept.append(state))
+    d._set_state(ConnectionState.CONNECTING, None)
+    unsubscribe()
+    unsubscribe()  # a second call is harmless and removes nothing else
+    d._set_state(ConnectionState.CONNECTED, None)
+    assert removed == [ConnectionState.CONNECTING]
+    assert kept == [ConnectionState.CONNECTING, ConnectionState.CONNECTED]
+
+
+async def test_unsubscribe_removes_only_its_own_registration_of_a_listener() -> None:
+    d = ScriptedDriver()
+    seen: list[ConnectionState] = []
+
+    def listener(name: str, state: ConnectionState, reason: str | None) -> None:
+        seen.append(state)
+
+    first = d.add_state_listener(listener)
+    d.add_state_listener(listener)
+    first()
+    first()
+    d._set_state(ConnectionState.CONNECTING, None)
+    assert seen == [ConnectionState.CONNECTING]  # the second registration still hears
+
+
+# -- shared protocol helpers ------------------------------------------------------------------
+
+
+def good_again(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "GOOD again" in r.getMessage()]
+
+
+async def test_quality_transitions_are_logged_once_and_stale_is_not_good_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    d = ScriptedDriver()
+    caplog.set_level(logging.INFO, logger="drivers.base")
+    d._log_transitions([Sample("a", 1, Quality.GOOD), Sample("b", 2, Quality.GOOD)])
+    d._log_transitions([Sample("a", None, Quality.BAD, reason="refused")])
+    d._log_transitions([Sample("a", None, Quality.BAD, reason="refused")])  # no news
+    assert [r.getMessage() for r in caplog.records] == ["fake: a BAD: refused"]
+    caplog.clear()
+    d._log_transitions([Sample("a", None, Quality.STALE, reason="device disconnected")])
+    assert good_again(caplog) == []  # a STALE point has no current value: not recovered
+    d._log_transitions([Sample("a", 3, Quality.GOOD), Sample("b", 2, Quality.GOOD)])
+    assert good_again(caplog) == ["fake: a GOOD again"]  # b never left GOOD
+
+
+async def test_sleep_unless_lost_raises_at_once_without_a_connection() -> None:
+    d = ScriptedDriver()
+    # A poll loop that has no lost-future has no connection: sleeping on would poll a dead link.
+    with pytest.raises(ConnectionLostError, match="fake: connection lost"):
+        await asyncio.wait_for(d._sleep_unless_lost(3600, None), 1)
+
+
+async def test_sleep_unless_lost_raises_the_cause_of_a_loss_before_the_delay() -> None:
+    d = ScriptedDriver()
+    loop = asyncio.get_running_loop()
+    cause = ConnectionResetError("peer reset")
+    already: asyncio.Future[None] = loop.create_future()
+    already.set_exception(cause)
+    with pytest.raises(ConnectionResetError) as err:
+        await asyncio.wait_for(d._sleep_unless_lost(3600, already), 1)
+    assert err.value is cause
+
+    meanwhile: asyncio.Future[None] = loop.create_future()
+    loop.call_later(0.01, meanwhile.set_exception, cause)
+    with pytest.raises(ConnectionResetError) as err:
+        await asyncio.wait_for(d._sleep_unless_lost(3600, meanwhile), 1)
+    assert err.value is cause
+
+
+async def test_sleep_unless_lost_returns_after_the_delay_while_connected() -> None:
+    d = ScriptedDriver()
+    lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    await asyncio.wait_for(d._sleep_unless_lost(0.01, lost), 1)
+    assert not lost.done()

@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from drivers.base import Quality
+from drivers.contract import Quality
 from drivers.errors import ConfigurationError
 from drivers.modbus.codec import (
     Address,
@@ -396,11 +396,11 @@ def test_impossible_points_are_refused_naming_the_field(
     ],
 )
 def test_datatype_defaults_by_address(address: str, datatype: DataType) -> None:
-    assert ModbusPoint("p", address).datatype is datatype  # type: ignore[arg-type]
+    assert ModbusPoint("p", address).datatype is datatype
 
 
 def test_point_fills_device_default_orders() -> None:
-    p = ModbusPoint("p", "holding:0", "float32", word_order="little")  # type: ignore[arg-type]
+    p = ModbusPoint("p", "holding:0", "float32", word_order="little")
     f = p.format(byte_order="little", word_order="big")
     assert (f.byte_order, f.word_order) == (LITTLE, LITTLE)
-    assert ModbusPoint("s", "holding:0", "string", length=5).span == 3  # type: ignore[arg-type]
+    assert ModbusPoint("s", "holding:0", "string", length=5).span == 3

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from drivers.errors import ConfigurationError
 from drivers.modbus.codec import Table
 from drivers.modbus.options import ModbusOptions
-from drivers.modbus.plan import Block, next_tick, plan_reads, split_block
+from drivers.modbus.plan import Block, plan_reads, split_block
 from drivers.modbus.point import ModbusPoint
 
 
@@ -200,30 +200,3 @@ def test_options_refuse_out_of_bounds_and_unknown_keys(field: str, value: object
 def test_options_describe_every_field_for_the_docs() -> None:
     for name, info in ModbusOptions.model_fields.items():
         assert info.description and len(info.description) > 20, name
-
-
-# -- poll schedule ----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("tick", "now", "expected"),
-    [
-        (10.0, 10.2, 11.0),  # a quick poll: the next grid point
-        (10.0, 10.999, 11.0),
-        (10.0, 11.0, 12.0),  # finished exactly on the next tick: that one is missed
-        (10.0, 11.5, 12.0),  # overran one tick: skip it, don't fire twice
-        (10.0, 13.7, 14.0),  # overran three
-    ],
-)
-def test_next_tick_stays_on_the_grid_and_skips_missed_ticks(
-    tick: float, now: float, expected: float
-) -> None:
-    assert next_tick(tick, now, 1.0) == pytest.approx(expected)
-
-
-def test_next_tick_does_not_drift() -> None:
-    tick, now = 0.0, 0.0
-    for _ in range(10_000):
-        now = tick + 0.03  # every poll takes 30 ms of a 100 ms period
-        tick = next_tick(tick, now, 0.1)
-    assert tick == pytest.approx(1000.0)

@@ -12,10 +12,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import native_kernel
 import pytest
 from native_kernel import HAVE_GCC, NATIVE
 
-pytestmark = pytest.mark.skipif(not HAVE_GCC, reason="gcc not found: cannot build the C kernel")
+pytestmark = [
+    pytest.mark.skipif(not HAVE_GCC, reason="gcc not found: cannot build the C kernel"),
+    pytest.mark.slow,  # three sanitized builds, each run under its sanitizer
+]
 
 SOURCES = [str(NATIVE / "test_driver.c"), str(NATIVE / "opstwin_sim.c")]
 BASE = ["gcc", "-std=c99", "-O1", "-g", "-Wall", "-Wextra", "-Werror", "-fno-omit-frame-pointer"]
@@ -64,8 +68,8 @@ def test_driver_clean_under_tsan(tmp_path: Path) -> None:
 
 
 HOSTED = r"""
-import glob, importlib.util, math, sys
-sys.path.insert(0, {unit!r})
+import math, sys
+sys.path.insert(0, {helpers!r})
 import native_kernel as nk
 mod = nk.build(__import__("pathlib").Path({tmp!r}), sanitize=True)
 k = nk.Kernel(mod)
@@ -99,7 +103,7 @@ def test_cffi_module_clean_under_asan_in_python(tmp_path: Path) -> None:
     ).stdout.strip()
     if not os.path.isabs(libasan):
         pytest.skip("libasan.so not found for LD_PRELOAD")
-    script = HOSTED.format(unit=str(Path(__file__).parent), tmp=str(tmp_path))
+    script = HOSTED.format(helpers=str(Path(native_kernel.__file__).parent), tmp=str(tmp_path))
     run = subprocess.run(
         [sys.executable, "-c", script],
         capture_output=True,

@@ -10,7 +10,7 @@ from enum import IntEnum
 import pytest
 from asyncua import ua
 
-from drivers.base import Quality
+from drivers.contract import Quality
 from drivers.opcua.convert import (
     ConversionError,
     sample_of,

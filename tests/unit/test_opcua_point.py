@@ -186,7 +186,7 @@ def test_options_out_of_bounds_are_refused(bad: dict[str, Any]) -> None:
 
 
 def test_options_are_frozen_and_hide_the_password() -> None:
-    o = OpcuaOptions(username="operator", password="s3cret")
+    o = OpcuaOptions.model_validate({"username": "operator", "password": "s3cret"})
     assert "s3cret" not in repr(o)
     assert o.password is not None and o.password.get_secret_value() == "s3cret"
     with pytest.raises(ValidationError):

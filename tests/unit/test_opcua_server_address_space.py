@@ -7,15 +7,15 @@ from datetime import UTC, datetime
 import pytest
 from asyncua import ua
 
+from asyncua_glue.datavalue import SharedDataValue
+from asyncua_glue.units import UNECE_NAMESPACE, unece_unit_id
 from gateway.errors import ConfigError
 from gateway.opcua_server.address_space import (
-    UNECE_NAMESPACE,
     add_nodes_items,
     datavalue,
     eu_information,
     plan_address_space,
     status_of,
-    unece_unit_id,
     variant_type_of,
 )
 from gateway.twin.model import PointDef, PointValue, Quality
@@ -112,10 +112,11 @@ def test_an_unknown_datatype_names_the_known_ones():
 def test_numeric_points_are_analog_items(kw, type_definition, has_range, has_units):
     (var,) = plan_address_space([point("a/b/c", **kw)]).variables
     assert var.type_definition == type_definition
-    assert (var.eu_range is not None) == has_range
+    eu_range = var.eu_range
+    assert (eu_range is not None) == has_range
     assert (var.engineering_units is not None) == has_units
-    if has_range:
-        assert (var.eu_range.Low, var.eu_range.High) == (0.0, 5.0)
+    if eu_range is not None:
+        assert (eu_range.Low, eu_range.High) == (0.0, 5.0)
 
 
 def test_bools_and_strings_are_plain_variables_without_units():
@@ -152,6 +153,7 @@ def test_unit_id_is_the_common_code_bytes():
 )
 def test_common_units_carry_their_unece_code(unit, code, name):
     eu = eu_information(unit)
+    assert eu is not None
     assert eu.NamespaceUri == UNECE_NAMESPACE
     assert eu.UnitId == unece_unit_id(code)
     assert eu.DisplayName.Text == unit  # as the plant's people wrote it
@@ -160,6 +162,7 @@ def test_common_units_carry_their_unece_code(unit, code, name):
 
 def test_an_unknown_unit_keeps_its_display_name_only():
     eu = eu_information("widgets/shift")
+    assert eu is not None
     assert eu.UnitId == -1
     assert eu.DisplayName.Text == "widgets/shift"
     assert eu_information("") is None
@@ -314,4 +317,5 @@ def test_datavalues_are_shared_not_deep_copied():
 
     dv = datavalue(change(2.5), ua.VariantType.Double)
     assert copy.deepcopy(dv) is dv
+    assert isinstance(dv, SharedDataValue)
     assert isinstance(dv, ua.DataValue)

@@ -6,6 +6,7 @@ import logging
 import stat
 
 import pytest
+from tests_support import FakeClock
 
 from gateway.errors import GatewayError
 from gateway.opcua_server import users as users_module
@@ -14,14 +15,6 @@ from gateway.opcua_server.server import GatewayUser, TwinUserManager, ensure_cer
 from gateway.opcua_server.users import Account, UserStore, hash_password, is_argon2_hash
 
 HASH = hash_password("s3cret")
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

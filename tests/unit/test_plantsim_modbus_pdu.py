@@ -22,7 +22,7 @@ class DictStore:
     """A store of a few registers and bits; unmapped addresses answer exception 2."""
 
     def __init__(self) -> None:
-        self.data = {
+        self.data: dict[str, dict[int, int | bool]] = {
             "holding": {0: 7, 1: 8},
             "input": {0: 0x1234},
             "coil": {0: True, 1: False},

@@ -39,9 +39,9 @@ def test_default_oven_starts_settled_near_180(seed):
     s = oven.signals()
     assert s["heater_setpoint"] == 180.0 and s["running"] is True and s["mode"] == "AUTO"
     assert s["heater_power"] == pytest.approx(100 * (180 - 22) / 350)
-    assert abs(s["temperature"] - 180.0) < 4.0
+    assert abs(float(s["temperature"]) - 180.0) < 4.0
     oven.step(600.0)
-    assert abs(oven.signals()["temperature"] - 180.0) < 4.0
+    assert abs(float(oven.signals()["temperature"]) - 180.0) < 4.0
 
 
 def step_response(dts: list[float]) -> tuple[OvenModel, float, float, list[float]]:
@@ -143,7 +143,7 @@ def test_measurement_noise_is_seeded_and_small():
     errors = []
     for _ in range(500):
         oven.step(1.0)
-        errors.append(oven.signals()["temperature"] - oven.temperature_c)
+        errors.append(float(oven.signals()["temperature"]) - oven.temperature_c)
     sd = math.sqrt(sum(e * e for e in errors) / len(errors))
     assert sd == pytest.approx(oven.params.noise_sigma_c, rel=0.15)
 

@@ -7,19 +7,19 @@ from pathlib import Path
 
 import pytest
 
-from plantsim import OpcUaFaults, OvenDevice, Plant, TankDevice
+from plantsim import OpcuaFaults, OvenDevice, Plant, TankDevice
 from plantsim.control import FaultSpecError, apply_fault, parse_fault
-from plantsim.faults import status_code, status_name
+from plantsim.faults import Value, status_code, status_name
 from plantsim.opcua.nodes import CELSIUS, PERCENT, NodeMap, NodeSpec, bench_identifier, oven_map
 
 README = Path(__file__).parents[2] / "hardware-sim" / "README.md"
 BAD_SENSOR = 0x808C0000
-VALUES = {"temperature": 180.0, "mode": "AUTO", "running": True, "batch_count": 7}
+VALUES: dict[str, Value] = {"temperature": 180.0, "mode": "AUTO", "running": True, "batch_count": 7}
 
 
 @pytest.fixture
-def faults() -> OpcUaFaults:
-    f = OpcUaFaults(VALUES, seed=1)
+def faults() -> OpcuaFaults:
+    f = OpcuaFaults(VALUES, seed=1)
     f.apply(VALUES)
     return f
 

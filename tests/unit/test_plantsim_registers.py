@@ -17,7 +17,9 @@ README = Path(__file__).parents[2] / "hardware-sim" / "README.md"
 
 
 def pymodbus_decode(words, datatype, word_order):
-    return ModbusClientMixin.convert_from_registers(words, DT[datatype.upper()], word_order)
+    return ModbusClientMixin.convert_from_registers(
+        words, DT.__members__[datatype.upper()], word_order
+    )
 
 
 @pytest.mark.parametrize(
@@ -60,7 +62,10 @@ def test_string_tag_is_nul_padded_ascii_two_chars_per_register():
 
 
 def test_run_hours_are_uint32_tenths_big_word_order():
-    point = tank_map().at("holding", 20)[0]
+    found = tank_map().at("holding", 20)
+    assert found is not None
+    point = found[0]
+    assert point.word_order is not None
     words = encode(point, 70_000.04, point.word_order)  # raw 700000 = 0x000A_AE60
     assert words == [0x000A, 0xAE60]
     assert pymodbus_decode(words, "uint32", "big") == 700_000

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from drivers.base import Quality, Sample
+from drivers.contract import Quality, Sample
 from gateway.cli import main
 from gateway.twin.model import PointDef
 from gateway.twin.store import TwinStore

@@ -13,6 +13,7 @@ from gateway.sim import (
     Constraint,
     FopdtModel,
     HoldInput,
+    Kpi,
     Lognormal,
     Normal,
     RampInput,
@@ -85,7 +86,7 @@ def test_tank_reaches_analytic_steady_level() -> None:
         horizon_s=4000,
         dt_s=1.0,
         paths=2,
-        kpis=["final"],
+        kpis=[Kpi(kind="final")],
     )
     r = simulate(sc)
     assert r.kpis[0].mean == pytest.approx((c_in * u / 100 / c_out) ** 2, abs=1e-9)
@@ -117,7 +118,10 @@ def test_state_space_matches_hand_recursion() -> None:
     b = [[0.5, 0.0], [0.1, 0.3]]
     c = [[1.0, 0.0], [0.5, 0.5]]
     x0 = [1.0, -1.0]
-    plans = [StepInput(u0=0, u1=1, t_step=3), RampInput(u0=2, u1=0, t0=1, t1=5)]
+    plans: list[HoldInput | StepInput | RampInput] = [
+        StepInput(u0=0, u1=1, t_step=3),
+        RampInput(u0=2, u1=0, t0=1, t1=5),
+    ]
     sc = Scenario(
         model=StateSpaceModel(A=a, B=b, C=c, x0=x0), input=plans, horizon_s=10, dt_s=1, paths=2
     )
@@ -185,7 +189,10 @@ def test_violation_probability_with_measurement_noise_only() -> None:
         dt_s=1,
         paths=n,
         seed=5,
-        constraints=[{"kind": "upper", "limit": limit}, {"kind": "lower", "limit": y0 - 2 * sd}],
+        constraints=[
+            Constraint(kind="upper", limit=limit),
+            Constraint(kind="lower", limit=y0 - 2 * sd),
+        ],
     )
     r = simulate(sc)
     p_up = 1 - _phi((limit - y0) / sd) ** k
@@ -216,7 +223,7 @@ def _uncertain_scenario(**kw: object) -> Scenario:
         kpis=["max", "final", "mean"],
     )
     base.update(kw)
-    return Scenario(**base)  # type: ignore[arg-type]
+    return Scenario.model_validate(base)
 
 
 def test_statistics_equal_numpy_of_kept_paths() -> None:
@@ -352,8 +359,8 @@ def test_min_and_mean_kpis_and_lower_first_violation() -> None:
         horizon_s=30,
         dt_s=1,
         paths=4,
-        kpis=["min", "mean"],
-        constraints=[{"kind": "lower", "limit": 7.0}],
+        kpis=[Kpi(kind="min"), Kpi(kind="mean")],
+        constraints=[Constraint(kind="lower", limit=7.0)],
     )
     r = simulate(sc, keep_paths=True)
     assert r.y is not None

@@ -11,6 +11,9 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+from tests_support import import_file
+
 from gateway.twin.store import TwinStore
 
 CHILD = Path(__file__).with_name("twin_crash_child.py")
@@ -18,6 +21,7 @@ CYCLES = 5
 COMMITS_BEFORE_KILL = 40
 
 
+@pytest.mark.slow  # five child processes, each killed mid-burst
 def test_kill_9_mid_burst_leaves_a_consistent_database(tmp_path: Path) -> None:
     path = tmp_path / "twin.db"
     previous = 0
@@ -29,9 +33,7 @@ def test_kill_9_mid_burst_leaves_a_consistent_database(tmp_path: Path) -> None:
         previous = reported
 
     # The store reopens at the database's rev and continues from it.
-    from twin_crash_child import POINTS  # beside this file; pytest puts it on sys.path
-
-    with TwinStore(path, POINTS) as store:
+    with TwinStore(path, import_file(CHILD).POINTS) as store:
         assert store.rev == _max_rev(path)
         _, values = store.snapshot()
         with sqlite3.connect(path) as conn:

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from tests_support import EPOCH, FakeClock
 
-from drivers.base import Quality, Sample
+from drivers.contract import Quality, Sample
 from gateway.errors import StoreError, UnknownPointError
 from gateway.twin import writer as writer_module
 from gateway.twin.history import CursorExpiredError, HistoryReader
@@ -22,20 +23,10 @@ from gateway.twin.model import PointDef
 from gateway.twin.store import TwinStore
 
 DAY = 86400.0
-T0 = 1_700_000_000.0
+T0 = EPOCH  # where the fake clock starts
 FLOW = "utilities/cooling/pump1/flow"
 PRESSURE = "utilities/cooling/pump1/pressure"
 POINTS = [PointDef(FLOW, "pump1", "float32"), PointDef(PRESSURE, "pump1", "float32")]
-
-
-class FakeClock:
-    """A clock the test sets by hand."""
-
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @dataclass
@@ -49,13 +40,8 @@ class Fed:
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def store(tmp_path: Path, clock: FakeClock) -> Iterator[TwinStore]:
-    twin = TwinStore(tmp_path / "twin.db", POINTS, clock=clock, history_days=30, events_days=7)
+def store(tmp_path: Path, fake_clock: FakeClock) -> Iterator[TwinStore]:
+    twin = TwinStore(tmp_path / "twin.db", POINTS, clock=fake_clock, history_days=30, events_days=7)
     twin.open()
     yield twin
     twin.close()
@@ -76,8 +62,8 @@ def feed(store: TwinStore, clock: FakeClock, n: int, seed: int = 1) -> dict[str,
     return fed
 
 
-def test_history_returns_the_range_oldest_first(store: TwinStore, clock: FakeClock) -> None:
-    fed = feed(store, clock, 600)
+def test_history_returns_the_range_oldest_first(store: TwinStore, fake_clock: FakeClock) -> None:
+    fed = feed(store, fake_clock, 600)
     flows = fed[FLOW]
     start, end = flows[100].ts, flows[300].ts
     expected = [f for f in flows if start <= f.ts <= end]
@@ -106,9 +92,9 @@ def test_history_checks_its_arguments(store: TwinStore) -> None:
 
 @pytest.mark.parametrize("bucket_s", [1.0, 17.5, 60.0, 3600.0])
 def test_aggregates_match_an_independent_computation(
-    store: TwinStore, clock: FakeClock, bucket_s: float
+    store: TwinStore, fake_clock: FakeClock, bucket_s: float
 ) -> None:
-    fed = feed(store, clock, 800, seed=3)
+    fed = feed(store, fake_clock, 800, seed=3)
     flows = fed[FLOW]
     start, end = flows[20].ts - 0.3, flows[-30].ts + 0.2
     groups: dict[int, list[Fed]] = {}
@@ -130,8 +116,8 @@ def test_aggregates_match_an_independent_computation(
     assert sum(b.count for b in buckets) == sum(len(g) for g in groups.values())
 
 
-def test_events_since_pages_through_the_log(store: TwinStore, clock: FakeClock) -> None:
-    feed(store, clock, 250)
+def test_events_since_pages_through_the_log(store: TwinStore, fake_clock: FakeClock) -> None:
+    feed(store, fake_clock, 250)
     store.append_event("DeviceStateChanged", {"device": "pump1", "state": "CONNECTED"})
     store.flush()
     seen, cursor = [], 0
@@ -144,9 +130,9 @@ def test_events_since_pages_through_the_log(store: TwinStore, clock: FakeClock) 
     assert store.events_since(store.rev) == []
 
 
-def test_reads_see_only_committed_events(tmp_path: Path, clock: FakeClock) -> None:
+def test_reads_see_only_committed_events(tmp_path: Path, fake_clock: FakeClock) -> None:
     # A flush interval long enough that nothing commits unless asked.
-    with TwinStore(tmp_path / "twin.db", POINTS, clock=clock, flush_interval_s=30) as twin:
+    with TwinStore(tmp_path / "twin.db", POINTS, clock=fake_clock, flush_interval_s=30) as twin:
         twin.ingest([Sample(FLOW, 1.0, Quality.GOOD)])
         assert twin.rev == 1
         assert twin.events_since(0) == []
@@ -155,19 +141,19 @@ def test_reads_see_only_committed_events(tmp_path: Path, clock: FakeClock) -> No
 
 
 def test_prune_drops_old_history_and_events_and_moves_the_log_start(
-    tmp_path: Path, clock: FakeClock
+    tmp_path: Path, fake_clock: FakeClock
 ) -> None:
     path = tmp_path / "twin.db"
-    twin = TwinStore(path, POINTS, clock=clock, history_days=30, events_days=7)
+    twin = TwinStore(path, POINTS, clock=fake_clock, history_days=30, events_days=7)
     twin.open()
     # One change of each kind per day for 40 days.
     day_revs: list[tuple[float, int, int]] = []
     for day in range(40):
-        clock.now = T0 + day * DAY
+        fake_clock.now = T0 + day * DAY
         twin.ingest([Sample(FLOW, float(day), Quality.GOOD)])
         telemetry = twin.rev
         other = twin.append_event("DeviceStateChanged", {"day": day})
-        day_revs.append((clock.now, telemetry, other))
+        day_revs.append((fake_clock.now, telemetry, other))
     now = T0 + 39.5 * DAY
     result = twin.prune(now)
 
@@ -190,22 +176,24 @@ def test_prune_drops_old_history_and_events_and_moves_the_log_start(
     twin.close()
 
     # The log start, history and rev survive a restart.
-    with TwinStore(path, POINTS, clock=clock) as reopened:
+    with TwinStore(path, POINTS, clock=fake_clock) as reopened:
         assert reopened.rev == 80
         assert reopened.log_start_rev == log_start
         assert [r.rev for r in reopened.history(FLOW, 0, now)] == kept_history
 
 
-def test_prune_of_everything_never_lets_the_rev_go_back(tmp_path: Path, clock: FakeClock) -> None:
+def test_prune_of_everything_never_lets_the_rev_go_back(
+    tmp_path: Path, fake_clock: FakeClock
+) -> None:
     path = tmp_path / "twin.db"
-    with TwinStore(path, POINTS, clock=clock, history_days=1, events_days=1) as twin:
+    with TwinStore(path, POINTS, clock=fake_clock, history_days=1, events_days=1) as twin:
         twin.ingest([Sample(FLOW, 1.0, Quality.GOOD)])
         twin.append_event("DeviceStateChanged", {})
         result = twin.prune(T0 + 10 * DAY)
         assert result.log_start_rev == 3
         assert twin.events_since(2) == []
         assert twin.get(FLOW).value == 1.0  # the current value is not history
-    with TwinStore(path, POINTS, clock=clock) as reopened:
+    with TwinStore(path, POINTS, clock=fake_clock) as reopened:
         assert reopened.rev == 2
         assert reopened.ingest([Sample(FLOW, 2.0, Quality.GOOD)]) == 1
         assert reopened.rev == 3
@@ -214,17 +202,17 @@ def test_prune_of_everything_never_lets_the_rev_go_back(tmp_path: Path, clock: F
 
 
 def test_prune_deletes_in_chunks_while_ingest_continues(
-    tmp_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, fake_clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(writer_module, "PRUNE_CHUNK", 1000)
     with TwinStore(
-        tmp_path / "twin.db", POINTS, clock=clock, history_days=1, events_days=1
+        tmp_path / "twin.db", POINTS, clock=fake_clock, history_days=1, events_days=1
     ) as twin:
         for i in range(30_000):
-            clock.now = T0 + i
+            fake_clock.now = T0 + i
             twin.ingest([Sample(FLOW, float(i), Quality.GOOD)])
         twin.flush()
-        clock.now = T0 + DAY + 10_000  # revs 1..10_000 are older than a day
+        fake_clock.now = T0 + DAY + 10_000  # revs 1..10_000 are older than a day
         stop = threading.Event()
 
         def keep_ingesting() -> None:
@@ -236,7 +224,7 @@ def test_prune_deletes_in_chunks_while_ingest_continues(
         thread = threading.Thread(target=keep_ingesting)
         thread.start()
         try:
-            result = twin.prune()  # at the store's clock
+            result = twin.prune()  # at the store's fake_clock
         finally:
             stop.set()
             thread.join()
@@ -246,14 +234,14 @@ def test_prune_deletes_in_chunks_while_ingest_continues(
         log = twin.events_since(10_000, limit=10_000_000)
         assert [e.rev for e in log] == list(range(10_001, twin.rev + 1))
         assert twin.rev > 30_000
-        assert twin.history(FLOW, 0, clock.now)[0].value == 10_000.0
+        assert twin.history(FLOW, 0, fake_clock.now)[0].value == 10_000.0
 
 
-def test_a_reader_on_its_own_sees_what_the_store_committed(store: TwinStore, clock: FakeClock):
-    fed = feed(store, clock, 50)
+def test_a_reader_on_its_own_sees_what_the_store_committed(store: TwinStore, fake_clock: FakeClock):
+    fed = feed(store, fake_clock, 50)
     reader = HistoryReader(store.path)
     try:
-        rows = reader.history(FLOW, 0, clock.now + 1)
+        rows = reader.history(FLOW, 0, fake_clock.now + 1)
         assert [r.rev for r in rows] == [f.rev for f in fed[FLOW]]
     finally:
         reader.close()

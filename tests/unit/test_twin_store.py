@@ -5,15 +5,17 @@ Real SQLite files in tmp_path; time is a fake clock wherever timestamps are the 
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tests_support import FakeClock
 
-from drivers.base import Quality, Sample
+from drivers.contract import Quality, Sample
 from gateway.errors import StoreError, UnknownPointError
-from gateway.twin.model import PointDef
+from gateway.twin.model import PointDef, PointValue
 from gateway.twin.schema import SCHEMA_VERSION
 from gateway.twin.store import TwinStore
 
@@ -34,33 +36,14 @@ POINTS = [
 ]
 
 
-class FakeClock:
-    """A clock the test moves by hand."""
-
-    def __init__(self, now: float = 1_700_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> float:
-        self.now += seconds
-        return self.now
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
 @pytest.fixture
 def db_path(tmp_path: Path) -> Path:
     return tmp_path / "state" / "twin.db"
 
 
 @pytest.fixture
-def store(db_path: Path, clock: FakeClock) -> Iterator[TwinStore]:
-    twin = TwinStore(db_path, POINTS, clock=clock)
+def store(db_path: Path, fake_clock: FakeClock) -> Iterator[TwinStore]:
+    twin = TwinStore(db_path, POINTS, clock=fake_clock)
     twin.open()
     yield twin
     twin.close()
@@ -98,19 +81,19 @@ def test_revs_strictly_increase_and_the_log_is_in_rev_order(store: TwinStore) ->
 
 
 def test_ingest_returns_the_accepted_count_and_the_values_carry_their_revs(
-    store: TwinStore, clock: FakeClock
+    store: TwinStore, fake_clock: FakeClock
 ) -> None:
     assert store.ingest([s(LEVEL, 1.0, source_ts=123.0), s(TEMP, 20.0)]) == 2
-    clock.advance(1.5)
+    fake_clock.advance(1.5)
     assert store.ingest([s(LEVEL, 1.0), s(TEMP, 21.0)]) == 1
     level, temp = store.get(LEVEL), store.get(TEMP)
     assert (level.value, level.quality, level.rev, level.source_ts) == (1.0, GOOD, 1, 123.0)
-    assert level.gateway_ts == clock.now - 1.5
-    assert (temp.value, temp.rev, temp.gateway_ts) == (21.0, 3, clock.now)
+    assert level.gateway_ts == fake_clock.now - 1.5
+    assert (temp.value, temp.rev, temp.gateway_ts) == (21.0, 3, fake_clock.now)
     telemetry = all_events(store)[-1]
     assert telemetry.type == "TelemetryChanged"
     assert telemetry.point_id == TEMP and telemetry.asset_id == "line1/oven1"
-    assert telemetry.ts == clock.now
+    assert telemetry.ts == fake_clock.now
     assert telemetry.data == {"value": 21.0, "quality": GOOD, "source_ts": None, "reason": None}
 
 
@@ -248,8 +231,8 @@ def test_snapshot_holds_every_declared_point_at_one_rev(store: TwinStore) -> Non
 # -- restart ---------------------------------------------------------------------------------------
 
 
-def test_values_rev_and_log_survive_a_restart(db_path: Path, clock: FakeClock) -> None:
-    first = TwinStore(db_path, POINTS, clock=clock)
+def test_values_rev_and_log_survive_a_restart(db_path: Path, fake_clock: FakeClock) -> None:
+    first = TwinStore(db_path, POINTS, clock=fake_clock)
     first.open()
     first.ingest([s(LEVEL, 1.25, source_ts=9.0), s(COUNT, 42), s(MODE, "auto"), s(RUN, True)])
     first.ingest([s(TEMP, 180.0, UNCERTAIN, reason="sensor drift")])
@@ -260,7 +243,7 @@ def test_values_rev_and_log_survive_a_restart(db_path: Path, clock: FakeClock) -
     before_log = first.events_since(0)
     first.close()
 
-    second = TwinStore(db_path, POINTS, clock=clock)
+    second = TwinStore(db_path, POINTS, clock=fake_clock)
     second.open()
     try:
         after_rev, after = second.snapshot()
@@ -390,9 +373,33 @@ def test_ingest_never_waits_for_a_locked_database(store: TwinStore, db_path: Pat
     assert store.committed_rev == 400
 
 
-async def test_aflush_waits_off_the_loop(store: TwinStore) -> None:
+async def test_aflush_keeps_the_event_loop_running_while_the_commit_waits(
+    store: TwinStore, db_path: Path
+) -> None:
+    # Another connection holds the write lock, so the writer's commit waits in SQLite's busy
+    # handler until a task on this loop lets go. A flush that blocked the loop would never let
+    # that task run: it would fail with "database is locked" after the busy timeout instead.
+    blocker = sqlite3.connect(db_path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
     store.ingest([s(LEVEL, 1.0), s(TEMP, 2.0)])
-    await store.aflush()
+    committed_at_ticks: list[int] = []
+
+    async def tick_then_unlock() -> None:
+        try:
+            for _ in range(5):
+                await asyncio.sleep(0.01)
+                committed_at_ticks.append(store.committed_rev)
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+
+    unlocker = asyncio.create_task(tick_then_unlock())
+    try:
+        await store.aflush()
+    finally:
+        await unlocker
+    # Every tick ran during the await, while the flush was still waiting for its commit.
+    assert committed_at_ticks == [0, 0, 0, 0, 0]
     assert store.committed_rev == 2
 
 
@@ -410,7 +417,7 @@ def test_listeners_get_each_accepted_change_in_rev_order(tmp_path):
                 [(c.point_id, c.value, str(c.quality), c.rev) for c in changes]
             )
         )
-        store.add_listener(lambda changes: 1 / 0)  # a broken listener harms no one
+        store.add_listener(_broken_listener)  # a broken listener harms no one
         store.ingest([Sample("a/x", 1.0, Quality.GOOD), Sample("a/y", 2.0, Quality.GOOD)])
         store.ingest([Sample("a/x", 1.2, Quality.GOOD)])  # inside the deadband: no change
         store.ingest([Sample("a/x", None, Quality.STALE, reason="gone")])
@@ -421,6 +428,10 @@ def test_listeners_get_each_accepted_change_in_rev_order(tmp_path):
         assert store.get("a/x").rev == 3
     finally:
         store.close()
+
+
+def _broken_listener(changes: list[PointValue]) -> None:
+    raise RuntimeError(f"listener bug, {len(changes)} changes lost")
 
 
 def test_a_stale_point_keeps_the_source_time_of_its_last_reading(tmp_path):

@@ -13,7 +13,7 @@ import random
 import sys
 import time
 
-from drivers.base import Quality, Sample
+from drivers.contract import Quality, Sample
 from gateway.twin.model import PointDef
 from gateway.twin.store import TwinStore
 

@@ -131,7 +131,7 @@ class RegisterMap:
         """Decode one point's words to an engineering value with this map's word order."""
         return decode(point, words, point.word_order or self.word_order)
 
-    def build_image(self, values: Mapping[str, float | bool]) -> Image:
+    def build_image(self, values: Mapping[str, float | bool | int | str]) -> Image:
         """Encode every point from `values` (signal name → engineering value)."""
         image = Image()
         for point in self.points:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from asyncua_glue.units import unece_unit_id
+
 NAMESPACE_URI = "urn:opstwin:plantsim"
 # The server registers NAMESPACE_URI first, right after the standard namespace (0) and its own
 # application URI (1), so that the index is 2 on every start; it refuses to serve otherwise.
 NAMESPACE_INDEX = 2
 DATATYPES = ("Double", "Boolean", "UInt32", "String")
-# OPC UA Part 8: engineering units are UNECE Recommendation 20 codes in this namespace.
-UNITS_NAMESPACE = "http://www.opcfoundation.org/UA/units/un/cefact"
 BENCH_OBJECT = "Bench"
 
 
@@ -29,10 +29,7 @@ class Unit:
     @property
     def unit_id(self) -> int:
         """The code packed into an Int32 as OPC UA Part 8 says: one byte per character."""
-        value = 0
-        for char in self.code:
-            value = value << 8 | ord(char)
-        return value
+        return unece_unit_id(self.code)
 
 
 CELSIUS = Unit("CEL", "°C", "degree Celsius")

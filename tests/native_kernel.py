@@ -1,43 +1,44 @@
-"""Test helper: compile native/build_sim.py into a temp dir and call the kernel from NumPy."""
+"""Test helper: compile native/build_sim.py into a temp dir and call the kernel from NumPy.
+
+The tests compile the kernel themselves, with -Werror, instead of importing the installed
+`gateway._simkernel`: they check the sources in the tree, not whatever the last install built.
+conftest.py compiles it once per session (the `simkernel` fixture).
+"""
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
-import sys
+from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
+from tests_support import import_file
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 NATIVE = ROOT / "native"
 HAVE_GCC = shutil.which("gcc") is not None
 PCTS = (5, 25, 50, 75, 95, 99)
 
 
-def build(tmpdir: Path, sanitize: bool = False) -> Any:
+def build(tmpdir: Path, sanitize: bool = False) -> ModuleType:
     """Compile gateway._simkernel with -Werror into tmpdir and import it from there."""
-    sys.path.insert(0, str(NATIVE))
-    try:
-        import build_sim
-    finally:
-        sys.path.remove(str(NATIVE))
-    builder = build_sim.make_ffibuilder(
+    builder = load_build_script().make_ffibuilder(
         sanitize=sanitize, extra_compile_args=["-Werror"], absolute_paths=True
     )
-    so = builder.compile(tmpdir=str(tmpdir))
-    spec = importlib.util.spec_from_file_location("_simkernel", so)
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return import_file(Path(builder.compile(tmpdir=str(tmpdir))), "_simkernel")
+
+
+def load_build_script() -> ModuleType:
+    """Import native/build_sim.py (not a package: setup.py names it by path)."""
+    return import_file(NATIVE / "build_sim.py")
 
 
 class Kernel:
     """Thin NumPy wrapper over the compiled module, for tests only."""
 
-    def __init__(self, mod: Any) -> None:
+    def __init__(self, mod: ModuleType) -> None:
         self.ffi, self.lib = mod.ffi, mod.lib
 
     def model(self, kind: str, **kw: Any) -> Any:
@@ -73,7 +74,7 @@ class Kernel:
         n_paths: int = 100,
         seed: int = 1,
         threads: int = 1,
-        constraints: list[tuple[int, str, float]] = (),  # type: ignore[assignment]
+        constraints: Sequence[tuple[int, str, float]] = (),
         raw: bool = False,
         output_index: int = 0,
         adaptive: bool = False,

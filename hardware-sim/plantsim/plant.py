@@ -7,13 +7,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Self
 
-from .device import Device
+from .device_base import Device
 from .meter import MeterModel, MeterParams
 from .modbus.codec import WordOrder
-from .modbus.device import ModbusDevice
 from .modbus.maps import meter_map, tank_map
-from .opcua.device import OpcUaDevice
+from .modbus.modbus_device import ModbusDevice
 from .opcua.nodes import oven_map
+from .opcua.opcua_device import OpcuaDevice
 from .oven import OvenModel, OvenParams
 from .tank import TankModel, TankParams
 
@@ -90,7 +90,7 @@ class MeterDevice(ModbusDevice):
         )
 
 
-class OvenDevice(OpcUaDevice):
+class OvenDevice(OpcuaDevice):
     """The curing oven behind an OPC UA PLC (node map in hardware-sim/README.md)."""
 
     kind = "oven"

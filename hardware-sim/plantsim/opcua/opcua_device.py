@@ -8,8 +8,8 @@ import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from ..device import Device, Model
-from ..faults import OpcUaFaults, Value
+from ..device_base import Device, Model
+from ..faults import OpcuaFaults, Value
 from .bench import BenchSignals
 from .nodes import NAMESPACE_INDEX, NAMESPACE_URI, NodeMap, bench_identifier
 from .server import PlcServer
@@ -17,11 +17,11 @@ from .server import PlcServer
 log = logging.getLogger(__name__)
 
 
-class OpcUaDevice(Device):
+class OpcuaDevice(Device):
     """A model behind a node map, served by `PlcServer`; client writes go to the model."""
 
     protocol = "opcua"
-    faults: OpcUaFaults
+    faults: OpcuaFaults
 
     def __init__(
         self,
@@ -53,7 +53,7 @@ class OpcUaDevice(Device):
         self.bench = BenchSignals(extra_signals, seed) if extra_signals else None
         self._bench_task: asyncio.Task[None] | None = None
         self._bench_t0: float | None = None
-        faults = OpcUaFaults(node_map.signals(), seed=seed)
+        faults = OpcuaFaults(node_map.signals(), seed=seed)
         self.server = PlcServer(
             node_map,
             faults,

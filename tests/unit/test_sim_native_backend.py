@@ -1,7 +1,8 @@
-"""The C kernel through the `gateway.sim.native` backend, checked against the NumPy reference.
+"""The `gateway.sim.native` backend (scenario in, results out) checked against the NumPy reference.
 
 Tolerances come from the sample size (4 standard errors), never hand-picked. The kernel is
-compiled into a temporary folder (see native_kernel.py), so this runs without a package build.
+compiled once per session into a temporary folder (conftest.py), so this runs without a package
+build. The kernel's own C interface is tested in test_kernel_cffi.py.
 """
 
 from __future__ import annotations
@@ -10,19 +11,11 @@ import math
 
 import numpy as np
 import pytest
-from native_kernel import HAVE_GCC, build
 
 from gateway.sim import native, reference
 from gateway.sim.models import Scenario, SimulationError
 
-pytestmark = pytest.mark.skipif(not HAVE_GCC, reason="gcc is needed to build the C kernel")
-
 PCTS = (0.05, 0.25, 0.50, 0.75, 0.95, 0.99)
-
-
-@pytest.fixture(scope="module")
-def kernel(tmp_path_factory):
-    return build(tmp_path_factory.mktemp("simkernel"))
 
 
 def oven(**over) -> Scenario:
@@ -86,9 +79,9 @@ def weibull() -> Scenario:
 
 
 @pytest.mark.parametrize("make", [oven, tank, weibull], ids=["fopdt", "tank", "weibull"])
-def test_c_and_numpy_agree_statistically(kernel, make):
+def test_c_and_numpy_agree_statistically(simkernel, make):
     scenario = make()
-    c = native.simulate(scenario, kernel=kernel, threads=2)
+    c = native.simulate(scenario, kernel=simkernel, threads=2)
     ref = reference.simulate(scenario, keep_paths=True)
     n = scenario.paths
     for rc, rr in zip(c.constraints, ref.constraints, strict=True):
@@ -101,6 +94,7 @@ def test_c_and_numpy_agree_statistically(kernel, make):
     if scenario.model.kind == "weibull":
         return  # a 0/1 output has no continuous quantiles; its constraint compared P(failure)
     # Percentiles: where C puts its p-quantile, the reference's paths should have about p below.
+    assert ref.y is not None
     y = ref.y if ref.y.ndim == 2 else ref.y[..., 0]
     steps = range(0, scenario.n_steps, max(1, scenario.n_steps // 12))
     for k in steps:
@@ -113,33 +107,33 @@ def test_c_and_numpy_agree_statistically(kernel, make):
             assert abs(below - p) <= tol, (k, p, below)
 
 
-def test_zero_noise_fopdt_equals_the_reference_exactly(kernel):
+def test_zero_noise_fopdt_equals_the_reference_exactly(simkernel):
     scenario = oven(model={"kind": "fopdt", "gain": 1.2, "tau": 100.0, "theta": 10.0}, paths=64)
-    c = native.simulate(scenario, kernel=kernel)
+    c = native.simulate(scenario, kernel=simkernel)
     ref = reference.simulate(scenario)
     np.testing.assert_allclose(c.percentiles, ref.percentiles, rtol=0, atol=1e-9)
 
 
-def test_same_seed_same_result_whatever_the_thread_count(kernel):
+def test_same_seed_same_result_whatever_the_thread_count(simkernel):
     scenario = oven(paths=1000)
-    one = native.simulate(scenario, kernel=kernel, threads=1)
-    two = native.simulate(scenario, kernel=kernel, threads=2)
-    three = native.simulate(scenario, kernel=kernel, threads=3)
+    one = native.simulate(scenario, kernel=simkernel, threads=1)
+    two = native.simulate(scenario, kernel=simkernel, threads=2)
+    three = native.simulate(scenario, kernel=simkernel, threads=3)
     assert np.array_equal(one.percentiles, two.percentiles)
     assert np.array_equal(one.percentiles, three.percentiles)
     assert one.summary() == two.summary()
-    other = native.simulate(oven(paths=1000, seed=12), kernel=kernel)
+    other = native.simulate(oven(paths=1000, seed=12), kernel=simkernel)
     assert not np.array_equal(one.percentiles, other.percentiles)
 
 
-def test_adaptive_mode_reaches_its_target(kernel):
+def test_adaptive_mode_reaches_its_target(simkernel):
     scenario = oven(paths=1000, adaptive={"rse_target": 0.05, "batch": 500, "max_paths": 50_000})
-    result = native.simulate(scenario, kernel=kernel)
+    result = native.simulate(scenario, kernel=simkernel)
     assert result.constraints[0].rse <= 0.05
     assert result.paths_run < 50_000
 
 
-def test_state_space_outputs_each_summarised(kernel):
+def test_state_space_outputs_each_summarised(simkernel):
     scenario = Scenario.model_validate(
         {
             "model": {
@@ -160,7 +154,7 @@ def test_state_space_outputs_each_summarised(kernel):
             "kpis": [{"kind": "final", "output": 0}, {"kind": "final", "output": 1}],
         }
     )
-    c = native.simulate(scenario, kernel=kernel)
+    c = native.simulate(scenario, kernel=simkernel)
     ref = reference.simulate(scenario)
     assert c.output_percentiles.shape == ref.output_percentiles.shape
     for kc, kr in zip(c.kpis, ref.kpis, strict=True):
@@ -170,7 +164,7 @@ def test_state_space_outputs_each_summarised(kernel):
     assert abs(c.constraints[0].violation_probability - p) <= tol
 
 
-def test_a_distribution_on_noise_is_refused_with_a_clear_error(kernel):
+def test_a_distribution_on_noise_is_refused_with_a_clear_error(simkernel):
     scenario = oven(
         model={
             "kind": "fopdt",
@@ -180,10 +174,10 @@ def test_a_distribution_on_noise_is_refused_with_a_clear_error(kernel):
         }
     )
     with pytest.raises(SimulationError, match="sigma_v: the C kernel takes a fixed value"):
-        native.simulate(scenario, kernel=kernel)
+        native.simulate(scenario, kernel=simkernel)
 
 
-async def test_async_wrapper_keeps_the_loop_serving(kernel):
+async def test_async_wrapper_keeps_the_loop_serving(simkernel):
     import asyncio
 
     ticks = 0
@@ -195,7 +189,7 @@ async def test_async_wrapper_keeps_the_loop_serving(kernel):
             ticks += 1
 
     task = asyncio.create_task(ticker())
-    result = await native.simulate_async(oven(paths=20_000), kernel=kernel, threads=1)
+    result = await native.simulate_async(oven(paths=20_000), kernel=simkernel, threads=1)
     task.cancel()
     assert result.paths_run == 20_000
     assert ticks > 0, "the event loop must keep running while C computes"
@@ -203,8 +197,9 @@ async def test_async_wrapper_keeps_the_loop_serving(kernel):
 
 def test_the_package_build_installed_the_kernel():
     """`pip install` compiles native/ into gateway._simkernel (setup.py cffi_modules)."""
-    from gateway import _simkernel  # noqa: F401  (the import is the test)
     from gateway.sim import BACKENDS, simulate
+
+    assert callable(native.load_kernel().lib.opstwin_sim_run)
 
     scenario = oven(model={"kind": "fopdt", "gain": 1.2, "tau": 100.0, "theta": 10.0}, paths=64)
     assert "native" in BACKENDS

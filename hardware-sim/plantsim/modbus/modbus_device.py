@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..device import Device, Model
+from ..device_base import Device, Model
 from ..faults import ModbusFaults, Value
 from .codec import BIT_TABLES, Image, RegisterMap
 from .pdu import ILLEGAL_DATA_ADDRESS, ILLEGAL_DATA_VALUE, ModbusError
@@ -82,7 +82,7 @@ class _MapStore:
             image.bits[table] if table in BIT_TABLES else image.registers[table]
         )
         try:
-            return [source[a] for a in range(address, address + count)]  # type: ignore[return-value]
+            return [source[a] for a in range(address, address + count)]
         except KeyError as exc:
             raise ModbusError(
                 ILLEGAL_DATA_ADDRESS, f"{table}:{exc.args[0]} is not mapped"

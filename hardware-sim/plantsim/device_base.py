@@ -1,7 +1,7 @@
 """What every simulated device is: a physics model, its faults, a server, and a clock.
 
 `Device` owns the lifecycle (start, stop, restart on the same port) and the tick loop that steps
-the model in wall-clock time times `speed`; a protocol subclass (`ModbusDevice`, `OpcUaDevice`)
+the model in wall-clock time times `speed`; a protocol subclass (`ModbusDevice`, `OpcuaDevice`)
 publishes the faulted signal values and serves them.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Mapping
 from typing import Protocol, Self
 
 from .faults import Faults, Value
@@ -29,7 +30,7 @@ class Model(Protocol):
         """Advance by `dt` seconds."""
         ...
 
-    def signals(self) -> dict[str, Value]:
+    def signals(self) -> Mapping[str, Value]:
         """Return every signal by name."""
         ...
 

@@ -1,4 +1,4 @@
-"""Read-only CLI views of a twin database: current values, history, the event log.
+"""The read-only CLI commands over a twin database: current values, history, the event log.
 
 They open the database read-only beside a running gateway (WAL lets readers and the writer
 proceed together) and read the views the schema defines with sqlite-utils.
@@ -21,10 +21,10 @@ from gateway.config import load_config
 from gateway.errors import GatewayError
 from gateway.twin.history import HistoryReader
 
-__all__ = ["add_view_commands"]
+__all__ = ["add_twin_commands"]
 
 
-def add_view_commands(sub: Any) -> None:
+def add_twin_commands(sub: Any) -> None:
     """Register `twin`, `history` and `events` on the CLI's subparsers."""
     twin = sub.add_parser("twin", help="current values from the twin database")
     twin.add_argument("--config", "-c", required=True, help="site config YAML file")

@@ -1,0 +1,67 @@
+"""Fixtures shared by the unit and integration tests.
+
+What is expensive to make and only read by tests (a compiled kernel, certificates) is made once
+per session; what a test may change is made per test, or copied from the session's original.
+Plain helpers are in tests_support.py, so that helper classes can use them as well.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from native_kernel import HAVE_GCC, build
+from tests_support import FakeClock
+
+
+@pytest.fixture
+def fake_clock() -> FakeClock:
+    """Give the test a clock that moves only when it says so."""
+    return FakeClock()
+
+
+@pytest.fixture(scope="session")
+def simkernel(tmp_path_factory: pytest.TempPathFactory) -> ModuleType:
+    """Compile the C kernel (native/) with -Werror once per session and import it."""
+    if not HAVE_GCC:
+        pytest.skip("gcc not found: cannot build the C kernel")
+    return build(tmp_path_factory.mktemp("simkernel"))
+
+
+@pytest.fixture(scope="session")
+def opcua_certificates(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Make, once per session, the PKI folders a gateway and an OPC UA client would make.
+
+    `gateway/` is a gateway's `pki_dir` holding its OPC UA server certificate (for the default
+    application URI), `client/` a client's holding `own/cert.der` and `own/key.pem`. Tests copy
+    them with `install_pki` and never write here.
+    """
+    # Imported here so that a unit-test run never loads asyncua and cryptography for nothing.
+    from drivers.opcua.security import ensure_client_certificate
+    from gateway.opcua_server.server import default_app_uri, ensure_certificate
+
+    root = tmp_path_factory.mktemp("opcua-pki")
+    ensure_certificate(
+        root / "gateway" / "opcua-server",
+        default_app_uri(),
+        "OpsTwin Gateway (tests)",
+        [socket.gethostname(), "localhost", "127.0.0.1"],
+    )
+    ensure_client_certificate(root / "client", "urn:test:scada")
+    return root
+
+
+@pytest.fixture
+def install_pki(opcua_certificates: Path) -> Callable[[str, Path], Path]:
+    """Copy one of the session's PKI folders (`gateway` or `client`) to where a test wants it."""
+
+    def install(which: str, dest: Path) -> Path:
+        # A copy, not the folder itself: drivers pin server certificates into their pki_dir.
+        shutil.copytree(opcua_certificates / which, dest)
+        return dest
+
+    return install
