@@ -48,6 +48,9 @@ class Driver(ABC):
         self._lost: asyncio.Future[None] | None = None
         self._drop_cause: BaseException | None = None
         self._ever_connected = False
+        # The connect failure last logged: a device down for hours logs its first failure and
+        # each change of reason, not every retry.
+        self._logged_failure: str | None = None
         self._closing = False
         self.dropped_batches = 0
 
@@ -116,6 +119,11 @@ class Driver(ABC):
     def connected(self) -> bool:
         """True while the connection is up."""
         return self.state is ConnectionState.CONNECTED
+
+    @property
+    def target(self) -> str:
+        """Where the device is (its endpoint), for log lines; empty if the protocol has none."""
+        return ""
 
     # -- helpers for protocols ------------------------------------------------------------------
 
@@ -242,6 +250,7 @@ class Driver(ABC):
             self._lost = loop.create_future()
             self._drop_cause = None
             self._ever_connected = True
+            self._logged_failure = None
             self._quality.clear()  # a new connection: its first qualities are no transition
             self.last_error = None
             self._set_state(ConnectionState.CONNECTED, None)
@@ -262,7 +271,13 @@ class Driver(ABC):
         reason = _describe(cause)
         first_failure = self.last_error is None or was_connected
         self.last_error = reason
-        self._set_state(ConnectionState.DISCONNECTED, reason)
+        self._set_state(ConnectionState.DISCONNECTED, reason)  # logs a loss that had been up
+        if was_connected:
+            self._logged_failure = reason
+        elif reason != self._logged_failure:
+            self._logged_failure = reason
+            where = f" to {self.target}" if self.target else ""
+            log.warning("%s: cannot connect%s: %s; retrying with backoff", self.name, where, reason)
         if first_failure:
             # A point whose device is gone keeps its last value but stops being current: STALE.
             # One that never had a value from this device has nothing to be stale about: BAD.

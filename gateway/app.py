@@ -17,6 +17,7 @@ from gateway.devices import build_drivers, point_defs
 from gateway.errors import DeviceError, GatewayError, UnknownPointError
 from gateway.lifecycle import Lifecycle, ShutdownError, wait_or_cancel
 from gateway.opcua_server import TwinOpcuaServer
+from gateway.opcua_server.refusals import WriteRefusal
 from gateway.twin.model import PointDef
 from gateway.twin.store import TwinStore
 
@@ -169,19 +170,25 @@ class Gateway:
                 "DeviceStateChanged", {"device": name, "state": state.value, "reason": reason}
             )
 
-    def _on_opcua_write(self, user: str, role: str, point_id: str, value: Any) -> None:
+    def _on_opcua_write(self, refusal: WriteRefusal) -> None:
         # Until the policy engine exists, a SCADA write is refused; the attempt is on record.
-        self.store.append_event(
-            "WriteRefused",
-            {
-                "source": "opcua",
-                "user": user,
-                "role": role,
-                "value": value,
-                "reason": "writes from OPC UA clients go through the policy engine (not yet built)",
-            },
-            point_id=point_id,
-        )
+        # The server coalesces and caps these (one event may stand for many attempts: `count`),
+        # so a client looping over writes cannot flood the event log (issue 13).
+        data: dict[str, Any] = {
+            "source": "opcua",
+            "user": refusal.user,
+            "role": refusal.role,
+            "value": _json_safe(refusal.value),
+            "count": refusal.count,
+            "first_ts": refusal.first_ts,
+            "last_ts": refusal.last_ts,
+            "sessions": list(refusal.sessions),
+            "clients": list(refusal.clients),
+            "reason": "writes from OPC UA clients go through the policy engine (not yet built)",
+        }
+        if refusal.suppressed:
+            data.update(suppressed=True, points=refusal.points)
+        self.store.append_event("WriteRefused", data, point_id=refusal.point_id)
 
     async def _prune_periodically(self) -> None:
         while True:
@@ -190,3 +197,11 @@ class Gateway:
                 await asyncio.to_thread(self.store.prune)
             except Exception:
                 log.exception("history pruning failed; will retry in an hour")
+
+
+def _json_safe(value: Any) -> Any:
+    """A client-written value as the event log can hold it: plain JSON, at most 256 characters."""
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= 256 else text[:256] + "…"

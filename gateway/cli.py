@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import sqlite3
 import sys
 from collections.abc import Sequence
 
@@ -15,29 +17,53 @@ from gateway.errors import ConfigError, GatewayError
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
+EXIT_CLOSED_PIPE = 141  # what a shell reports for a command ended by SIGPIPE (128 + 13)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse arguments and run one subcommand; return the process exit code."""
+    from gateway.twin_cli import UsageError
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # usage errors: argparse prints them and exits 2
     if not getattr(args, "handler", None):
         parser.print_help()
         return EXIT_CONFIG
     try:
         return int(args.handler(args) or EXIT_OK)
-    except ConfigError as exc:
+    except (ConfigError, UsageError) as exc:
         print(f"opstwin: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except GatewayError as exc:
         print(f"opstwin: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except sqlite3.Error as exc:
+        # The views turn database errors into GatewayErrors with the file and what to do; this
+        # is the net under them, so that no path prints a traceback.
+        print(f"opstwin: database error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_ERROR
+    except BrokenPipeError:
+        return _reader_gone()
     except KeyboardInterrupt:
         return 130
 
 
+def _reader_gone() -> int:
+    # `opstwin check site.yaml | head -1`: the reader has what it wanted and left. Nothing is
+    # wrong; point stdout at /dev/null so the interpreter's last flush does not fail again with
+    # a traceback, and end like any command whose reader went away.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
+    return EXIT_CLOSED_PIPE
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand (the README documents each one)."""
+    from gateway.twin_cli import count_arg, positive_arg
+
     parser = argparse.ArgumentParser(
         prog="opstwin",
         description="OpsTwin Gateway: industrial edge gateway with a digital twin.",
@@ -59,10 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--state-dir", default="opstwin-demo", help="folder for the demo config and database"
     )
-    demo.add_argument("--http-port", type=int, default=8000, help="gateway HTTP port (0 = free)")
+    demo.add_argument(
+        "--http-port", type=count_arg(0, 65535), default=8000, help="gateway HTTP port (0 = free)"
+    )
     demo.add_argument("--seed", type=int, default=7, help="simulated plant seed")
     demo.add_argument(
-        "--duration", type=float, default=None, help="stop after this many seconds (default: run)"
+        "--duration",
+        type=positive_arg,
+        default=None,
+        help="stop after this many seconds (default: run)",
     )
     demo.set_defaults(handler=cmd_demo)
 

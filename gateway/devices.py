@@ -107,6 +107,8 @@ def opcua_point(point: OpcuaPointConfig, options: OpcuaOptions) -> OpcuaPoint:
         deadband=point.deadband if "deadband" in point.model_fields_set else None,
         sampling_interval_ms=point.sampling_interval_ms,
         queue_size=point.queue_size,
+        # Checked against the node's DataType at each connect: a lossy mismatch is BAD.
+        datatype=point.datatype,
     )
 
 

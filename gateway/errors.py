@@ -15,6 +15,14 @@ class StoreError(GatewayError):
     """The twin store cannot do what was asked (closed, unknown point, bad query)."""
 
 
+class DatabaseFault(StoreError):
+    """The twin database itself failed: corrupt, full, read-only, an I/O error."""
+
+    def __init__(self, message: str, *, corrupt: bool = False) -> None:
+        super().__init__(message)
+        self.corrupt = corrupt
+
+
 class UnknownPointError(StoreError, KeyError):
     """A point id the twin does not declare."""
 

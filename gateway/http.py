@@ -1,5 +1,10 @@
 """The gateway's HTTP listener: health, twin snapshot reads, history and aggregates.
 
+/health answers 200 while the process runs; `status` is `degraded`, with one sentence per cause
+in `reasons`, when a device is not connected, a connected device has every point BAD, or the
+twin store cannot commit or has met corruption. Reads that need the database (history,
+aggregates) answer 503 with a JSON error when it fails; values in memory (/twin) keep working.
+
 Later work adds the rest of the AIW protocol (DESIGN §5) on the same app.
 """
 
@@ -7,19 +12,27 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any, TypeVar
 
 from aiohttp import web
 
 from gateway import __version__
 from gateway.app import Gateway
-from gateway.errors import UnknownPointError
-from gateway.twin.model import PointValue
+from gateway.errors import StoreError, UnknownPointError
+from gateway.ratelog import RateLimitedLog
+from gateway.twin.model import PointValue, Quality
+
+log = logging.getLogger(__name__)
 
 GATEWAY = web.AppKey("gateway", Gateway)
+_T = TypeVar("_T")
+# Any client can repeat a read of a damaged database: one line a minute, not one per request.
+_read_failures = RateLimitedLog(log, 60.0)
 
 MAX_HISTORY_ROWS = 10_000
 MAX_BUCKETS = 10_000
@@ -46,13 +59,14 @@ async def _gateway_lifecycle(app: web.Application) -> AsyncIterator[None]:
 
 
 async def health(request: web.Request) -> web.Response:
-    """Liveness plus each device's connection state."""
+    """Liveness, each device's connection state, and why the gateway is degraded if it is."""
     gateway = request.app[GATEWAY]
     devices = gateway.device_states()
-    ok = all(d["state"] == "CONNECTED" for d in devices.values())
+    reasons = [*_device_problems(gateway, devices), *gateway.store.problems()]
     return web.json_response(
         {
-            "status": "ok" if ok else "degraded",
+            "status": "degraded" if reasons else "ok",
+            "reasons": reasons,
             "version": __version__,
             "site_id": gateway.config.site_id,
             "gateway_id": gateway.config.gateway_id,
@@ -95,7 +109,7 @@ async def telemetry_query(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
     point_id, start, end = _range_args(request, gateway)
     limit = _int_arg(request, "limit", 1000, 1, MAX_HISTORY_ROWS)
-    rows = await asyncio.to_thread(gateway.store.history, point_id, start, end, limit)
+    rows = await _read(request, gateway.store.history, point_id, start, end, limit)
     return web.json_response(
         {"point_id": point_id, "start": start, "end": end, "rows": [_jsonable(r) for r in rows]}
     )
@@ -110,7 +124,7 @@ async def telemetry_aggregate(request: web.Request) -> web.Response:
         raise _error(400, "bucket_s must be > 0")
     if (end - start) / bucket > MAX_BUCKETS:
         raise _error(400, f"range/bucket_s gives more than {MAX_BUCKETS} buckets")
-    buckets = await asyncio.to_thread(gateway.store.aggregate, point_id, start, end, bucket)
+    buckets = await _read(request, gateway.store.aggregate, point_id, start, end, bucket)
     return web.json_response(
         {
             "point_id": point_id,
@@ -123,6 +137,36 @@ async def telemetry_aggregate(request: web.Request) -> web.Response:
 
 
 # -- helpers -----------------------------------------------------------------------------------
+
+
+def _device_problems(gateway: Gateway, devices: dict[str, dict[str, Any]]) -> Iterator[str]:
+    """A disconnected device, or a connected one whose every point is BAD (it refuses reads)."""
+    _, values = gateway.store.snapshot()
+    by_device: dict[str, list[PointValue]] = {}
+    for point_id, value in values.items():
+        by_device.setdefault(gateway.points[point_id].device, []).append(value)
+    for name, device in devices.items():
+        if device["state"] != "CONNECTED":
+            error = device["last_error"]
+            yield f"device {name} is {device['state']}" + (f": {error}" if error else "")
+            continue
+        points = by_device.get(name, [])
+        # Points not heard from yet are BAD "waiting for initial data": not evidence alone.
+        if points and any(v.rev for v in points) and all(v.quality is Quality.BAD for v in points):
+            reasons = Counter(v.reason for v in points if v.rev)
+            reason = reasons.most_common(1)[0][0] or "no reason given"
+            yield f"device {name}: all {len(points)} points are BAD ({reason})"
+
+
+async def _read(request: web.Request, read: Callable[..., _T], *args: Any) -> _T:
+    """Run a blocking store read off the loop; a failing database is a 503, not a 500."""
+    try:
+        return await asyncio.to_thread(read, *args)
+    except UnknownPointError as exc:
+        raise _error(404, str(exc)) from None
+    except StoreError as exc:
+        _read_failures.log(logging.WARNING, request.path, "%s: answered 503: %s", request.path, exc)
+        raise _error(503, f"the twin database cannot be read: {exc}") from None
 
 
 def _point_json(gateway: Gateway, value: PointValue) -> dict[str, Any]:
@@ -204,5 +248,5 @@ def _finite(value: Any) -> Any:
 
 
 def _error(status: int, message: str) -> web.HTTPException:
-    cls = {400: web.HTTPBadRequest, 404: web.HTTPNotFound}[status]
+    cls = {400: web.HTTPBadRequest, 404: web.HTTPNotFound, 503: web.HTTPServiceUnavailable}[status]
     return cls(text=json.dumps({"error": message}), content_type="application/json")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import logging
 import signal
+import socket
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -14,8 +16,10 @@ from gateway import sdnotify
 from gateway.app import Gateway
 from gateway.config import SiteConfig
 from gateway.errors import GatewayError
+from gateway.fdlimit import DescriptorBudget, plan_budget, raise_nofile_limit
 from gateway.http import create_app
 from gateway.lifecycle import Lifecycle
+from gateway.netguard import GuardedSite, body_timeout, quiet_accept_errors, quiet_bad_requests
 
 log = logging.getLogger(__name__)
 
@@ -28,18 +32,30 @@ async def serve(
 ) -> None:
     """Start everything, report READY, and shut down cleanly on SIGTERM, SIGINT or `stop`."""
     gateway = Gateway(config)
-    runner = web.AppRunner(create_app(gateway), handle_signals=False, access_log=None)
+    budget = _descriptor_budget(gateway)
+    app = create_app(gateway)
+    app.middlewares.append(body_timeout(config.http.body_timeout_s))
+    quiet_bad_requests()
+    quiet_accept_errors(asyncio.get_running_loop())
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        access_log=None,
+        # aiohttp closes a connection that has sent no complete request within this time: the
+        # header timeout that ends a slow-header attack (and idle keep-alive, for the same price).
+        keepalive_timeout=config.http.header_timeout_s,
+    )
     life = Lifecycle()
     await runner.setup()  # runs the app's cleanup_ctx: opens the twin, starts the drivers
     life.on_stop("gateway", runner.cleanup)  # stops drivers, flushes and closes the twin
     try:
-        site = web.TCPSite(runner, config.http.host, config.http.port)
+        site = GuardedSite(runner, config.http.host, config.http.port, budget.http_connections)
         try:
             await site.start()
         except OSError as exc:
             raise GatewayError(
-                f"cannot listen on http {config.http.host}:{config.http.port}: {exc.strerror}"
-                " (is another gateway running? change http.port in the config)"
+                f"cannot listen on http {config.http.host}:{config.http.port}: "
+                f"{exc.strerror or exc} ({bind_advice(exc, 'http.host', 'http.port')})"
             ) from exc
         urls = _addresses(runner)
         log.info("HTTP listening on %s", ", ".join(urls))
@@ -57,6 +73,42 @@ async def serve(
         sdnotify.notify("STOPPING=1")
     finally:
         await life.aclose()
+
+
+def bind_advice(exc: OSError, host_key: str, port_key: str) -> str:
+    """What to do about a listener that cannot bind, by the cause."""
+    if isinstance(exc, socket.gaierror):
+        return f"the host name does not resolve here: change {host_key}"
+    if exc.errno == errno.EADDRINUSE:
+        return f"is another gateway running? change {port_key} in the config"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"no interface of this machine has that address: change {host_key}"
+    if exc.errno == errno.EACCES:
+        return f"ports below 1024 need privileges the gateway does not have: change {port_key}"
+    return f"check {host_key} and {port_key}"
+
+
+def _descriptor_budget(gateway: Gateway) -> DescriptorBudget:
+    soft, hard = raise_nofile_limit()
+    server = gateway.opcua_server
+    budget = plan_budget(
+        soft,
+        len(gateway.drivers),
+        gateway.config.http.max_connections,
+        server.max_connections if server is not None else 0,
+    )
+    if server is not None:
+        server.max_connections = budget.opcua_connections
+    log.info(
+        "descriptors: limit %d (hard %d), %d reserved for devices and the database; "
+        "at most %d HTTP and %d OPC UA connections",
+        soft,
+        hard,
+        budget.reserve,
+        budget.http_connections,
+        budget.opcua_connections,
+    )
+    return budget
 
 
 def _addresses(runner: web.AppRunner) -> list[str]:

@@ -7,10 +7,12 @@ proceed together) and read the views the schema defines with sqlite-utils.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -18,10 +20,52 @@ from typing import Any
 import sqlite_utils
 
 from gateway.config import load_config
-from gateway.errors import GatewayError
+from gateway.errors import ConfigError, GatewayError, UnknownPointError
 from gateway.twin.history import HistoryReader
+from gateway.twin.schema import fault
 
-__all__ = ["add_twin_commands"]
+__all__ = [
+    "UsageError",
+    "add_twin_commands",
+    "count_arg",
+    "known_point",
+    "positive_arg",
+    "reading_twin",
+    "twin_db_path",
+]
+
+MAX_REV = 2**63 - 1  # SQLite's largest integer
+MAX_ROWS = 1_000_000
+
+
+class UsageError(GatewayError):
+    """A command-line argument that cannot be right (the CLI exits 2, like argparse)."""
+
+
+def count_arg(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high], refused with a message saying so."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be {low}..{high}, got {text}")
+        return value
+
+    return parse
+
+
+def positive_arg(text: str) -> float:
+    """An argparse type: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return value
 
 
 def add_twin_commands(sub: Any) -> None:
@@ -34,22 +78,36 @@ def add_twin_commands(sub: Any) -> None:
     history = sub.add_parser("history", help="a point's history or time-bucket aggregates")
     history.add_argument("--config", "-c", required=True, help="site config YAML file")
     history.add_argument("point", help="point id, e.g. utilities/cooling/tank1/level")
-    history.add_argument("--minutes", type=float, default=10.0, help="how far back (default 10)")
-    history.add_argument("--bucket", type=float, default=None, help="aggregate per S seconds")
-    history.add_argument("--limit", type=int, default=50, help="most rows to print (default 50)")
+    history.add_argument(
+        "--minutes", type=positive_arg, default=10.0, help="how far back (default 10)"
+    )
+    history.add_argument(
+        "--bucket", type=positive_arg, default=None, help="aggregate per S seconds"
+    )
+    history.add_argument(
+        "--limit", type=count_arg(1, MAX_ROWS), default=50, help="most rows to print (default 50)"
+    )
     history.set_defaults(handler=cmd_history)
 
     events = sub.add_parser("events", help="the event log")
     events.add_argument("--config", "-c", required=True, help="site config YAML file")
-    events.add_argument("--since", type=int, default=None, help="events after this rev")
-    events.add_argument("--limit", type=int, default=30, help="most events to print (default 30)")
+    events.add_argument(
+        "--since", type=count_arg(0, MAX_REV), default=None, help="events after this rev"
+    )
+    events.add_argument(
+        "--limit",
+        type=count_arg(1, MAX_ROWS),
+        default=30,
+        help="most events to print (default 30)",
+    )
     events.set_defaults(handler=cmd_events)
 
 
 def cmd_twin(args: argparse.Namespace) -> int:
     """Print every point's current value."""
-    db = _open(args.config)
-    rows = list(db.query("SELECT * FROM current_values ORDER BY point_id"))
+    path = twin_db_path(args.config)
+    with _database(path) as db:
+        rows = list(db.query("SELECT * FROM current_values ORDER BY point_id"))
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -74,13 +132,17 @@ def cmd_twin(args: argparse.Namespace) -> int:
 
 def cmd_history(args: argparse.Namespace) -> int:
     """Print a point's recent history or its aggregates."""
-    path = _db_path(args.config)
+    path = twin_db_path(args.config)
+    with _database(path):
+        pass  # one check that it is a twin database at all, with the CLI's messages
     reader = HistoryReader(path)
     end = time.time()
     start = end - args.minutes * 60
     try:
         if args.bucket:
-            buckets = reader.aggregate(args.point, start, end, args.bucket)[-args.limit :]
+            with known_point(args.point, path):
+                buckets = reader.aggregate(args.point, start, end, args.bucket)
+            buckets = buckets[-args.limit :]
             print(
                 _table(
                     ["bucket start", "count", "min", "max", "mean", "last"],
@@ -98,7 +160,9 @@ def cmd_history(args: argparse.Namespace) -> int:
                 )
             )
         else:
-            rows = reader.history(args.point, start, end, limit=1_000_000)[-args.limit :]
+            with known_point(args.point, path):
+                rows = reader.history(args.point, start, end, limit=MAX_ROWS)
+            rows = rows[-args.limit :]
             print(
                 _table(
                     ["time", "value", "quality", "rev", "reason"],
@@ -115,13 +179,14 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 def cmd_events(args: argparse.Namespace) -> int:
     """Print the event log, newest last."""
-    db = _open(args.config)
-    if args.since is None:
-        sql = "SELECT * FROM (SELECT * FROM event_log ORDER BY rev DESC LIMIT ?) ORDER BY rev"
-        rows = list(db.query(sql, [args.limit]))
-    else:
-        sql = "SELECT * FROM event_log WHERE rev > ? ORDER BY rev LIMIT ?"
-        rows = list(db.query(sql, [args.since, args.limit]))
+    path = twin_db_path(args.config)
+    with _database(path) as db:
+        if args.since is None:
+            sql = "SELECT * FROM (SELECT * FROM event_log ORDER BY rev DESC LIMIT ?) ORDER BY rev"
+            rows = list(db.query(sql, [args.limit]))
+        else:
+            sql = "SELECT * FROM event_log WHERE rev > ? ORDER BY rev LIMIT ?"
+            rows = list(db.query(sql, [args.since, args.limit]))
     print(
         _table(
             ["rev", "time", "type", "point / asset", "data"],
@@ -143,17 +208,63 @@ def cmd_events(args: argparse.Namespace) -> int:
 # -- helpers -----------------------------------------------------------------------------------
 
 
-def _db_path(config_file: str) -> Path:
+def twin_db_path(config_file: str) -> Path:
+    """The database a config names; ConfigError (exit 2) if there is none yet."""
     path = load_config(config_file).storage.path
     if not path.exists():
-        raise GatewayError(f"no twin database at {path} (has the gateway run with this config?)")
+        raise ConfigError(
+            f"no twin database at {path} (storage.path of {config_file}); has the gateway run "
+            "with this config?"
+        )
     return path
 
 
-def _open(config_file: str) -> sqlite_utils.Database:
-    path = _db_path(config_file)
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    return sqlite_utils.Database(conn)
+# What a twin database has, whatever its schema version; a file without them is another one.
+_TWIN_OBJECTS = {"events", "current_values", "event_log"}
+
+
+@contextlib.contextmanager
+def _database(path: Path) -> Iterator[sqlite_utils.Database]:
+    """A read-only view of the twin database; its failures become one-line GatewayErrors."""
+    # A URI, so that the file is never created or written; as_uri() escapes `?` and `#`.
+    conn = None
+    try:
+        with reading_twin(path):
+            conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+            names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+            missing = _TWIN_OBJECTS - names
+            if missing:
+                raise GatewayError(
+                    f"{path}: not a twin database (it has no {', '.join(sorted(missing))}); "
+                    "check storage.path in the config"
+                )
+            yield sqlite_utils.Database(conn)
+    finally:
+        if conn is not None:
+            conn.close()
+
+
+@contextlib.contextmanager
+def reading_twin(path: Path) -> Iterator[None]:
+    """Turn SQLite's errors while reading `path` into one line saying what to do."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        # A damaged page, a file that is no database, a disk error: the store's own wording,
+        # with the recovery steps when the file is damaged.
+        raise fault(exc, path, "read") from None
+
+
+@contextlib.contextmanager
+def known_point(point_id: str, path: Path) -> Iterator[None]:
+    """Turn the store's "unknown point" into a usage error naming the point and the database."""
+    try:
+        yield
+    except UnknownPointError:
+        raise UsageError(
+            f"{point_id!r} is not a point of the twin database {path} "
+            "(`opstwin twin -c CONFIG` lists them)"
+        ) from None
 
 
 def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:

@@ -21,10 +21,12 @@ from urllib.parse import urlsplit
 from pymodbus import FramerType
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.client.base import ModbusBaseClient
+from pymodbus.exceptions import ModbusException, ModbusIOException
+from pymodbus.pdu import ModbusPDU
 
 from drivers.errors import ConfigurationError, ConnectionLostError
 
-__all__ = ["Bus", "BusSettings", "Endpoint", "get_bus", "parse_endpoint"]
+__all__ = ["Bus", "BusSettings", "Endpoint", "MalformedResponse", "get_bus", "parse_endpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,10 @@ LostListener = Callable[[BaseException], None]
 # pymodbus closes a TCP link by itself after a few silent requests; the driver decides that
 # (failures_before_reconnect), so push pymodbus's own limit out of reach.
 _NEVER = 2**31
+
+
+class MalformedResponse(Exception):
+    """The device answered, but with bytes that are no Modbus response."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +151,18 @@ class Bus:
             raise ConnectionLostError(f"{self.endpoint}: not connected")
         try:
             response = await make(client)
+        except MalformedResponse:
+            self.last_answer = loop.time()
+            raise
+        except ModbusIOException as exc:
+            # Bytes that arrived but never made a frame (a garbled RTU answer, a wrong MBAP
+            # header): the device answers, badly. Late answers to an earlier request are
+            # consumed (skipped) by pymodbus and never stay in the buffer.
+            junk = client.ctx.recv_buffer
+            if junk and "no response" in str(exc).lower():
+                self.last_answer = loop.time()
+                raise MalformedResponse(f"{len(junk)} bytes that form no Modbus frame") from None
+            raise
         finally:
             self._quiet_until = loop.time() + self.settings.inter_frame_delay_s
         self.last_answer = loop.time()  # any frame back, even an exception, proves the link
@@ -209,6 +227,8 @@ class Bus:
                 self.endpoint.host, port=self.endpoint.port, framer=FramerType(s.framer), **common
             )
         client.set_max_no_responses(_NEVER)
+        cause = _keep_connect_error(client)
+        _fail_requests_on_garbage(client)
         try:
             ok = await client.connect()
         except Exception as exc:  # pyserial raises its own errors for a missing device
@@ -216,6 +236,10 @@ class Bus:
             raise ConnectionError(f"cannot open {self.endpoint}: {exc}") from exc
         if not ok:
             client.close()
+            if cause:
+                # pymodbus logs the cause and returns False; the reason a user sees (and the
+                # log line when it changes) needs it: refused, unreachable, timed out.
+                raise cause[-1]
             raise ConnectionError(
                 f"cannot connect to {self.endpoint} within {s.timeout_s:g} s "
                 "(refused, unreachable or not answering)"
@@ -241,6 +265,65 @@ class Bus:
             self._generation += 1  # its late callbacks are no longer news
             with contextlib.suppress(Exception):
                 client.close()
+
+
+def _keep_connect_error(client: ModbusBaseClient) -> list[BaseException]:
+    """Record why pymodbus's connect failed; it only returns False."""
+    ctx = client.ctx
+    create = ctx.call_create
+    failures: list[BaseException] = []
+
+    async def call_create() -> Any:
+        try:
+            return await create()
+        except (TimeoutError, OSError) as exc:
+            failures.append(exc)
+            raise
+
+    ctx.call_create = call_create
+    return failures
+
+
+def _fail_requests_on_garbage(client: ModbusBaseClient) -> None:
+    """Make a garbled answer fail its request (MalformedResponse), not the connection.
+
+    pymodbus raises from `data_received` when a frame does not decode; asyncio then logs the
+    traceback and closes the socket, and every garbled answer costs a reconnect and a pair of
+    DISCONNECTED/CONNECTED transitions. A device that answers garbage is alive: its points are
+    BAD "malformed response", the link stays. Hooks on this client's own instances (pymodbus
+    3.x: `ctx` is its TransactionManager); `tests/integration/test_modbus_driver.py` breaks if
+    pymodbus moves them.
+    """
+    ctx = client.ctx
+    framer = ctx.framer
+    split, decode_pdu, receive = framer.decode, framer.decoder.decode, ctx.callback_data
+
+    def fail(detail: str) -> None:
+        future = ctx.response_future
+        if not future.done():  # a stray frame with no request waiting is no one's answer
+            future.set_exception(MalformedResponse(detail))
+
+    def split_checked(data: bytes) -> tuple[int, int, int, bytes]:
+        used, device, tid, frame = split(data)
+        if used and not frame:  # consumed, yet no frame: an RTU CRC mismatch, an empty PDU
+            fail(f"{used} bytes that are no valid frame (CRC or length wrong)")
+        return used, device, tid, frame
+
+    def decode_checked(frame: bytes) -> ModbusPDU | None:
+        pdu = decode_pdu(frame)
+        if pdu is None:
+            fail(f"undecodable frame (function code {frame[0]})" if frame else "empty frame")
+        return pdu
+
+    def receive_checked(data: bytes, addr: tuple[Any, ...] | None = None) -> int:
+        try:
+            return receive(data, addr)
+        except ModbusException:
+            return len(data)  # the request is failed already; the next answer starts clean
+
+    framer.decode = split_checked  # type: ignore[method-assign,assignment]
+    framer.decoder.decode = decode_checked  # type: ignore[method-assign]
+    ctx.callback_data = receive_checked  # type: ignore[method-assign]
 
 
 _SHARED: weakref.WeakValueDictionary[tuple[Any, ...], Bus] = weakref.WeakValueDictionary()

@@ -2,8 +2,9 @@
 
 One `ModbusDriver` is one device (one unit id) on one endpoint. Its supervisor (see
 `drivers.base`) connects, polls and reconnects; a device that refuses some addresses, answers
-with garbage or stops answering for a while only marks the affected points BAD, and the driver
-reconnects by itself after `failures_before_reconnect` silent polls.
+with garbage or stops answering for a while only marks the affected points BAD. Garbage keeps
+the connection (the device is there: a reconnect would only flap its state); silence makes the
+driver reconnect by itself after `failures_before_reconnect` silent polls.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from drivers.errors import (
     WriteVerifyError,
 )
 from drivers.limits import limit_violation
-from drivers.modbus.bus import Bus, BusSettings, get_bus, parse_endpoint
+from drivers.modbus.bus import Bus, BusSettings, MalformedResponse, get_bus, parse_endpoint
 from drivers.modbus.codec import DataType, Format, Table, decode, encode, set_bit, tolerance
 from drivers.modbus.options import ModbusOptions
 from drivers.modbus.plan import Block, plan_reads, split_block
@@ -150,6 +151,11 @@ class ModbusDriver(Driver):
         return tuple(self._points)
 
     @property
+    def target(self) -> str:
+        """The endpoint, e.g. `tcp://10.0.0.5:502`."""
+        return str(self.endpoint)
+
+    @property
     def read_plan(self) -> Sequence[Block]:
         """The merged block reads one poll performs (before any split for refused addresses)."""
         return tuple(self._plan)
@@ -256,6 +262,12 @@ class ModbusDriver(Driver):
             return False, set()
         try:
             data, ts = await self._read_raw(block)
+        except _Garbled as exc:
+            # The device answers, only not sensibly: the link is fine, a reconnect would not
+            # help and would only add DISCONNECTED/CONNECTED transitions per poll.
+            cycle.answered += 1
+            cycle.bad(block.points, time.time(), exc.text)
+            return False, set()
         except _Refused as exc:
             cycle.answered += 1
             parts = split_block(block)
@@ -298,13 +310,13 @@ class ModbusDriver(Driver):
         if block.table.is_bits:
             bits = list(response.bits)
             if len(bits) < block.count:
-                raise _NoAnswer(
+                raise _Garbled(
                     f"malformed response reading {block}: {len(bits)} bits for {block.count}"
                 )
             return bits[: block.count], ts
         registers = list(response.registers)
         if len(registers) != block.count:
-            raise _NoAnswer(
+            raise _Garbled(
                 f"malformed response reading {block}: {len(registers)} registers for {block.count}"
             )
         return registers, ts
@@ -417,12 +429,14 @@ class ModbusDriver(Driver):
                     response = await self._call(self._bus.request(make))
         except ConnectionException as exc:
             raise ConnectionLostError(f"{self.name}: {exc}") from exc
+        except MalformedResponse as exc:
+            raise _Garbled(f"malformed response {what}: {exc}") from None
         except ModbusIOException as exc:
             if "no response" in str(exc).lower():
                 raise _NoAnswer(f"no response within {self.options.timeout_s:g} s {what}") from None
             raise _NoAnswer(f"I/O error {what}: {exc}") from None
         except ModbusException as exc:
-            raise _NoAnswer(f"malformed response {what}: {exc}") from None
+            raise _Garbled(f"malformed response {what}: {exc}") from None
         if response is None:
             raise _NoAnswer(f"no response {what}")
         if response.isError():
@@ -450,6 +464,10 @@ class _NoAnswer(Exception):
     def __init__(self, text: str) -> None:
         super().__init__(text)
         self.text = text
+
+
+class _Garbled(_NoAnswer):
+    """An answer that is no valid response to the request: the device talks, but garbage."""
 
 
 @dataclass(slots=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 __all__ = ["ModbusOptions"]
 
@@ -88,7 +88,8 @@ class ModbusOptions(BaseModel):
         ge=1,
         le=1000,
         description="Consecutive polls in which every request timed out or failed before the "
-        "connection is treated as lost and reopened.",
+        "connection is treated as lost and reopened (garbled answers do not count: the device "
+        "is there, its points are BAD `malformed response`).",
     )
     baudrate: int = Field(
         19200, ge=300, le=4_000_000, description="Serial line speed in bit/s (`serial://` only)."
@@ -98,3 +99,12 @@ class ModbusOptions(BaseModel):
     )
     stopbits: Literal[1, 2] = Field(1, description="Serial stop bits, 1 or 2 (`serial://` only).")
     bytesize: Literal[7, 8] = Field(8, description="Serial data bits, 7 or 8 (`serial://` only).")
+
+    @field_validator("stopbits", "bytesize", mode="before")
+    @classmethod
+    def _not_a_boolean(cls, value: object, info: ValidationInfo) -> object:
+        # A YAML `true` equals 1 to Python, and pydantic's Literal check cannot be made strict.
+        if isinstance(value, bool):
+            allowed = "1 or 2" if info.field_name == "stopbits" else "7 or 8"
+            raise ValueError(f"expected the number {allowed}, not a boolean")
+        return value

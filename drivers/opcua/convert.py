@@ -5,7 +5,9 @@
   and the engineering range, value as a plain Python value, source timestamp in epoch seconds);
 - `to_variant(value, variant_type)`: a value to write, checked and converted to the node's type;
 - `variant_type_of(datatype)`: the builtin encoding of a DataType node id, when it is known
-  without asking the server.
+  without asking the server;
+- `datatype_mismatch(node_type, point_datatype)`: why a node's values would not survive in a
+  point of the configured datatype (cut, rounded, another kind), or None.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from drivers.quality import assess
 
 __all__ = [
     "INTEGER_RANGES",
+    "POINT_DATATYPES",
     "ConversionError",
+    "datatype_mismatch",
     "sample_of",
     "source_time",
     "status_name",
@@ -52,6 +56,35 @@ INTEGER_RANGES: dict[ua.VariantType, tuple[int, int]] = {
     ua.VariantType.UInt64: (0, 2**64 - 1),
 }
 _FLOAT32_MAX = 3.4028234663852886e38
+
+#: A point's configured datatype (the twin's) and the OPC UA builtin type that holds it exactly.
+POINT_DATATYPES: dict[str, ua.VariantType] = {
+    "bool": ua.VariantType.Boolean,
+    "int16": ua.VariantType.Int16,
+    "uint16": ua.VariantType.UInt16,
+    "int32": ua.VariantType.Int32,
+    "uint32": ua.VariantType.UInt32,
+    "int64": ua.VariantType.Int64,
+    "uint64": ua.VariantType.UInt64,
+    "float32": ua.VariantType.Float,
+    "float64": ua.VariantType.Double,
+    "string": ua.VariantType.String,
+}
+# Largest integer magnitude a float holds exactly: 24- and 53-bit significands.
+_EXACT_INTEGERS = {ua.VariantType.Float: 2**24, ua.VariantType.Double: 2**53}
+# Node types whose values the twin holds as text (`twin_value`).
+_TEXTUAL = frozenset(
+    {
+        ua.VariantType.String,
+        ua.VariantType.LocalizedText,
+        ua.VariantType.QualifiedName,
+        ua.VariantType.NodeId,
+        ua.VariantType.ExpandedNodeId,
+        ua.VariantType.Guid,
+        ua.VariantType.XmlElement,
+        ua.VariantType.StatusCode,
+    }
+)
 
 # Standard DataTypes that are not builtin types themselves but always encode as one.
 _WELL_KNOWN: dict[int, ua.VariantType] = {
@@ -217,6 +250,48 @@ def variant_type_of(datatype: ua.NodeId) -> ua.VariantType | None:
     if 1 <= ident <= 25 and ident not in ABSTRACT_DATATYPES:
         return ua.VariantType(ident)
     return _WELL_KNOWN.get(ident)
+
+
+def datatype_mismatch(node: ua.VariantType, point: str) -> str | None:
+    """Why values of a node of builtin type `node` do not fit a point of datatype `point`.
+
+    None when every value of the node's type is held exactly (the same type, or a wider one:
+    Int16 into int32 or float64). Otherwise a reason naming both types and what would happen,
+    e.g. "node is UInt32, point is int16: values would be cut". `point` is a key of
+    POINT_DATATYPES.
+    """
+    loss = _loss(node, POINT_DATATYPES[point])
+    return None if loss is None else f"node is {node.name}, point is {point}: {loss}"
+
+
+def _loss(node: ua.VariantType, target: ua.VariantType) -> str | None:
+    if node is target:
+        return None
+    if target is ua.VariantType.Boolean:
+        return "values are not true/false"
+    if target is ua.VariantType.String:
+        return None if node in _TEXTUAL else "values are not text"
+    if node is ua.VariantType.DateTime:
+        node = ua.VariantType.Double  # the twin holds a time as epoch seconds (`twin_value`)
+    if node in INTEGER_RANGES:
+        low, high = INTEGER_RANGES[node]
+        if target in INTEGER_RANGES:
+            t_low, t_high = INTEGER_RANGES[target]
+            return None if t_low <= low and high <= t_high else "values would be cut"
+        return (
+            None if max(-low, high) <= _EXACT_INTEGERS[target] else "large values would be rounded"
+        )
+    if node in _EXACT_INTEGERS:  # Float or Double
+        if target in INTEGER_RANGES:
+            return "fractions would be cut"
+        return (
+            "precision would be lost" if _EXACT_INTEGERS[node] > _EXACT_INTEGERS[target] else None
+        )
+    if node is ua.VariantType.String:
+        return "text is not a number"
+    if node is ua.VariantType.Boolean:
+        return "true/false is not a number"
+    return "values are not numbers"
 
 
 def to_variant(value: Any, vtype: ua.VariantType) -> ua.Variant:

@@ -48,6 +48,7 @@ from drivers.errors import (
     WriteVerifyError,
 )
 from drivers.limits import limit_violation
+from drivers.opcua import asyncua_logs
 from drivers.opcua.batching import (
     CREATE_ITEMS,
     DEFAULT_ITEMS_PER_CALL,
@@ -58,6 +59,7 @@ from drivers.opcua.batching import (
 from drivers.opcua.convert import (
     ABSTRACT_DATATYPES,
     ConversionError,
+    datatype_mismatch,
     sample_of,
     status_name,
     to_variant,
@@ -75,21 +77,9 @@ __all__ = ["OpcuaDriver"]
 log = logging.getLogger(__name__)
 
 
-class _ExpectedLossFilter(logging.Filter):
-    """Drop asyncua's traceback for a publish request failed by a lost connection.
-
-    Every connection loss fails the pending Publish request, and asyncua logs that at ERROR
-    with a traceback. The driver notices the loss and logs it once, with its cause.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        return not (
-            isinstance(exc, ConnectionError) and record.getMessage().startswith("Publish iteration")
-        )
-
-
-logging.getLogger("asyncua.client.ua_session.UaSession").addFilter(_ExpectedLossFilter())
+# asyncua's ERROR lines (and tracebacks) for an ordinary connection loss go to DEBUG: the
+# supervisor logs the loss once, with its cause.
+asyncua_logs.install()
 
 _LIMIT_NODES = (
     ua.ObjectIds.Server_NamespaceArray,
@@ -157,11 +147,15 @@ class OpcuaDriver(Driver):
         self._nodeids: dict[str, ua.NodeId] = {}
         self._unresolved: list[Sample] = []
         self._node_info: dict[str, _NodeInfo] = {}
+        # Points whose node's DataType cannot hold them (key -> reason): neither read nor written.
+        self._mismatched: dict[str, str] = {}
         self._subscription: Subscription | None = None
         self._write_lock = asyncio.Lock()
         self._client_thumbprint: str | None = None
         #: Subscriptions created since start: 1 + every resubscription after a loss.
         self.subscriptions_created = 0
+        # Mismatches already logged: a reconnect finds them again, the log heard them once.
+        self._mismatch_logged: set[tuple[str, str]] = set()
 
     # -- Driver API -----------------------------------------------------------------------------
 
@@ -169,6 +163,11 @@ class OpcuaDriver(Driver):
     def keys(self) -> Sequence[str]:
         """Keys of every point this driver serves."""
         return tuple(self._points)
+
+    @property
+    def target(self) -> str:
+        """The endpoint URL, e.g. `opc.tcp://10.0.0.7:4840/plc`."""
+        return self.endpoint
 
     @property
     def server_limits(self) -> tuple[int, int]:
@@ -210,6 +209,9 @@ class OpcuaDriver(Driver):
             if client is None or not self.connected:
                 why = self.last_error or "starting"
                 raise NotConnectedError(f"{self.name}: not connected ({why})")
+            mismatch = self._mismatched.get(key)
+            if mismatch is not None:
+                raise WriteRejectedError(f"{refused}: {mismatch}")
             if nodeid is None:
                 reason = next((s.reason for s in self._unresolved if s.key == key), "unknown")
                 raise DeviceResponseError(f"{where}: the node is not on the server: {reason}")
@@ -319,6 +321,7 @@ class OpcuaDriver(Driver):
             raise ConnectionLostError(f"{self.name}: connection lost while connecting")
         if self._unresolved:
             self._emit(list(self._unresolved))
+        await self._check_datatypes(client)
         if self.options.mode == "poll":
             await self._poll_loop(client)
         else:
@@ -435,6 +438,65 @@ class OpcuaDriver(Driver):
                 len(self._unresolved),
                 summarize_keys([s.key for s in self._unresolved]),
             )
+
+    async def _check_datatypes(self, client: Client) -> None:
+        """Take the points their node's DataType would cut or misread out of service, as BAD.
+
+        Read once per connection, before subscribing: a PLC program may change between
+        connections. A point without a configured datatype, or a node whose DataType is
+        abstract (BaseDataType, Number: each value brings its own type), is not checked.
+        """
+        self._mismatched = {}
+        typed = [i for i in self._items if i.point.datatype is not None and i.key in self._nodeids]
+        if not typed:
+            return
+        dtypes = await self._read_values(
+            client, [self._nodeids[i.key] for i in typed], ua.AttributeIds.DataType
+        )
+        builtin: dict[ua.NodeId, ua.VariantType | None] = {}
+        bad: list[Sample] = []
+        now = time.time()
+        for item, dv in zip(typed, dtypes, strict=True):
+            datatype = _value(dv)
+            if not isinstance(datatype, ua.NodeId):
+                continue  # no such node: subscribing or reading it says so, with the status
+            if datatype not in builtin:
+                builtin[datatype] = await self._builtin_type(client, datatype)
+            vtype = builtin[datatype]
+            reason = None if vtype is None else datatype_mismatch(vtype, str(item.point.datatype))
+            if reason is None:
+                continue
+            # Not subscribed, not polled: a GOOD value of the wrong type would follow otherwise.
+            del self._nodeids[item.key]
+            self._mismatched[item.key] = reason
+            self._quality[item.key] = Quality.BAD  # said below, once: no transition line too
+            bad.append(Sample(item.key, None, Quality.BAD, now, reason))
+        if not bad:
+            return
+        self._emit(bad)
+        news = [s for s in bad if (s.key, s.reason) not in self._mismatch_logged]
+        self._mismatch_logged.update((s.key, str(s.reason)) for s in news)
+        if news:
+            log.warning(
+                "%s: %d points do not fit their node's DataType and stay BAD until the point's "
+                "datatype or the PLC program is changed: %s",
+                self.name,
+                len(news),
+                summarize_keys([f"{s.key} ({s.reason})" for s in news]),
+            )
+
+    async def _builtin_type(self, client: Client, datatype: ua.NodeId) -> ua.VariantType | None:
+        """The builtin encoding of a DataType; None when abstract or the server cannot say."""
+        vtype = variant_type_of(datatype)
+        if vtype is not None or _is_abstract(datatype):
+            return vtype
+        try:
+            found = await self._call(
+                data_type_to_variant_type(Node(client.uaclient.session, datatype))
+            )
+        except ua.UaError:
+            return None  # a vendor type the server cannot explain: nothing to check against
+        return None if found is ua.VariantType.Variant else found
 
     async def _connection_lost(self, client: Client, exc: Exception) -> None:
         """asyncua's watchdog saw the connection or session die: fail the run at once."""

@@ -15,7 +15,7 @@ __all__ = ["OpcuaOptions"]
 class OpcuaOptions(BaseModel):
     """How to reach one OPC UA server (a PLC) and how to read it."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     mode: Literal["subscribe", "poll"] = Field(
         "subscribe",
@@ -120,7 +120,8 @@ class OpcuaOptions(BaseModel):
     )
     server_certificate: str | None = Field(
         None,
-        description="Path of the server's certificate (DER or PEM) to trust. Default: trust "
+        description="Path of the server's certificate (DER or PEM) to trust, relative to the "
+        "config file; checked when the config is loaded. Default: trust "
         "on first use: the certificate the server presents at the first secured connection "
         "is pinned in `trusted/` of the gateway's PKI folder, and a later connection to a server "
         "presenting a different one is refused (loudly) until that file is deleted.",

@@ -13,6 +13,7 @@ from typing import Literal
 from asyncua import ua
 
 from drivers.errors import PointError
+from drivers.opcua.convert import POINT_DATATYPES
 
 __all__ = ["NodeRef", "OpcuaPoint", "PointError", "parse_node_id", "validate_point"]
 
@@ -142,7 +143,8 @@ class OpcuaPoint:
     `node_id` may be given as text and is parsed (a bad one is a config error). `lo`/`hi` are
     engineering limits: values outside them are UNCERTAIN, writes outside them are refused.
     `deadband` (absolute), `sampling_interval_ms` and `queue_size` None take the device
-    options' values.
+    options' values. `datatype` (the twin's: int16, float64, …) is checked against the node's
+    DataType at each connect; None checks nothing.
     """
 
     key: str
@@ -153,6 +155,7 @@ class OpcuaPoint:
     deadband: float | None
     sampling_interval_ms: float | None
     queue_size: int | None
+    datatype: str | None
 
     # Written out rather than generated: it takes the text form a config hands over, while
     # the attribute is always a parsed NodeRef, so readers need no checks.
@@ -166,6 +169,7 @@ class OpcuaPoint:
         deadband: float | None = None,
         sampling_interval_ms: float | None = None,
         queue_size: int | None = None,
+        datatype: str | None = None,
     ) -> None:
         """Parse a textual node id, then check the point's settings."""
         if isinstance(node_id, str):
@@ -182,6 +186,7 @@ class OpcuaPoint:
             "deadband": deadband,
             "sampling_interval_ms": sampling_interval_ms,
             "queue_size": queue_size,
+            "datatype": datatype,
         }
         for name, value in fields.items():
             object.__setattr__(self, name, value)  # frozen: set once, here
@@ -226,3 +231,8 @@ def validate_point(point: OpcuaPoint) -> None:
         isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= 10_000
     ):
         raise PointError("queue_size", f"queue_size must be 1..10000, got {size!r}")
+    if point.datatype is not None and point.datatype not in POINT_DATATYPES:
+        raise PointError(
+            "datatype",
+            f"datatype must be one of {', '.join(POINT_DATATYPES)}, got {point.datatype!r}",
+        )

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import codecs
+import os
+import stat
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,13 +14,33 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import ValidationError
 
-from gateway.config.model import DRIVERS, ModbusDeviceConfig, OpcuaDeviceConfig, SiteConfig
+from gateway.config.model import (
+    DRIVERS,
+    ModbusDeviceConfig,
+    OpcuaDeviceConfig,
+    SiteConfig,
+    host_problem,
+)
 from gateway.config.yamlpos import YamlDocument, format_path, parse_yaml
 from gateway.errors import ConfigError
 
-__all__ = ["Problem", "check_site", "load_config", "parse_config"]
+__all__ = [
+    "MAX_CONFIG_BYTES",
+    "Problem",
+    "check_site",
+    "load_config",
+    "parse_config",
+    "read_config_text",
+]
 
 PathParts = tuple[str | int, ...]
+
+_MiB = 1024 * 1024
+# A site config with 100,000 points written out in full is about 14 MiB; anything larger is not
+# a site config (a log, an image, a disk) and would take minutes and gigabytes to refuse.
+MAX_CONFIG_BYTES = 16 * _MiB
+# More problems than anyone reads in one go; the rest are summarised in one line.
+MAX_PROBLEMS_SHOWN = 50
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,11 +54,79 @@ class Problem:
 def load_config(path: str | Path) -> SiteConfig:
     """Read, validate and return a site config; raise ConfigError naming every problem."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from exc
+    text = read_config_text(path)
     return parse_config(text, source=str(path), base_dir=path.parent)
+
+
+def read_config_text(path: str | Path, what: str = "config") -> str:
+    """Return the text of a YAML file a user named; ConfigError, in one line, if it is not one.
+
+    Refused without blocking or reading more than MAX_CONFIG_BYTES: anything but a regular
+    file (a FIFO would block `check` forever, /dev/zero never ends), larger files, binary files
+    and text that is not UTF-8.
+    """
+    path = Path(path)
+    try:
+        # stat before open: opening a FIFO blocks until a writer comes, and opening some
+        # devices acts on them (a tape rewinds).
+        _refuse_irregular(path, os.stat(path).st_mode, what)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+        with os.fdopen(fd, "rb") as file:
+            _refuse_irregular(path, os.fstat(file.fileno()).st_mode, what)  # swapped meanwhile
+            data = file.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"{path}: larger than the {MAX_CONFIG_BYTES // _MiB} MiB a {what} file may be; "
+            "is this the right file?"
+        )
+    return _decode(path, data, what)
+
+
+def _refuse_irregular(path: Path, mode: int, what: str) -> None:
+    if stat.S_ISREG(mode):
+        return
+    kinds = {
+        stat.S_ISDIR: "a directory",
+        stat.S_ISFIFO: "a named pipe (FIFO)",
+        stat.S_ISCHR: "a character device",
+        stat.S_ISBLK: "a block device",
+        stat.S_ISSOCK: "a socket",
+    }
+    kind = next((name for test, name in kinds.items() if test(mode)), "a special file")
+    raise ConfigError(
+        f"{path}: {kind}, not a regular file; give the path of the {what} file itself"
+    )
+
+
+_WIDE_BOMS = {
+    codecs.BOM_UTF32_LE: "UTF-32",
+    codecs.BOM_UTF32_BE: "UTF-32",
+    codecs.BOM_UTF16_LE: "UTF-16",
+    codecs.BOM_UTF16_BE: "UTF-16",
+}
+
+
+def _decode(path: Path, data: bytes, what: str) -> str:
+    for bom, encoding in _WIDE_BOMS.items():  # UTF-32 first: its LE mark starts like UTF-16's
+        if data.startswith(bom):
+            raise ConfigError(f"{path}: saved as {encoding}; save the {what} as UTF-8")
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        line = data.count(b"\n", 0, nul) + 1
+        raise ConfigError(
+            f"{path}, line {line}: a NUL byte: this is a binary file, not a YAML {what}"
+        )
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - data.rfind(b"\n", 0, exc.start)
+        raise ConfigError(
+            f"{path}, line {line} column {column}: not UTF-8 text (byte 0x{data[exc.start]:02x}); "
+            f"save the {what} as UTF-8"
+        ) from None
 
 
 def parse_config(
@@ -46,25 +137,54 @@ def parse_config(
     Relative storage paths are resolved against `base_dir` (the config file's folder when
     loaded from a file; the working directory otherwise).
     """
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"{source}: larger than the {MAX_CONFIG_BYTES // _MiB} MiB a config may be"
+        )
     try:
         doc = parse_yaml(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        where = f", line {mark.line + 1} column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{source}{where}: invalid YAML: {problem}") from exc
+        raise ConfigError(_yaml_error(source, text, exc)) from None
+    except UnicodeEncodeError as exc:  # only from a str handed in: a file is decoded strictly
+        line = text.count("\n", 0, exc.start) + 1
+        raise ConfigError(f"{source}, line {line}: not valid Unicode text ({exc.reason})") from None
     if not isinstance(doc.data, dict):
         kind = "empty" if doc.data is None else f"a {type(doc.data).__name__}"
         raise ConfigError(f"{source}: expected a mapping of settings at the top level, got {kind}")
     try:
-        config = SiteConfig.model_validate(doc.data)
+        # Strict: YAML already gives ints, floats and booleans; a `true` port, a `"80"` port or
+        # a `1` for a boolean is a mistake to point out, not a value to convert.
+        config = SiteConfig.model_validate(doc.data, strict=True)
     except ValidationError as exc:
         problems = [_from_pydantic(err) for err in exc.errors()]
         raise ConfigError(_render(source, doc, problems)) from None
-    problems = check_site(config)
+    base = base_dir or Path.cwd()
+    problems = [*check_site(config), *_check_files(config, base)]
     if problems:
         raise ConfigError(_render(source, doc, problems))
-    return _resolve_paths(config, base_dir or Path.cwd())
+    return _resolve_paths(config, base)
+
+
+def _yaml_error(source: str, text: str, exc: yaml.YAMLError) -> str:
+    """One line: the file, the line and column, and what PyYAML (or our bounds) refused."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    if mark is not None:
+        where = f", line {mark.line + 1} column {mark.column + 1}"
+    elif isinstance(exc, yaml.reader.ReaderError):  # a control character: it has a position
+        where = f", line {text.count(chr(10), 0, exc.position) + 1}"
+    else:
+        where = ""
+    if isinstance(exc, yaml.reader.ReaderError):
+        char = exc.character
+        code = char if isinstance(char, int) else ord(char) if len(char) == 1 else None
+        what = f"U+{code:04X}" if code is not None else repr(char)
+        problem = f"character {what} is not allowed in YAML ({exc.reason})"
+    else:
+        problem = getattr(exc, "problem", None) or str(exc)
+        context = getattr(exc, "context", None)
+        if context and getattr(exc, "problem", None):
+            problem = f"{context}, {problem}"  # "while parsing a block mapping, expected …"
+    return f"{source}{where}: invalid YAML: {' '.join(str(problem).split())}"
 
 
 def _resolve_paths(config: SiteConfig, base: Path) -> SiteConfig:
@@ -75,12 +195,70 @@ def _resolve_paths(config: SiteConfig, base: Path) -> SiteConfig:
     pki = db.parent / "pki" if storage.pki_dir is None else (base / storage.pki_dir).resolve()
     # Written out, so what `check` prints and what `run` uses is the same resolved folder.
     storage = storage.model_copy(update={"path": db, "pki_dir": pki})
-    return config.model_copy(update={"storage": storage})
+    devices = [_resolve_device_paths(device, base) for device in config.devices]
+    return config.model_copy(update={"storage": storage, "devices": devices})
+
+
+def _resolve_device_paths(device: Any, base: Path) -> Any:
+    if isinstance(device, OpcuaDeviceConfig) and device.options.server_certificate is not None:
+        cert = str((base / device.options.server_certificate).resolve())
+        options = device.options.model_copy(update={"server_certificate": cert})
+        return device.model_copy(update={"options": options})
+    return device
 
 
 def check_site(config: SiteConfig) -> list[Problem]:
     """Cross-field checks pydantic cannot express per field; pure, so tests need no files."""
-    return [*_unique_names(config), *_each_device(config)]
+    return [
+        *_unique_names(config),
+        *_each_device(config),
+        *_check_opcua_server(config),
+    ]
+
+
+def _check_files(config: SiteConfig, base: Path) -> Iterator[Problem]:
+    """Files the config names that `run` would read: they must exist and be what they claim."""
+    from drivers.errors import ConfigurationError
+    from drivers.opcua.security import load_certificate_file
+
+    yield from _check_storage_paths(config, base)
+    for d, device in enumerate(config.devices):
+        if not isinstance(device, OpcuaDeviceConfig) or device.options.server_certificate is None:
+            continue
+        where = ("devices", d, "options", "server_certificate")
+        given = device.options.server_certificate
+        path = base / given
+        if not path.is_file():
+            state = "is not a file" if path.exists() else "does not exist"
+            yield Problem(
+                where,
+                f"{given!r} ({path}) {state}; give the PLC's certificate (DER or PEM) relative "
+                "to the config file, or remove the key to trust the certificate on first use",
+            )
+            continue
+        try:
+            load_certificate_file(path)
+        except ConfigurationError as exc:
+            yield Problem(where, str(exc))
+
+
+def _check_storage_paths(config: SiteConfig, base: Path) -> Iterator[Problem]:
+    # What exists already must be of the right kind; what does not, `run` creates. Writability
+    # is left to `run`: `check` may run as another user than the service.
+    storage = config.storage
+    wanted = [(("storage", "path"), base / storage.path, "file")]
+    if storage.pki_dir is not None:
+        wanted.append((("storage", "pki_dir"), base / storage.pki_dir, "directory"))
+    for where, path, kind in wanted:
+        folder = next((p for p in path.parents if p.exists()), None)
+        if folder is not None and not folder.is_dir():
+            yield Problem(where, f"{path}: {folder} is not a directory")
+        elif kind == "file" and path.is_dir():
+            yield Problem(where, f"{path} is a directory; give the database file inside it")
+        elif kind == "file" and path.exists() and not path.is_file():
+            yield Problem(where, f"{path} is not a regular file")
+        elif kind == "directory" and path.exists() and not path.is_dir():
+            yield Problem(where, f"{path} is not a directory")
 
 
 # -- cross-field checks -----------------------------------------------------------------------
@@ -115,12 +293,13 @@ def _each_device(config: SiteConfig) -> Iterator[Problem]:
 
 
 def _check_point(where: PathParts, point: Any) -> Iterator[Problem]:
+    numeric = point.datatype not in ("bool", "string")
     if point.range is not None and not point.range.lo < point.range.hi:
         yield Problem(
             (*where, "range"),
             f"lo must be below hi, got lo={point.range.lo:g} hi={point.range.hi:g}",
         )
-    if point.writable and point.range is None and point.datatype not in ("bool", "string"):
+    if point.writable and point.range is None and numeric:
         yield Problem(
             (*where, "range"),
             "a writable numeric point needs an engineering range {lo, hi}: the gateway "
@@ -162,7 +341,43 @@ def _check_opcua(base: PathParts, device: Any) -> Iterator[Problem]:
             (*base, "endpoint"),
             f"expected opc.tcp://HOST[:PORT][/PATH], got {device.endpoint!r}",
         )
+    else:
+        yield from _check_host((*base, "endpoint"), parts.hostname)
     yield from _driver_rules(base, device, opcua_point, opcua_driver)
+
+
+def _check_host(where: PathParts, host: str) -> Iterator[Problem]:
+    problem = host_problem(host)
+    if problem is not None:
+        yield Problem(where, f"host {problem}")
+
+
+def _check_opcua_server(config: SiteConfig) -> Iterator[Problem]:
+    server = config.opcua_server
+    host = urlsplit(server.endpoint).hostname  # the model checked the URL's shape
+    if host is not None:
+        yield from _check_host(("opcua_server", "endpoint"), host)
+    if not server.enabled:
+        return
+    # Each point is a node and each path prefix a folder: an id that is also another point's
+    # folder would be one NodeId for two nodes, and the server would refuse to start.
+    ids = {
+        point.id: (d, p)
+        for d, dev in enumerate(config.devices)
+        for p, point in enumerate(dev.points)
+    }
+    for point_id, (d, p) in ids.items():
+        segments = point_id.split("/")
+        for n in range(1, len(segments)):
+            folder = "/".join(segments[:n])
+            if folder in ids:
+                fd, fp = ids[folder]
+                yield Problem(
+                    ("devices", d, "points", p, "id"),
+                    f"{folder!r} is a point (devices[{fd}].points[{fp}]) and the folder of this "
+                    "one: an OPC UA node cannot be both; rename one of them",
+                )
+                break
 
 
 def _driver_rules(
@@ -196,6 +411,8 @@ def _check_modbus_endpoint(where: PathParts, endpoint: str) -> Iterator[Problem]
             port_ok = False
         if not parts.hostname or not port_ok or parts.path not in ("", "/"):
             yield Problem(where, f"expected tcp://HOST[:PORT], port 1-65535, got {endpoint!r}")
+        else:
+            yield from _check_host(where, parts.hostname)
     elif parts.scheme == "serial":
         if not parts.path.startswith("/"):
             yield Problem(where, f"expected serial:///dev/NAME, got {endpoint!r}")
@@ -229,18 +446,29 @@ def _from_pydantic(err: Any) -> Problem:
         )
     if kind == "union_tag_not_found":
         return Problem((*loc, "driver"), f"required key is missing ({', '.join(DRIVERS)})")
+    if kind == "invalid_key":  # `1: x` or `null: x`: the location ends in the key itself
+        return Problem(loc[:-1], f"key {_short_repr(err.get('input'))} is not text (a key name)")
     if kind == "extra_forbidden":
         return Problem(loc, "unknown key (check its spelling and where it is indented)")
     if kind == "missing":
         return Problem(loc, "required key is missing")
     message = err["msg"]
-    if _echoable(loc, err.get("input")):
-        message = f"{message}, got {err['input']!r}"
+    if kind == "value_error":
+        # Our validators' own words; they quote what they need to.
+        message = message.removeprefix("Value error, ")
+    elif _echoable(loc, err.get("input")):
+        message = f"{message}, got {_short_repr(err['input'])}"
     if kind == "string_pattern_mismatch" and loc and loc[-1] == "id":
         message = "expected a path like area/line/asset/signal (lower case, digits, _ . -)" + (
-            f", got {err['input']!r}" if "input" in err else ""
+            f", got {_short_repr(err['input'])}" if "input" in err else ""
         )
     return Problem(loc, message)
+
+
+def _short_repr(value: Any) -> str:
+    # A 10 MB string pasted into a key must not become a 10 MB error message.
+    text = repr(value)
+    return text if len(text) <= 80 else text[:72] + "…" + text[-6:]
 
 
 def _echoable(loc: PathParts, value: Any) -> bool:
@@ -254,8 +482,11 @@ def _echoable(loc: PathParts, value: Any) -> bool:
 
 def _render(source: str, doc: YamlDocument, problems: Sequence[Problem]) -> str:
     lines = [f"{source}: {len(problems)} problem{'s' if len(problems) != 1 else ''}:"]
-    for problem in problems:
+    for problem in problems[:MAX_PROBLEMS_SHOWN]:
         line = doc.line_of(problem.path)
         at = f" (line {line})" if line else ""
-        lines.append(f"  {format_path(problem.path)}{at}: {problem.message}")
+        # One line per problem, whatever a message quotes.
+        lines.append(f"  {format_path(problem.path)}{at}: {' '.join(problem.message.split())}")
+    if len(problems) > MAX_PROBLEMS_SHOWN:
+        lines.append(f"  … and {len(problems) - MAX_PROBLEMS_SHOWN} more")
     return "\n".join(lines)

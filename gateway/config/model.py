@@ -7,10 +7,20 @@ reference is checked against them by a test).
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    StrictInt,
+    WithJsonSchema,
+    field_validator,
+)
 
 from drivers.modbus.options import ModbusOptions
 from drivers.opcua.options import OpcuaOptions
@@ -29,32 +39,89 @@ DataType = Literal[
     "string",
 ]
 
-# area/line/asset/signal: at least asset/signal, lower-case path segments.
+# area/line/asset/signal: at least asset/signal, lower-case path segments. Names and ids end
+# up in topics, node ids and log lines: bounded, so a pasted blob is an error, not an id.
 POINT_ID_PATTERN = r"^[a-z0-9][a-z0-9_.-]*(/[a-z0-9][a-z0-9_.-]*)+$"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]
+PointId = Annotated[str, Field(pattern=POINT_ID_PATTERN, max_length=256)]
+
+
+def _path(value: Any) -> Path:
+    # The loader validates in strict mode (a YAML `true` is not a port, a `"80"` not a count),
+    # and strict pydantic wants a Path object; a config file can only give a string.
+    if isinstance(value, Path):
+        return value
+    if isinstance(value, str) and value and "\x00" not in value:
+        return Path(value)
+    raise ValueError("expected a file or folder path (a non-empty string)")
+
+
+FilePath = Annotated[Path, PlainValidator(_path), WithJsonSchema({"type": "string"})]
+
+
+def host_problem(host: str) -> str | None:
+    """Why `host` is neither an IP address nor a host name, or None if it is one; no I/O.
+
+    A host name is checked by syntax only (RFC 1123 labels); whether it resolves is known only
+    when the gateway binds or connects.
+    """
+    if not host:
+        return "an empty host; use 127.0.0.1 for this machine only or 0.0.0.0 for every interface"
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    if host.startswith("[") and host.endswith("]"):
+        return f"{host!r}: write an IPv6 address without brackets here"
+    if ":" in host:
+        if _HOST_PORT.fullmatch(host):
+            return f"{host!r} includes a port; give the host alone and the port in its own key"
+        return f"{host!r} is not a valid IPv6 address"
+    if _DIGITS_AND_DOTS.fullmatch(host):
+        return f"{host!r} is not a valid IPv4 address (four numbers 0-255, e.g. 192.168.1.10)"
+    name = host[:-1] if host.endswith(".") else host
+    labels = name.split(".")
+    if len(name) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
+        return (
+            f"{host!r} is neither an IP address nor a host name (letters, digits and `-`, "
+            "in dot-separated labels of 1-63 characters)"
+        )
+    if labels[-1].isdigit():
+        return f"{host!r} is neither an IP address nor a host name (whose last label has a letter)"
+    return None
+
+
+_HOST_PORT = re.compile(r"[^:]+:[0-9]*")
+_DIGITS_AND_DOTS = re.compile(r"[0-9.]+")
+_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Non-finite numbers are refused everywhere: a `.inf` retention or a `.nan` scale is a
+    # mistake, an infinite range bound defeats the write limits and is no valid JSON in /twin.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Range(_Strict):
     """Engineering range of a point; writes outside it are never sent to a device."""
 
-    lo: float = Field(description="Lowest valid engineering value.")
-    hi: float = Field(description="Highest valid engineering value.")
+    lo: float = Field(description="Lowest valid engineering value (a finite number).")
+    hi: float = Field(description="Highest valid engineering value (a finite number).")
 
 
 class _PointBase(_Strict):
     """What every point declares, whatever its protocol."""
 
-    id: Annotated[str, Field(pattern=POINT_ID_PATTERN)] = Field(
-        description="Path `area/line/asset/signal`, unique across the site."
+    id: PointId = Field(
+        description="Path `area/line/asset/signal`, unique across the site (up to 256 characters)."
     )
     datatype: DataType = Field(description="Datatype of the value (raw datatype for Modbus).")
     unit: str = Field("", description="Engineering unit, e.g. `m`, `°C`, `kW`.")
     range: Range | None = Field(
-        None, description="Engineering range `{lo, hi}`; required if writable and numeric."
+        None,
+        description="Engineering range `{lo, hi}`; required if writable and numeric.",
     )
     writable: bool = Field(False, description="Whether setpoints may be written to this point.")
     deadband: float = Field(
@@ -96,7 +163,9 @@ class OpcuaPointConfig(_PointBase):
 class ModbusDeviceConfig(_Strict):
     """A Modbus TCP or RTU device."""
 
-    name: Annotated[str, Field(pattern=NAME_PATTERN)] = Field(description="Unique device name.")
+    name: Name = Field(
+        description="Unique device name (letters, digits, `_ . -`, up to 64 characters)."
+    )
     driver: Literal["modbus"] = Field(description="Protocol driver: `modbus`.")
     endpoint: str = Field(description="`tcp://host:port` or `serial:///dev/ttyUSB0`.")
     enabled: bool = Field(True, description="A disabled device is declared but not polled.")
@@ -107,7 +176,9 @@ class ModbusDeviceConfig(_Strict):
 class OpcuaDeviceConfig(_Strict):
     """A PLC or other OPC UA server the gateway reads as a client."""
 
-    name: Annotated[str, Field(pattern=NAME_PATTERN)] = Field(description="Unique device name.")
+    name: Name = Field(
+        description="Unique device name (letters, digits, `_ . -`, up to 64 characters)."
+    )
     driver: Literal["opcua"] = Field(description="Protocol driver: `opcua`.")
     endpoint: str = Field(description="`opc.tcp://host:port/path`.")
     enabled: bool = Field(True, description="A disabled device is declared but not read.")
@@ -122,7 +193,7 @@ DRIVERS = ("modbus", "opcua")
 class StorageConfig(_Strict):
     """Where and how long the twin keeps its data."""
 
-    path: Path = Field(
+    path: FilePath = Field(
         Path("twin.db"), description="SQLite file; a relative path is relative to the config file."
     )
     history_days: float = Field(30.0, gt=0, description="Days of point history kept.")
@@ -130,7 +201,7 @@ class StorageConfig(_Strict):
     flush_interval_ms: float = Field(
         5.0, gt=0, le=1000, description="Longest time an accepted update waits before commit."
     )
-    pki_dir: Path | None = Field(
+    pki_dir: FilePath | None = Field(
         None,
         description="Folder for certificates made on first run (OPC UA client and server); "
         "default `pki/` beside the database. A relative path is relative to the config file.",
@@ -145,17 +216,48 @@ class StorageConfig(_Strict):
 class HttpConfig(_Strict):
     """The gateway's HTTP listener (health, twin reads)."""
 
-    host: str = Field("127.0.0.1", description="Address to bind; `0.0.0.0` for every interface.")
-    port: int = Field(8000, ge=0, le=65535, description="TCP port; 0 picks a free one.")
+    host: str = Field(
+        "127.0.0.1",
+        description="Address to bind: an IP address or a host name; `0.0.0.0` for every interface.",
+    )
+    port: StrictInt = Field(8000, ge=0, le=65535, description="TCP port; 0 picks a free one.")
+    max_connections: StrictInt = Field(
+        64,
+        ge=1,
+        le=10_000,
+        description="Concurrent HTTP connections; more are answered 503 and closed. Kept well "
+        "below the process's descriptor limit, which the gateway raises at start when it can.",
+    )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=300,
+        description="A connection that has not sent a complete request within this time is "
+        "closed (also idle keep-alive connections).",
+    )
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        le=600,
+        description="A request body not received within this time gets 408.",
+    )
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        problem = host_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
 
 
 class SiteConfig(_Strict):
     """The whole site configuration file."""
 
-    site_id: Annotated[str, Field(pattern=NAME_PATTERN)] = Field(description="Site identifier.")
-    gateway_id: Annotated[str, Field(pattern=NAME_PATTERN)] = Field(
-        description="This gateway's identifier within the site."
+    site_id: Name = Field(
+        description="Site identifier (letters, digits, `_ . -`, up to 64 characters)."
     )
+    gateway_id: Name = Field(description="This gateway's identifier within the site.")
     devices: list[DeviceConfig] = Field(description="Devices and their points.")
     storage: StorageConfig = Field(default_factory=StorageConfig, description="Twin storage.")
     http: HttpConfig = Field(default_factory=HttpConfig, description="HTTP listener.")

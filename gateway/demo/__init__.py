@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
 import socket
 import subprocess
@@ -120,7 +121,11 @@ def write_demo_config(state: Path, **ports: Any) -> Path:
     data = demo_config_data(**ports)
     path = state / "site.yaml"
     header = "# Written by `opstwin demo` from gateway/demo/site.yaml; edit that file instead.\n"
-    path.write_text(header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+    # It holds the users' password hashes: private whatever the umask (0600 before any byte).
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with open(fd, "w", encoding="utf-8") as f:
+        f.write(header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
     return path
 
 

@@ -152,6 +152,8 @@ async def scada_read(gateway: Gateway, user: str, password: str) -> list[str]:
         gateway.config.storage.pki_path / "demo-scada",
         "urn:opstwin:demo-scada",
     )
+    # What an admin does for a real SCADA: put its certificate in the server's trusted/.
+    await asyncio.to_thread(server.trust.add, cert.cert.read_bytes(), "demo-scada")
     client = Client(server.endpoint, timeout=5)
     client.set_user(user)
     client.set_password(password)
@@ -194,7 +196,9 @@ def banner(
     opcua_lines = (
         f"    {opcua.endpoint}\n"
         f"    user {user!r}, password {password!r} (made for this run), or anonymous "
-        "(demo only)"
+        "(demo only)\n"
+        f"    a client's certificate is refused until moved from {rel(opcua.trust.rejected_dir)}/ "
+        f"to {rel(opcua.trust.trusted_dir)}/"
         if opcua is not None
         else "    (off)"
     )

@@ -285,7 +285,9 @@ def add_nodes_items(plan: AddressSpacePlan, ns: int) -> list[ua.AddNodesItem]:
         attrs.ValueRank = ua.ValueRank.Scalar
         attrs.ArrayDimensions = None
         attrs.AccessLevel = access
-        attrs.UserAccessLevel = access
+        # Read-only for any session until its role says otherwise: the server answers a read of
+        # UserAccessLevel per session (server.py), so a viewer is never told it may write.
+        attrs.UserAccessLevel = ua.AccessLevel.CurrentRead.mask
         attrs.WriteMask = 0
         attrs.UserWriteMask = 0
         attrs.Historizing = False

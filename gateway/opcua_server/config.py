@@ -10,7 +10,16 @@ from __future__ import annotations
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    field_validator,
+    model_validator,
+)
 
 from gateway.opcua_server.users import is_argon2_hash
 
@@ -26,7 +35,8 @@ __all__ = [
 Role = Literal["viewer", "agent", "supervisor", "executor", "admin"]
 SecurityPolicyName = Literal["None", "Basic256Sha256_Sign", "Basic256Sha256_SignAndEncrypt"]
 
-DEFAULT_ENDPOINT = "opc.tcp://0.0.0.0:4840/opstwin"
+# This machine only, like HTTP: reachable from the plant network only when the config says so.
+DEFAULT_ENDPOINT = "opc.tcp://127.0.0.1:4840/opstwin"
 DEFAULT_SECURITY_POLICIES: list[SecurityPolicyName] = [
     "Basic256Sha256_SignAndEncrypt",
     "Basic256Sha256_Sign",
@@ -71,11 +81,12 @@ class OpcuaUser(_Strict):
 class OpcuaServerConfig(_Strict):
     """The gateway's own OPC UA server, through which SCADA/HMI clients read the twin."""
 
-    enabled: bool = Field(False, description="Serve the twin over OPC UA.")
+    enabled: StrictBool = Field(False, description="Serve the twin over OPC UA.")
     endpoint: str = Field(
         DEFAULT_ENDPOINT,
-        description="`opc.tcp://host:port/path` to listen on; host `0.0.0.0` listens on every "
-        "interface, port 0 picks a free one.",
+        description="`opc.tcp://host:port/path` to listen on; the default host `127.0.0.1` is "
+        "reachable from this machine only, `0.0.0.0` listens on every interface (what SCADA on "
+        "another machine needs); port 0 picks a free one.",
     )
     security_policies: list[SecurityPolicyName] = Field(
         DEFAULT_SECURITY_POLICIES,
@@ -83,8 +94,31 @@ class OpcuaServerConfig(_Strict):
         description="Security policies offered: `Basic256Sha256_SignAndEncrypt`, "
         "`Basic256Sha256_Sign`, and `None` (no signing, no encryption) only if listed.",
     )
-    allow_anonymous: bool = Field(
+    allow_anonymous: StrictBool = Field(
         False, description="Let clients in without a login, as role `viewer`."
+    )
+    trust_all_clients: StrictBool = Field(
+        False,
+        description="Accept any client certificate without checking "
+        "`<pki_dir>/opcua-server/trusted/` — for demos only: then anyone who can reach the port "
+        "may open a secure channel. Otherwise a client whose certificate is not in `trusted/` "
+        "is refused and its certificate copied to `rejected/`, for an admin to move.",
+    )
+    max_connections: StrictInt = Field(
+        64,
+        ge=1,
+        le=10_000,
+        description="Concurrent OPC UA client connections, logged in or not; more are closed as "
+        "they arrive. Kept well below the process's descriptor limit, so devices and the "
+        "database always have descriptors.",
+    )
+    handshake_timeout_s: StrictFloat = Field(
+        10.0,
+        gt=0,
+        le=300,
+        description="A connection that has not logged in (Hello, secure channel, session, "
+        "activation) within this time is closed: it frees what a stalled or hostile client "
+        "holds.",
     )
     users: list[OpcuaUser] = Field(
         default_factory=list, description="Users who log in with username and password."

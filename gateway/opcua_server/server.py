@@ -7,8 +7,18 @@ feeds the subscriptions; nothing awaits the network per change.
 
 Writes: a client write to a point's value never reaches a device. On a writable point it is the
 start of a proposal for the policy engine; until that exists it is refused with
-BadUserAccessDenied, logged with user, role, node and value, and handed to `on_write(user, role,
-point_id, value)`. On any other point it is refused with BadNotWritable.
+BadUserAccessDenied, logged with user, role, node and value, and handed to `on_write` as a
+WriteRefusal. On any other point it is refused with BadNotWritable (logged only). Both go through
+a RefusalLimiter (refusals.py): repeats are coalesced into one record with a count, and a session
+or user that keeps writing is capped, so a client cannot flood the event log or the log file.
+UserAccessLevel follows the session's role: a viewer is told it may read, the roles that may
+propose changes that they may also write the writable points.
+
+Who may connect: clients whose certificate is in the trust list (trust.py), logging in as a
+configured user (users.py); at most `max_connections` connections at a time (more are closed as
+they arrive, before they cost a session), and a connection that has not logged in within
+`handshake_timeout_s` is closed. asyncua's per-client log records become rate-limited lines of
+ours (quiet.py).
 
 The certificate and key are made on first start in `pki_dir/opcua-server/` and reused after, so
 clients that trusted the server keep trusting it; they are remade only when the certificate has
@@ -32,8 +42,10 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from asyncua import Server, ua
+from asyncua.common.utils import ServiceError
 from asyncua.crypto.permission_rules import User, UserRole
 from asyncua.server.address_space import AttributeService
+from asyncua.server.internal_session import InternalSession
 from asyncua.server.user_managers import UserManager
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
@@ -42,6 +54,7 @@ from drivers.errors import ConfigurationError
 from drivers.opcua.security import ensure_app_certificate
 from gateway import __version__
 from gateway.errors import GatewayError
+from gateway.opcua_server import quiet
 from gateway.opcua_server.address_space import (
     NAMESPACE_URI,
     add_nodes_items,
@@ -49,16 +62,26 @@ from gateway.opcua_server.address_space import (
     plan_address_space,
 )
 from gateway.opcua_server.config import OpcuaServerConfig
-from gateway.opcua_server.users import ANONYMOUS_ROLE, UserStore
+from gateway.opcua_server.refusals import RefusalLimiter, WriteRefusal
+from gateway.opcua_server.trust import ClientTrust, UntrustedCertificate
+from gateway.opcua_server.users import ANONYMOUS, ANONYMOUS_ROLE, UserStore
 from gateway.twin.model import PointDef, PointValue
 from gateway.twin.store import TwinStore
 
 log = logging.getLogger(__name__)
 fixes.apply()
+quiet.install()
 
-__all__ = ["GatewayUser", "TwinOpcuaServer", "TwinUserManager", "WriteHook", "default_app_uri"]
+__all__ = [
+    "GatewayUser",
+    "TwinOpcuaServer",
+    "TwinUserManager",
+    "WriteHook",
+    "WriteRefusal",
+    "default_app_uri",
+]
 
-WriteHook = Callable[[str, str, str, Any], None]  # user, role, point id, value
+WriteHook = Callable[[WriteRefusal], None]
 
 PRODUCT_URI = "urn:opstwin:gateway"
 CERT_DAYS = 5 * 365
@@ -72,6 +95,11 @@ _POLICIES = {
 }
 _INTERNAL = User(role=UserRole.Admin)
 _TYPE_MISMATCH = ua.StatusCode(ua.StatusCodes.BadTypeMismatch)
+# The roles that may propose a setpoint change (DESIGN.md, RBAC): every role but `viewer`.
+WRITER_ROLES = frozenset({"agent", "supervisor", "executor", "admin"})
+_READ_WRITE = ua.AccessLevel.CurrentRead.mask | ua.AccessLevel.CurrentWrite.mask
+# Coalesced refusal records are written when their window ends; checked this often.
+_REFUSAL_FLUSH_S = 1.0
 
 
 def default_app_uri() -> str:
@@ -102,6 +130,13 @@ class TwinOpcuaServer:
         self.namespace_index = 2
         self.certificate_thumbprint: str | None = None
         self.changes_applied = 0
+        # Read at start(); `opstwin run` may lower it to fit the process's descriptor limit.
+        self.max_connections = config.max_connections
+        self.trust = ClientTrust(self.pki_dir / "opcua-server", trust_all=config.trust_all_clients)
+        self._proposals = RefusalLimiter()  # writes to writable points: events and log
+        self._read_only = RefusalLimiter()  # writes to read-only points: log only
+        self._flusher: asyncio.Task[None] | None = None
+        self._writable: set[ua.NodeId] = set()
         self._endpoint = config.endpoint
         self._server: Server | None = None
         self._slots: dict[str, _Slot] = {}
@@ -130,13 +165,17 @@ class TwinOpcuaServer:
             self.config.server_name,
             _san_hosts(self.config.endpoint),
         )
-        server = Server(user_manager=TwinUserManager(self._user_store()))
+        await asyncio.to_thread(self.trust.prepare)
+        server = Server(user_manager=TwinUserManager(self._user_store(), self.trust))
         self._server = server
         try:
             await self._configure(server, cert_path, key_path)
             self._follow_twin()
             await self._apply_pending()  # the snapshot, before any client can read
             await server.start()
+            self._flusher = asyncio.create_task(
+                self._flush_refusals(), name="opcua-server:refusals"
+            )
         except BaseException as exc:
             await self._teardown()
             if isinstance(exc, OSError):
@@ -147,13 +186,27 @@ class TwinOpcuaServer:
         self._listening = True
         self._endpoint = self._resolve_port(server)
         log.info(
-            "OPC UA server on %s (%s; %s; certificate %s; %d points)",
+            "OPC UA server on %s (%s; %s; certificate %s; %d points; at most %d connections)",
             self._endpoint,
             ", ".join(self.config.security_policies),
             "anonymous allowed" if self.config.allow_anonymous else "no anonymous access",
             self.certificate_thumbprint,
             len(self._slots),
+            self.max_connections,
         )
+        if self.config.trust_all_clients:
+            log.warning(
+                "OPC UA server: trust_all_clients is set: any client certificate is accepted "
+                "(demos only; put client certificates in %s instead)",
+                self.trust.trusted_dir,
+            )
+        else:
+            log.info(
+                "OPC UA server: clients are accepted when their certificate is in %s; refused "
+                "ones are copied to %s",
+                self.trust.trusted_dir,
+                self.trust.rejected_dir,
+            )
 
     async def stop(self) -> None:
         """Stop following the twin, close client connections and stop listening."""
@@ -173,6 +226,12 @@ class TwinOpcuaServer:
     def endpoint(self) -> str:
         """The endpoint URL; after start, a configured port 0 is replaced by the real one."""
         return self._endpoint
+
+    @property
+    def open_connections(self) -> int:
+        """Client connections open now, logged in or not."""
+        bserver = self._server.bserver if self._server is not None else None
+        return len(bserver.clients) if bserver is not None else 0
 
     def nodeid(self, point_id: str) -> str:
         """The NodeId string of a point's variable, e.g. `ns=2;s=area/line/asset/signal`."""
@@ -205,6 +264,14 @@ class TwinOpcuaServer:
             dt.datetime.now(dt.UTC),
         )
         server.set_endpoint(self.config.endpoint)
+        iserver = server.iserver
+        # asyncua refuses connections over the cap as they are accepted (before a session
+        # exists) and closes those that have not activated a session in time: a slow-loris
+        # on this port holds at most max_connections descriptors, each for handshake_timeout_s.
+        iserver.max_connections = self.max_connections
+        iserver.max_pending_activation_seconds = self.config.handshake_timeout_s
+        # asyncua 2.1 has no hook for the session class: the instance's factory is replaced.
+        iserver.create_session = self._create_session
         server.set_security_policy([_POLICIES[p] for p in self.config.security_policies])
         tokens: list[type] = []
         if self.config.users:
@@ -239,8 +306,39 @@ class TwinOpcuaServer:
             nodeid = ua.NodeId(var.point_id, ns)
             self._slots[var.point_id] = _Slot(nodeid, var.variant_type, point.lo, point.hi)
             self._point_of[nodeid] = var.point_id
-        iserver = server.iserver
+            if point.writable:
+                self._writable.add(nodeid)
         iserver.attribute_service = _GuardedAttributeService(iserver.aspace, self._guard_write)
+
+    def _create_session(
+        self, name: Any, user: User | None = None, external: bool = False
+    ) -> InternalSession:
+        # Replaces InternalServer.create_session (asyncua 2.1 has no factory hook for it).
+        assert self._server is not None
+        iserver = self._server.iserver
+        return _TwinSession(
+            self._user_access,
+            iserver,
+            iserver.aspace,
+            iserver.subscription_service,
+            name,
+            # asyncua's default: nobody in particular until the session is activated.
+            user=user or User(role=UserRole.Anonymous),
+            external=external,
+        )
+
+    def _user_access(
+        self, params: ua.ReadParameters, results: list[ua.DataValue], user: User | None
+    ) -> None:
+        """Answer UserAccessLevel of a writable point for the session's role, in `results`."""
+        # The stored attribute says CurrentRead (what anything that bypasses this sees); a role
+        # that may propose changes is told it may also write.
+        if getattr(user, "gateway_role", None) not in WRITER_ROLES:
+            return
+        user_access = ua.AttributeIds.UserAccessLevel
+        for i, item in enumerate(params.NodesToRead):
+            if item.AttributeId == user_access and item.NodeId in self._writable:
+                results[i] = ua.DataValue(ua.Variant(_READ_WRITE, ua.VariantType.Byte))
 
     def _follow_twin(self) -> None:
         # Snapshot and registration happen in one synchronous step: every change after the
@@ -283,8 +381,16 @@ class TwinOpcuaServer:
         if server is not None and self._listening:
             self._listening = False
             await server.stop()
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+            self._flusher = None
+        # No client can write any more: what was still being coalesced is recorded now.
+        self._emit_refusals(self._proposals.flush_all(), self._read_only.flush_all())
         self._slots.clear()
         self._point_of.clear()
+        self._writable.clear()
 
     # -- following the twin -----------------------------------------------------------------------
 
@@ -364,35 +470,80 @@ class TwinOpcuaServer:
             or user.role is UserRole.Admin
         ):
             return None
-        name = user.name or "anonymous"
-        role = getattr(user, "gateway_role", ANONYMOUS_ROLE)
         variant = wv.Value.Value if wv.Value is not None else None
-        value = variant.Value if variant is not None else None
-        node = self.nodeid(point_id)
-        if not self.points[point_id].writable:
-            log.info(
-                "OPC UA write refused (BadNotWritable): user %r (role %s) wrote %r to %s, a "
-                "read-only point",
-                name,
-                role,
-                value,
-                node,
-            )
-            return ua.StatusCode(ua.StatusCodes.BadNotWritable)
-        log.warning(
-            "OPC UA write refused (BadUserAccessDenied): user %r (role %s) wrote %r to %s; "
-            "setpoint changes go through the policy engine, which does not exist yet",
-            name,
-            role,
-            value,
-            node,
+        limiter = self._proposals if self.points[point_id].writable else self._read_only
+        records = limiter.record(
+            session=getattr(user, "session", "?"),
+            client=getattr(user, "client", "?"),
+            user=user.name or ANONYMOUS,
+            role=str(getattr(user, "gateway_role", ANONYMOUS_ROLE)),
+            point_id=point_id,
+            value=variant.Value if variant is not None else None,
         )
-        if self.on_write is not None:
-            try:
-                self.on_write(name, str(role), point_id, value)
-            except Exception:
-                log.exception("OPC UA server: on_write hook failed for %s", point_id)
+        if limiter is self._read_only:
+            self._emit_refusals([], records)
+            return ua.StatusCode(ua.StatusCodes.BadNotWritable)
+        self._emit_refusals(records, [])
         return ua.StatusCode(ua.StatusCodes.BadUserAccessDenied)
+
+    async def _flush_refusals(self) -> None:
+        while True:
+            await asyncio.sleep(_REFUSAL_FLUSH_S)
+            self._emit_refusals(self._proposals.flush(), self._read_only.flush())
+
+    def _emit_refusals(self, proposals: list[WriteRefusal], read_only: list[WriteRefusal]) -> None:
+        for refusal in read_only:
+            log.info(*_refusal_line(refusal, "BadNotWritable", self._node_name(refusal)))
+        for refusal in proposals:
+            log.warning(*_refusal_line(refusal, "BadUserAccessDenied", self._node_name(refusal)))
+            if self.on_write is None:
+                continue
+            try:
+                self.on_write(refusal)
+            except Exception:
+                # Bounded like the records themselves: the limiter caps how often this runs.
+                log.exception("OPC UA server: on_write hook failed for %s", refusal.point_id)
+
+    def _node_name(self, refusal: WriteRefusal) -> str:
+        if refusal.point_id is None:
+            return f"{refusal.points} points"
+        return f"ns={self.namespace_index};s={refusal.point_id}"
+
+
+def _refusal_line(refusal: WriteRefusal, status: str, node: str) -> tuple[object, ...]:
+    """The log call (format and args) for one refusal record."""
+    where = f"session {', '.join(refusal.sessions)} from {', '.join(refusal.clients)}"
+    why = (
+        "setpoint changes go through the policy engine, which does not exist yet"
+        if status == "BadUserAccessDenied"
+        else "a read-only point"
+    )
+    span = refusal.last_ts - refusal.first_ts
+    if refusal.suppressed:
+        return (
+            "OPC UA writes refused (%s): user %r (role %s) made %d more write attempts to %s "
+            "within %.0f s (%s); not recorded one by one: each session and user gets a few "
+            "records a minute",
+            status,
+            refusal.user,
+            refusal.role,
+            refusal.count,
+            node,
+            span,
+            where,
+        )
+    repeats = f" ({refusal.count} attempts within {span:.0f} s; the last shown)"
+    return (
+        "OPC UA write refused (%s): user %r (role %s) wrote %r to %s%s, %s; %s",
+        status,
+        refusal.user,
+        refusal.role,
+        refusal.value,
+        node,
+        repeats if refusal.count > 1 else "",
+        where,
+        why,
+    )
 
 
 # -- asyncua glue -------------------------------------------------------------------------------
@@ -408,13 +559,24 @@ class GatewayUser(User):
 
     role: UserRole = UserRole.User
     gateway_role: str = ANONYMOUS_ROLE
+    session: str = "?"  # the server's name for the session, e.g. `#12`
+    client: str = "?"  # the client's IP address
+
+
+@dataclass(frozen=True, slots=True)
+class _LoginContext:
+    address: str
+    session: str
 
 
 class TwinUserManager(UserManager):
-    """asyncua's hook for session activation, answered from a UserStore."""
+    """asyncua's hook for session activation, answered from a trust list and a UserStore."""
 
-    def __init__(self, store: UserStore) -> None:
+    def __init__(self, store: UserStore, trust: ClientTrust) -> None:
         self.store = store
+        self.trust = trust
+        # Set by the session around each activation: asyncua does not pass it to get_user.
+        self.context: _LoginContext | None = None
 
     def get_user(
         self,
@@ -423,16 +585,68 @@ class TwinUserManager(UserManager):
         password: str | None = None,
         certificate: Any = None,
     ) -> User | None:
-        """Return the session's user, or None to refuse the login (BadUserAccessDenied)."""
+        """Return the session's user, or None to refuse the login (BadUserAccessDenied).
+
+        Raises ServiceError(BadCertificateUntrusted, …) for a client certificate not trusted.
+        """
+        context = self.context or _LoginContext("an unknown address", "?")
         # asyncua passes the secure channel's peer certificate with username and anonymous
         # tokens: it is empty (b"") exactly when the channel is neither signed nor encrypted.
         # That is how a `None` channel is refused when the `None` policy is not configured:
         # asyncua lets any client open one (to read the endpoints) and then create a session on
-        # it, whatever the configured policies.
-        account = self.store.authenticate(username, password, secured=bool(certificate))
+        # it, whatever the configured policies. It is also the certificate to check against the
+        # trust list: the one the client proved it holds the key of, whatever it claimed in
+        # CreateSession. Checked before the password, so an untrusted client costs no argon2.
+        if certificate:
+            try:
+                self.trust.check(certificate)
+            except UntrustedCertificate as exc:
+                raise ServiceError(getattr(ua.StatusCodes, exc.status)) from exc
+        account = self.store.authenticate(
+            username, password, secured=bool(certificate), address=context.address
+        )
         if account is None:
             return None
-        return GatewayUser(name=account.username, gateway_role=account.role)
+        return GatewayUser(
+            name=account.username,
+            gateway_role=account.role,
+            session=context.session,
+            client=context.address,
+        )
+
+
+class _TwinSession(InternalSession):
+    """asyncua's session, telling the user manager who logs in and reading UserAccessLevel."""
+
+    def __init__(
+        self,
+        user_access: Callable[[ua.ReadParameters, list[ua.DataValue], User | None], None],
+        *args: Any,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self._user_access = user_access
+
+    def activate_session(
+        self, params: ua.ActivateSessionParameters, peer_certificate: bytes | None
+    ) -> ua.ActivateSessionResult:
+        manager = self.iserver.user_manager
+        if not isinstance(manager, TwinUserManager):
+            return super().activate_session(params, peer_certificate)
+        # `name` is the transport's peer name: (host, port, …) for TCP.
+        peer = self.name
+        address = str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
+        # Synchronous from here to get_user: no other login can interleave on the loop.
+        manager.context = _LoginContext(address, f"#{self.session_id.Identifier}")
+        try:
+            return super().activate_session(params, peer_certificate)
+        finally:
+            manager.context = None
+
+    async def read(self, params: ua.ReadParameters) -> list[ua.DataValue]:
+        results = await super().read(params)
+        self._user_access(params, results, self.user)
+        return results
 
 
 class _GuardedAttributeService(AttributeService):

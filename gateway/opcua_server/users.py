@@ -6,11 +6,19 @@ it); the asyncua UserManager that asks a UserStore lives in `server.py`.
 asyncua activates sessions synchronously on the event loop, so a password check cannot be moved
 to a thread. Two things keep it from stalling the loop: a credential that verified once is
 remembered (as an HMAC under a per-process random key, never the password), so a SCADA client
-that reconnects costs microseconds; and failed checks are rationed (`max_failures` per
-`failure_window_s`, across all usernames), so a password-guessing client cannot buy more than a
-few argon2 verifications per window. hash_password() uses the OWASP argon2id parameters
-(19 MiB, 2 passes, 1 lane: ~25 ms per check) rather than argon2-cffi's heavier defaults (~150 ms)
-for the same reason. Any argon2 hash is accepted; its own parameters decide its cost.
+that reconnects costs microseconds; and failed checks are rationed, so a password-guessing client
+cannot buy more than a few argon2 verifications per window. hash_password() uses the OWASP
+argon2id parameters (19 MiB, 2 passes, 1 lane: ~25 ms per check) rather than argon2-cffi's
+heavier defaults (~150 ms) for the same reason. Any argon2 hash is accepted; its own parameters
+decide its cost.
+
+The ration is kept per username and per client address, not across all of them: with one global
+ration, four parallel guessers once made a real user's correct login fail (issue 13). Within
+`failure_window_s`:
+- an address with `max_failures_per_address` failed checks gets no more checks, for any user;
+- a username with `max_failures_per_user` failed checks is checked only for addresses with no
+  failure of their own in the window: its owner, logging in from a clean address, still gets
+  in, while each guessing address gets at most one more try at it.
 """
 
 from __future__ import annotations
@@ -29,6 +37,8 @@ from typing import TYPE_CHECKING
 import argon2
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
+from gateway.ratelog import RateLimitedLog
+
 if TYPE_CHECKING:
     from gateway.opcua_server.config import OpcuaUser
 
@@ -46,6 +56,8 @@ __all__ = [
 ANONYMOUS = "anonymous"
 ANONYMOUS_ROLE = "viewer"
 
+# Usernames or addresses with recent failures kept before expired ones are swept out.
+_MAX_TRACKED = 1024
 # OWASP's recommended argon2id configuration (m=19 MiB, t=2, p=1).
 _HASHER = argon2.PasswordHasher(time_cost=2, memory_cost=19456, parallelism=1)
 
@@ -85,25 +97,38 @@ class UserStore:
         *,
         allow_anonymous: bool = False,
         allow_unsecured: bool = False,
-        max_failures: int = 10,
+        max_failures_per_user: int = 5,
+        max_failures_per_address: int = 20,
         failure_window_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._users = {u.username: (u.password_hash, u.role) for u in users}
         self.allow_anonymous = allow_anonymous
         self.allow_unsecured = allow_unsecured
-        self.max_failures = max_failures
+        self.max_failures_per_user = max_failures_per_user
+        self.max_failures_per_address = max_failures_per_address
         self.failure_window_s = failure_window_s
         self._clock = clock
         self._key = os.urandom(32)
         self._verified: dict[str, bytes] = {}
-        self._failures: deque[float] = deque()
-        self._throttle_logged = False
+        # Times of failed checks per username and per client address, within the window.
+        self._by_user: dict[str, deque[float]] = {}
+        self._by_address: dict[str, deque[float]] = {}
+        self._lines = RateLimitedLog(log, failure_window_s)
 
     def authenticate(
-        self, username: str | None, password: str | None, *, secured: bool = True
+        self,
+        username: str | None,
+        password: str | None,
+        *,
+        secured: bool = True,
+        address: str | None = None,
     ) -> Account | None:
-        """Return the account for these credentials, or None (and log why) to refuse them."""
+        """Return the account for these credentials, or None (and log why) to refuse them.
+
+        `address` is the client's IP address; failed checks are rationed per address and per
+        username.
+        """
         if not secured and not self.allow_unsecured:
             # A channel without signing is only possible when the `None` policy is offered.
             log.warning("OPC UA login refused: unsecured channel and `None` is not configured")
@@ -121,12 +146,23 @@ class UserStore:
         remembered = self._verified.get(username)
         if entry is not None and remembered is not None and hmac.compare_digest(remembered, digest):
             return Account(username, entry[1])
-        if self._throttled():
+        where = address or "an unknown address"
+        if self._throttled(username, where):
             return None
         ok = _verify(entry[0] if entry else _dummy_hash(), password) and entry is not None
         if not ok:
-            self._failures.append(self._clock())
-            log.warning("OPC UA login refused for %.64r: wrong username or password", username)
+            now = self._clock()
+            for table, key in ((self._by_user, username), (self._by_address, where)):
+                if len(table) >= _MAX_TRACKED and key not in table:
+                    # Names come from clients: a spray of made-up usernames must not grow this.
+                    for old in list(table):
+                        self._recent(table, old, now)
+                table.setdefault(key, deque()).append(now)
+            log.warning(
+                "OPC UA login refused for %.64r from %s: wrong username or password",
+                username,
+                where,
+            )
             return None
         assert entry is not None
         self._verified[username] = digest
@@ -136,23 +172,47 @@ class UserStore:
         message = username.encode() + b"\0" + password.encode()
         return hmac.new(self._key, message, hashlib.sha256).digest()
 
-    def _throttled(self) -> bool:
+    def _throttled(self, username: str, address: str) -> bool:
         now = self._clock()
-        failures = self._failures
-        while failures and failures[0] <= now - self.failure_window_s:
-            failures.popleft()
-        if len(failures) < self.max_failures:
-            self._throttle_logged = False
-            return False
-        if not self._throttle_logged:
-            self._throttle_logged = True
-            log.warning(
-                "OPC UA logins throttled: %d failed password checks in %g s; refusing new "
-                "credentials until the window clears (clients that logged in before still can)",
-                len(failures),
+        by_address = self._recent(self._by_address, address, now)
+        by_user = self._recent(self._by_user, username, now)
+        if by_address >= self.max_failures_per_address:
+            self._lines.log(
+                logging.WARNING,
+                f"address:{address}",
+                "OPC UA logins throttled for %s: %d failed password checks in %g s; refusing "
+                "new credentials from it until the window clears (sessions that logged in "
+                "before, and other addresses, are not affected)",
+                address,
+                by_address,
                 self.failure_window_s,
             )
-        return True
+            return True
+        if by_user >= self.max_failures_per_user and by_address > 0:
+            self._lines.log(
+                logging.WARNING,
+                f"user:{username}",
+                "OPC UA logins throttled for user %.64r: %d failed password checks in %g s; "
+                "addresses that failed are refused until the window clears (a login from "
+                "another address is still checked)",
+                username,
+                by_user,
+                self.failure_window_s,
+            )
+            return True
+        return False
+
+    def _recent(self, table: dict[str, deque[float]], key: str, now: float) -> int:
+        failures = table.get(key)
+        if failures is None:
+            return 0
+        while failures and failures[0] <= now - self.failure_window_s:
+            failures.popleft()
+        if not failures:
+            # Usernames and addresses come from clients: keep no empty entry for either.
+            del table[key]
+            return 0
+        return len(failures)
 
 
 @functools.cache

@@ -12,9 +12,10 @@ import numpy as np
 import yaml
 from pydantic import ValidationError
 
-from gateway.config import load_config
-from gateway.config.yamlpos import format_path
+from gateway.config.load import read_config_text
+from gateway.config.yamlpos import format_path, parse_yaml
 from gateway.errors import ConfigError, GatewayError
+from gateway.twin_cli import count_arg, known_point, positive_arg, reading_twin, twin_db_path
 
 __all__ = ["add_sim_commands"]
 
@@ -32,7 +33,9 @@ def add_sim_commands(sub: Any) -> None:
         default="native",
         help="the C kernel (default) or the NumPy reference",
     )
-    run.add_argument("--threads", type=int, default=0, help="C kernel threads (0 = all CPUs)")
+    run.add_argument(
+        "--threads", type=count_arg(0, 1024), default=0, help="C kernel threads (0 = all CPUs)"
+    )
     run.add_argument("--json", action="store_true", help="print the full result as JSON")
     run.set_defaults(handler=cmd_sim_run)
 
@@ -42,8 +45,12 @@ def add_sim_commands(sub: Any) -> None:
     fit.add_argument("--config", "-c", required=True, help="site config YAML file")
     fit.add_argument("input", help="input point id (e.g. a setpoint)")
     fit.add_argument("output", help="output point id (e.g. a temperature)")
-    fit.add_argument("--minutes", type=float, default=60.0, help="history window (default 60)")
-    fit.add_argument("--dt", type=float, default=1.0, help="resampling step in s (default 1)")
+    fit.add_argument(
+        "--minutes", type=positive_arg, default=60.0, help="history window (default 60)"
+    )
+    fit.add_argument(
+        "--dt", type=positive_arg, default=1.0, help="resampling step in s (default 1)"
+    )
     fit.add_argument("--json", action="store_true", help="print the fit as JSON")
     fit.set_defaults(handler=cmd_sim_fit)
     sim.set_defaults(handler=lambda args: sim.print_help() or 2)
@@ -55,10 +62,16 @@ def cmd_sim_run(args: argparse.Namespace) -> int:
     from gateway.sim.models import Scenario
 
     path = Path(args.scenario)
+    # The config's reader and parser: a FIFO, a binary file or an alias bomb is refused in one
+    # line here too.
+    text = read_config_text(path, what="scenario")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: cannot read scenario: {exc}") from exc
+        data = parse_yaml(text).data
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        raise ConfigError(f"{path}{where}: cannot read scenario: {problem}") from None
     try:
         scenario = Scenario.model_validate(data)
     except ValidationError as exc:
@@ -110,15 +123,16 @@ def cmd_sim_fit(args: argparse.Namespace) -> int:
     from gateway.sim.fit import fit_fopdt, resample
     from gateway.twin.history import HistoryReader
 
-    path = load_config(args.config).storage.path
-    if not path.exists():
-        raise GatewayError(f"no twin database at {path} (has the gateway run with this config?)")
+    path = twin_db_path(args.config)
     reader = HistoryReader(path)
     end = time.time()
     start = end - args.minutes * 60
     try:
-        u_rows = _usable(reader.history(args.input, start, end, limit=1_000_000))
-        y_rows = _usable(reader.history(args.output, start, end, limit=1_000_000))
+        with reading_twin(path):
+            with known_point(args.input, path):
+                u_rows = _usable(reader.history(args.input, start, end, limit=1_000_000))
+            with known_point(args.output, path):
+                y_rows = _usable(reader.history(args.output, start, end, limit=1_000_000))
     finally:
         reader.close()
     if len(u_rows) < 1 or len(y_rows) < 10:

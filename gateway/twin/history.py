@@ -5,7 +5,9 @@ event loop runs them with `asyncio.to_thread` and they never wait for the writer
 committed data only.
 
 A cursor older than what retention kept raises CursorExpiredError rather than silently skipping
-the dropped revs: a consumer must know it has a gap.
+the dropped revs: a consumer must know it has a gap. A database that fails a read (corrupt
+pages, an I/O error) raises DatabaseFault, a StoreError that says what it means, never a bare
+sqlite3 error: the CLI prints it as one line and HTTP answers 503.
 
 Times are the gateway timestamps (epoch seconds). Aggregates take only values of quality GOOD or
 UNCERTAIN: a BAD or STALE row repeats the last value without measuring it.
@@ -13,11 +15,12 @@ UNCERTAIN: a BAD or STALE row repeats the last value without measuring it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -25,7 +28,7 @@ from typing import Any, NamedTuple
 from drivers.contract import Quality
 from gateway.errors import StoreError, UnknownPointError
 from gateway.twin.model import EventRecord, asset_of
-from gateway.twin.schema import QUALITIES, TELEMETRY, connect
+from gateway.twin.schema import QUALITIES, TELEMETRY, connect, fault
 
 __all__ = [
     "Bucket",
@@ -100,15 +103,16 @@ class HistoryReader:
         _check_range(start, end)
         if limit < 1:
             raise StoreError(f"limit must be >= 1, got {limit}")
-        conn = self._conn()
-        pid, datatype = self._point(conn, point_id)
+        with self._reading():
+            conn = self._conn()
+            pid, datatype = self._point(conn, point_id)
+            rows = conn.execute(
+                "SELECT rev, ts, value, quality, source_ts, reason FROM events "
+                f"WHERE pid = ? AND type = '{TELEMETRY}' AND ts >= ? AND ts <= ? "
+                "ORDER BY ts, rev LIMIT ?",
+                (pid, start, end, limit),
+            ).fetchall()
         decode = decode_value(datatype)
-        rows = conn.execute(
-            "SELECT rev, ts, value, quality, source_ts, reason FROM events "
-            f"WHERE pid = ? AND type = '{TELEMETRY}' AND ts >= ? AND ts <= ? "
-            "ORDER BY ts, rev LIMIT ?",
-            (pid, start, end, limit),
-        ).fetchall()
         return [
             HistoryRow(
                 rev, ts, decode(value) if decode else value, QUALITIES[quality], source_ts, reason
@@ -121,9 +125,52 @@ class HistoryReader:
         _check_range(start, end)
         if not (math.isfinite(bucket_s) and bucket_s > 0):
             raise StoreError(f"bucket_s must be a positive number, got {bucket_s}")
-        conn = self._conn()
-        pid, _ = self._point(conn, point_id)
-        rows = conn.execute(
+        with self._reading():
+            conn = self._conn()
+            pid, _ = self._point(conn, point_id)
+            rows = self._aggregate(conn, pid, start, end, bucket_s)
+        return [
+            Bucket(start + k * bucket_s, start + (k + 1) * bucket_s, n, lo, hi, mean, last)
+            for k, n, lo, hi, mean, last in rows
+        ]
+
+    def events_since(self, rev: int, limit: int = 1000) -> list[EventRecord]:
+        """Committed events with rev > `rev`, in rev order, at most `limit`."""
+        if limit < 1:
+            raise StoreError(f"limit must be >= 1, got {limit}")
+        with self._reading():
+            conn = self._conn()
+            # One read transaction: a prune between the two reads could otherwise open a gap.
+            conn.execute("BEGIN")
+            try:
+                log_start = int(
+                    conn.execute("SELECT value FROM meta WHERE key = 'log_start_rev'").fetchone()[0]
+                )
+                if rev < log_start - 1:
+                    raise CursorExpiredError(rev, log_start)
+                rows = conn.execute(
+                    "SELECT rev, ts, type, pid, asset_id, value, quality, source_ts, reason, data "
+                    "FROM events WHERE rev > ? ORDER BY rev LIMIT ?",
+                    (rev, limit),
+                ).fetchall()
+            finally:
+                conn.execute("COMMIT")
+            return [self._event(conn, row) for row in rows]
+
+    def close(self) -> None:
+        """Close every connection this reader opened."""
+        with self._lock:
+            self._closed = True
+            connections, self._connections = self._connections, []
+        for conn in connections:
+            conn.close()
+
+    # -- helpers ----------------------------------------------------------------------------------
+
+    def _aggregate(
+        self, conn: sqlite3.Connection, pid: int, start: float, end: float, bucket_s: float
+    ) -> list[Any]:
+        return conn.execute(
             "WITH b AS ("
             "  SELECT CAST((ts - :start) / :size AS INTEGER) AS k, count(*) AS n,"
             "         min(value) AS lo, max(value) AS hi, avg(value) AS mean, max(rev) AS last_rev"
@@ -135,42 +182,13 @@ class HistoryReader:
             " JOIN events e ON e.rev = b.last_rev ORDER BY b.k",
             {"start": start, "end": end, "size": bucket_s, "pid": pid, "measured": MEASURED},
         ).fetchall()
-        return [
-            Bucket(start + k * bucket_s, start + (k + 1) * bucket_s, n, lo, hi, mean, last)
-            for k, n, lo, hi, mean, last in rows
-        ]
 
-    def events_since(self, rev: int, limit: int = 1000) -> list[EventRecord]:
-        """Committed events with rev > `rev`, in rev order, at most `limit`."""
-        if limit < 1:
-            raise StoreError(f"limit must be >= 1, got {limit}")
-        conn = self._conn()
-        # One read transaction: a prune between the two reads could otherwise open a gap.
-        conn.execute("BEGIN")
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
         try:
-            log_start = int(
-                conn.execute("SELECT value FROM meta WHERE key = 'log_start_rev'").fetchone()[0]
-            )
-            if rev < log_start - 1:
-                raise CursorExpiredError(rev, log_start)
-            rows = conn.execute(
-                "SELECT rev, ts, type, pid, asset_id, value, quality, source_ts, reason, data "
-                "FROM events WHERE rev > ? ORDER BY rev LIMIT ?",
-                (rev, limit),
-            ).fetchall()
-        finally:
-            conn.execute("COMMIT")
-        return [self._event(conn, row) for row in rows]
-
-    def close(self) -> None:
-        """Close every connection this reader opened."""
-        with self._lock:
-            self._closed = True
-            connections, self._connections = self._connections, []
-        for conn in connections:
-            conn.close()
-
-    # -- helpers ----------------------------------------------------------------------------------
+            yield
+        except sqlite3.Error as exc:
+            raise fault(exc, self.path, "read") from exc
 
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)

@@ -42,7 +42,7 @@ from pathlib import Path
 from sqlite_utils import Database
 
 from drivers.contract import Quality
-from gateway.errors import StoreError
+from gateway.errors import DatabaseFault, StoreError
 
 __all__ = [
     "MIGRATIONS",
@@ -50,8 +50,13 @@ __all__ = [
     "QUALITY_CODE",
     "SCHEMA_VERSION",
     "TELEMETRY",
+    "check_integrity",
     "connect",
+    "explain",
+    "fault",
+    "is_corruption",
     "migrate",
+    "recovery_steps",
 ]
 
 TELEMETRY = "TelemetryChanged"
@@ -88,7 +93,7 @@ def connect(path: str | Path, *, read_only: bool = False) -> sqlite3.Connection:
             str(path), isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000
         )
     except sqlite3.Error as exc:
-        raise StoreError(f"{path}: cannot open the twin database: {exc}") from exc
+        raise fault(exc, path, "open") from exc
     try:
         conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
         conn.execute("PRAGMA temp_store=MEMORY")
@@ -101,8 +106,77 @@ def connect(path: str | Path, *, read_only: bool = False) -> sqlite3.Connection:
             conn.execute("PRAGMA query_only=1")
     except sqlite3.Error as exc:
         conn.close()
-        raise StoreError(f"{path}: not a usable SQLite database: {exc}") from exc
+        raise fault(exc, path, "open") from exc
     return conn
+
+
+def check_integrity(conn: sqlite3.Connection, path: str | Path) -> None:
+    """Refuse a damaged database (PRAGMA quick_check) with the steps to recover it.
+
+    quick_check reads every page and checks each b-tree's structure, but not that indexes match
+    their tables (integrity_check does, at about twice the cost): what it finds is what makes
+    reads fail at run time. It reads the whole file: measured 3.1 s for 160 MB (~20 s per GB)
+    on the busy 2-core development box.
+    """
+    try:
+        rows = conn.execute("PRAGMA quick_check(5)").fetchall()
+    except sqlite3.Error as exc:
+        raise fault(exc, path, "check") from exc
+    if rows != [("ok",)]:
+        found = "; ".join(" ".join(str(row[0]).split()) for row in rows)  # one line
+        raise DatabaseFault(
+            f"{path}: the twin database is corrupt (quick_check: {found}); the gateway will not "
+            f"run on it. {recovery_steps(path)}",
+            corrupt=True,
+        )
+
+
+def is_corruption(exc: BaseException) -> bool:
+    """Whether SQLite said the file is damaged or not a database at all."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is None:
+        return False
+    return code & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
+def fault(exc: sqlite3.Error, path: str | Path, doing: str) -> DatabaseFault:
+    """A DatabaseFault that says what SQLite's error means for the operator, and what to do."""
+    corrupt = is_corruption(exc)
+    message = f"{path}: cannot {doing} the twin database: {explain(exc)}"
+    if corrupt:
+        message += f". {recovery_steps(path)}"
+    return DatabaseFault(message, corrupt=corrupt)
+
+
+def explain(exc: BaseException) -> str:
+    """What a database error means for the operator and what to do, in a phrase."""
+    code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+    if code == sqlite3.SQLITE_NOTADB:
+        return f"not an SQLite database ({exc})"
+    if code == sqlite3.SQLITE_CORRUPT:
+        return f"the database is corrupt ({exc})"
+    if code == sqlite3.SQLITE_READONLY:
+        return (
+            f"read-only ({exc}); make the file and its directory writable by the gateway's "
+            "user, or set storage.path to a writable place"
+        )
+    if code == sqlite3.SQLITE_FULL:
+        return f"the disk is full ({exc}); free space on its file system"
+    if code == sqlite3.SQLITE_IOERR:
+        return f"I/O error ({exc}); check the disk and the kernel log"
+    return str(exc)
+
+
+def recovery_steps(path: str | Path) -> str:
+    """What an operator does with a damaged database (one line)."""
+    path = Path(path)
+    aside = path.parent / "damaged"
+    return (
+        f"To recover: stop the gateway; move the database and its -wal and -shm files aside "
+        f"(mkdir {aside} && mv {path}* {aside}/); then salvage what is readable with "
+        f'`sqlite3 {aside / path.name} ".recover" | sqlite3 {path}`, or restore a backup to '
+        f"{path}, or start without one (the gateway creates an empty twin database)."
+    )
 
 
 def migrate(conn: sqlite3.Connection, *, path: str | Path = "") -> int:

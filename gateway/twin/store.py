@@ -16,6 +16,12 @@ writer commits, `rev` is ahead of `committed_rev`; a crash loses that tail, and 
 store hands the same rev numbers out again. Anything that leaves the process with a rev (an ETag,
 an SSE id, an MQTT diff) is safe when it comes from the event log, which only holds committed
 events; a rev taken from `rev`/`snapshot()` may be reused after a crash.
+
+Opening takes the database for this store alone (an exclusive lock beside it: see `files.py`),
+creates what is missing private (0700 directories, 0600 files), refuses a read-only location
+saying so, and refuses a damaged database (PRAGMA quick_check) with the steps to recover it.
+While open, `problems()` says what is wrong with storage (a writer that cannot commit, SQLite
+reporting corruption) for /health.
 """
 
 from __future__ import annotations
@@ -25,26 +31,36 @@ import contextlib
 import json
 import logging
 import numbers
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from drivers.contract import Quality, Sample
-from gateway.errors import StoreError, UnknownPointError
+from gateway import sdnotify
+from gateway.errors import DatabaseFault, StoreError, UnknownPointError
+from gateway.twin.files import StoreLock, check_writable, create_private_dirs, create_private_file
 from gateway.twin.history import Bucket, HistoryReader, HistoryRow, decode_value
 from gateway.twin.model import EventRecord, PointDef, PointValue, asset_of
 from gateway.twin.schema import (
     QUALITIES,
     QUALITY_CODE,
     TELEMETRY,
+    check_integrity,
     connect,
+    explain,
+    fault,
     migrate,
+    recovery_steps,
     write_transaction,
 )
 from gateway.twin.writer import (
+    BACKLOG_BYTES,
+    BACKLOG_ROWS,
+    ROW_BYTES,
     ROW_PID,
     ROW_QUALITY,
     ROW_SOURCE_TS,
@@ -59,8 +75,11 @@ log = logging.getLogger(__name__)
 __all__ = ["ChangeListener", "PruneResult", "StoreStats", "TwinStore"]
 
 ChangeListener = Callable[[list[PointValue]], None]
+_T = TypeVar("_T")
 
 DAY_S = 86400.0
+# Above this size the start-up integrity check is announced (log, systemd status and timeout).
+CHECK_NOTICE_BYTES = 256 * 1024 * 1024
 # Logged once each, then only counted: a misconfigured device would otherwise flood the log.
 MAX_LOGGED_UNKNOWN = 100
 _INT64 = (-(2**63), 2**63 - 1)
@@ -81,6 +100,11 @@ class StoreStats:
     current_rows_written: int
     uncommitted_revs: int
     writer_error: str | None
+    backlog_rows: int  # taken by the writer, not committed (grows while commits fail)
+    backlog_bytes: int  # its estimated memory
+    dropped_rows: int  # history rows dropped at the backlog bound since open
+    dropped_events: int  # other events dropped there
+    corruption: str | None  # what SQLite said when it first reported corruption
 
 
 class TwinStore:
@@ -96,11 +120,15 @@ class TwinStore:
         history_days: float = 30,
         events_days: float = 7,
         clock: Callable[[], float] = time.time,
+        backlog_rows: int = BACKLOG_ROWS,
+        backlog_bytes: int = BACKLOG_BYTES,
     ) -> None:
         if flush_interval_s <= 0 or flush_rows < 1:
             raise ValueError("flush_interval_s must be > 0 and flush_rows >= 1")
         if history_days <= 0 or events_days <= 0:
             raise ValueError("history_days and events_days must be > 0")
+        if backlog_rows < flush_rows or backlog_bytes < ROW_BYTES * flush_rows:
+            raise ValueError("the backlog bound must hold at least flush_rows rows")
         self.path = Path(path)
         self.points: dict[str, PointDef] = {}
         for point in points:
@@ -111,8 +139,12 @@ class TwinStore:
         self.flush_rows = flush_rows
         self.history_days = history_days
         self.events_days = events_days
+        self.backlog_rows = backlog_rows
+        self.backlog_bytes = backlog_bytes
         self._clock = clock
         self._lock = threading.Lock()
+        self._file_lock: StoreLock | None = None
+        self._corruption: DatabaseFault | None = None  # found by a read
         self._writer: Writer | None = None
         self._reader: HistoryReader | None = None
         self._open = False
@@ -132,37 +164,27 @@ class TwinStore:
     # -- lifecycle --------------------------------------------------------------------------------
 
     def open(self) -> None:
-        """Migrate the database, load current values and rev, start the writer (blocking)."""
+        """Lock and check the database, migrate it, load current values, start the writer.
+
+        Blocking. Refuses (StoreError, before touching the database) another gateway's database,
+        a read-only location and a damaged database, each with what to do about it.
+        """
         if self._open:
             raise StoreError(f"{self.path}: twin store is already open")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = connect(self.path)
+        create_private_dirs(self.path.parent)
+        check_writable(self.path)
+        file_lock = StoreLock(self.path)
+        file_lock.acquire()
         try:
-            migrate(conn, path=self.path)
-            pids = self._declare_points(conn)
-            rev, log_start = self._load(conn, pids)
-        except StoreError:
+            self._open_locked()
+        except BaseException:
+            file_lock.release()
             raise
-        except Exception as exc:
-            raise StoreError(f"{self.path}: cannot open the twin store: {exc}") from exc
-        finally:
-            conn.close()
-        self._rev = rev
-        self._id_of_pid = {pid: point_id for point_id, pid in pids.items()}
-        writer = Writer(
-            self.path,
-            committed_rev=rev,
-            log_start_rev=log_start,
-            flush_interval_s=self.flush_interval_s,
-            flush_rows=self.flush_rows,
-            history_s=self.history_days * DAY_S,
-            events_s=self.events_days * DAY_S,
-        )
-        writer.start()
-        self._writer = writer
-        self._reader = HistoryReader(self.path)
+        self._file_lock = file_lock
         self._open = True
-        log.info("%s: twin store open at rev %d with %d points", self.path, rev, len(self.points))
+        log.info(
+            "%s: twin store open at rev %d with %d points", self.path, self._rev, len(self.points)
+        )
 
     def close(self) -> None:
         """Commit everything ingested so far, stop the writer, close connections (blocking)."""
@@ -174,8 +196,13 @@ class TwinStore:
             if self._writer is not None:
                 self._writer.stop(timeout=60.0)
         finally:
-            if self._reader is not None:
-                self._reader.close()
+            try:
+                if self._reader is not None:
+                    self._reader.close()
+            finally:
+                if self._file_lock is not None:
+                    self._file_lock.release()
+                    self._file_lock = None
 
     def __enter__(self) -> TwinStore:
         self.open()
@@ -360,20 +387,21 @@ class TwinStore:
         self, point_id: str, start: float, end: float, limit: int = 1000
     ) -> list[HistoryRow]:
         """One point's committed history in [start, end], oldest first (blocking)."""
-        return self._require_reader().history(point_id, start, end, limit)
+        return self._reading(self._require_reader().history, point_id, start, end, limit)
 
     def aggregate(self, point_id: str, start: float, end: float, bucket_s: float) -> list[Bucket]:
         """Time-bucket min/max/mean/last/count of one point (blocking)."""
-        return self._require_reader().aggregate(point_id, start, end, bucket_s)
+        return self._reading(self._require_reader().aggregate, point_id, start, end, bucket_s)
 
     def events_since(self, rev: int, limit: int = 1000) -> list[EventRecord]:
         """Committed events after `rev`, in rev order (blocking)."""
-        return self._require_reader().events_since(rev, limit)
+        return self._reading(self._require_reader().events_since, rev, limit)
 
     @property
     def stats(self) -> StoreStats:
         """Ingest and writer counters."""
         writer = self._writer
+        corruption = (writer.corruption if writer else None) or self._corruption
         return StoreStats(
             accepted=self._accepted,
             filtered=self._filtered,
@@ -386,9 +414,98 @@ class TwinStore:
             current_rows_written=writer.current_rows_written if writer else 0,
             uncommitted_revs=self._rev - self.committed_rev,
             writer_error=None if writer is None or writer.error is None else str(writer.error),
+            backlog_rows=writer.pending_rows if writer else 0,
+            backlog_bytes=writer.pending_bytes if writer else 0,
+            dropped_rows=writer.dropped_rows if writer else 0,
+            dropped_events=writer.dropped_events if writer else 0,
+            corruption=None if corruption is None else str(corruption),
         )
 
+    def problems(self) -> list[str]:
+        """What is wrong with storage now, one sentence each; empty when all is well."""
+        writer = self._writer
+        if writer is None:
+            return []
+        found = []
+        error, since = writer.error, writer.failing_since
+        if error is not None:
+            when = time.strftime("%H:%M:%S", time.localtime(since)) if since else "now"
+            found.append(
+                f"{self.path}: the twin database cannot be written since {when}: "
+                f"{explain(error)}; {writer.pending_rows} rows held in memory (at most "
+                f"{writer.backlog_rows}), {writer.dropped_rows} history rows and "
+                f"{writer.dropped_events} events dropped"
+            )
+        corruption = writer.corruption or self._corruption
+        if corruption is not None:
+            found.append(
+                f"{self.path}: SQLite reports the twin database is corrupt ({corruption}); "
+                f"current values are still served. {recovery_steps(self.path)}"
+            )
+        return found
+
+    def limit_database_growth(self, pages: int | None) -> int:
+        """Let the database grow by at most `pages` pages, None for no limit (blocking).
+
+        A commit that needs more gets SQLITE_FULL, exactly as on a full disk: tests use it to
+        fill the disk without root. Returns the page cap now in effect.
+        """
+        return self._require_writer().limit_growth(pages)
+
     # -- helpers ----------------------------------------------------------------------------------
+
+    def _open_locked(self) -> None:
+        create_private_file(self.path)  # 0600 before SQLite creates it: -wal and -shm follow
+        size = self.path.stat().st_size
+        if size > CHECK_NOTICE_BYTES:
+            # quick_check reads the whole file: measured ~20 s per GB on a busy 2-core box.
+            # Stretch systemd's start timeout rather than have it kill a gateway mid-check.
+            log.info("%s: checking the twin database (%d MiB)", self.path, size >> 20)
+            allow_us = int((30 + 60 * size / 1e9) * 1e6)
+            sdnotify.notify(
+                f"STATUS=checking the twin database ({size >> 20} MiB)\n"
+                f"EXTEND_TIMEOUT_USEC={allow_us}"
+            )
+        conn = connect(self.path)
+        try:
+            check_integrity(conn, self.path)
+            migrate(conn, path=self.path)
+            pids = self._declare_points(conn)
+            rev, log_start = self._load(conn, pids)
+        except StoreError:
+            raise
+        except sqlite3.Error as exc:
+            raise fault(exc, self.path, "open") from exc
+        except Exception as exc:
+            raise StoreError(f"{self.path}: cannot open the twin store: {exc}") from exc
+        finally:
+            conn.close()
+        self._rev = rev
+        self._id_of_pid = {pid: point_id for point_id, pid in pids.items()}
+        writer = Writer(
+            self.path,
+            committed_rev=rev,
+            log_start_rev=log_start,
+            flush_interval_s=self.flush_interval_s,
+            flush_rows=self.flush_rows,
+            history_s=self.history_days * DAY_S,
+            events_s=self.events_days * DAY_S,
+            backlog_rows=self.backlog_rows,
+            backlog_bytes=self.backlog_bytes,
+        )
+        writer.start()
+        self._writer = writer
+        self._reader = HistoryReader(self.path)
+
+    def _reading(self, read: Callable[..., _T], *args: Any) -> _T:
+        """Run a reader query; remember corruption it finds, for problems()."""
+        try:
+            return read(*args)
+        except DatabaseFault as exc:
+            if exc.corrupt and self._corruption is None:
+                self._corruption = exc
+                log.critical("%s", exc)
+            raise
 
     def _notify(self, rows: list[TelemetryRow]) -> None:
         ids = self._id_of_pid

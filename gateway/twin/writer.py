@@ -9,27 +9,48 @@ coalesced to one row per point.
 Because the queue holds revs in ascending order, `committed_rev` (set only after COMMIT returns)
 means every rev up to it is in the database. A failing commit (disk full, I/O error, a locked
 file) is rolled back, logged on the transition, kept in `error`, and retried with backoff; the
-rows stay queued in memory, and every flush waiting meanwhile fails with the cause.
+rows stay in memory (the backlog), and every flush waiting meanwhile fails with the cause.
+
+The backlog is bounded (`BACKLOG_ROWS`, `BACKLOG_BYTES`): a day-long full disk must not take the
+appliance's memory. At the bound the writer drops the oldest history first, down to 90 % of the
+bound, so one drop pays for many batches:
+- every point's newest value survives: the dropped rows' `current` rows are kept, one per
+  point, and committed with the next transaction;
+- telemetry rows (history) go oldest first, whole batches at a time; other events (device
+  states, refusals, later proposals and actions) go only when no history is left to drop;
+- the loss is recorded, not silent: one `BacklogDropped` event commits with the first successful
+  transaction, taking the newest dropped rev, with the range, counts and time span; one log line
+  when dropping starts and one when it is recorded.
+Oldest first rather than thinning: the lost revs form one range that one event describes exactly,
+the history closest to the recovery (what an operator and the policies look at next) stays
+whole, and dropping whole batches from the front costs nothing per kept row, where thinning
+would walk the backlog again at every drop and leave holes across the whole outage.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import queue
 import sqlite3
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
 from gateway.errors import StoreError
-from gateway.twin.schema import TELEMETRY, connect, write_transaction
+from gateway.twin.schema import TELEMETRY, connect, is_corruption, write_transaction
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "BACKLOG_BYTES",
+    "BACKLOG_DROPPED",
+    "BACKLOG_ROWS",
+    "ROW_BYTES",
     "ROW_PID",
     "ROW_QUALITY",
     "ROW_SOURCE_TS",
@@ -71,6 +92,13 @@ RETRY_MAX_S = 5.0
 ROWS_PER_STATEMENT = (1024, 128, 16, 4, 1)
 # Rows deleted per prune transaction; between chunks the writer commits what was ingested.
 PRUNE_CHUNK = 20_000
+# The backlog bound (see the module docstring). 250,000 rows is ~4 minutes of 1,000 points
+# changing every second, hours for the demo plant; 64 MiB caps it when values are long texts.
+BACKLOG_ROWS = 250_000
+BACKLOG_BYTES = 64 * 1024 * 1024
+# Memory of one queued row besides its text (tuple, floats, ints; tracemalloc: ~224 bytes).
+ROW_BYTES = 230
+BACKLOG_DROPPED = "BacklogDropped"
 
 
 @dataclass(slots=True)
@@ -89,6 +117,45 @@ class _Command:
     done: threading.Event = field(default_factory=threading.Event)
     result: Any = None
     error: BaseException | None = None
+
+
+@dataclass(slots=True)
+class _Loss:
+    """What the backlog bound has dropped since the last successful commit."""
+
+    reason: str
+    first_rev: int = 0
+    last_rev: int = 0
+    first_ts: float = 0.0
+    last_ts: float = 0.0
+    telemetry_rows: int = 0
+    events: int = 0
+
+    def note(
+        self, first: tuple[Any, ...], last: tuple[Any, ...], telemetry: int, events: int
+    ) -> None:
+        """Count dropped rows whose oldest is `first` and newest `last` (rows start rev, ts)."""
+        if not self.first_rev or first[0] < self.first_rev:
+            self.first_rev, self.first_ts = first[0], first[1]
+        if last[0] > self.last_rev:
+            self.last_rev, self.last_ts = last[0], last[1]
+        self.telemetry_rows += telemetry
+        self.events += events
+
+    def event_row(self, bound_rows: int, bound_bytes: int) -> EventRow:
+        """The BacklogDropped event, taking the newest dropped rev."""
+        data = {
+            "first_rev": self.first_rev,
+            "last_rev": self.last_rev,
+            "telemetry_rows": self.telemetry_rows,
+            "events": self.events,
+            "from_ts": self.first_ts,
+            "to_ts": self.last_ts,
+            "reason": self.reason,
+            "bound_rows": bound_rows,
+            "bound_bytes": bound_bytes,
+        }
+        return (self.last_rev, self.last_ts, BACKLOG_DROPPED, None, None, json.dumps(data))
 
 
 @dataclass(slots=True)
@@ -115,15 +182,27 @@ class Writer:
         flush_rows: int,
         history_s: float,
         events_s: float,
+        backlog_rows: int = BACKLOG_ROWS,
+        backlog_bytes: int = BACKLOG_BYTES,
     ) -> None:
+        if backlog_rows < flush_rows or backlog_bytes < ROW_BYTES * flush_rows:
+            raise ValueError("the backlog bound must hold at least flush_rows rows")
         self.path = Path(path)
         self.committed_rev = committed_rev
         self.log_start_rev = log_start_rev
         self.error: BaseException | None = None
+        self.failing_since: float | None = None  # wall time of the first failed commit
+        # The first corruption SQLite reported; it stays: a commit that works after it does not
+        # mean the damaged pages are gone (the next start's quick_check decides).
+        self.corruption: BaseException | None = None
         self.batches = 0
         self.rows_written = 0
         self.current_rows_written = 0
         self.failures = 0
+        self.dropped_rows = 0  # telemetry rows dropped at the backlog bound since start
+        self.dropped_events = 0  # other events dropped there
+        self.backlog_rows = backlog_rows
+        self.backlog_bytes = backlog_bytes
         self._flush_interval = flush_interval_s
         self._flush_rows = flush_rows
         self._history_s = history_s
@@ -134,12 +213,27 @@ class Writer:
         self._thread = threading.Thread(target=self._run, name="twin-writer", daemon=True)
         self._started = threading.Event()
         self._start_error: BaseException | None = None
+        self._max_pages = 0  # the connection's own max_page_count, restored after a test limit
         # Gathered, not yet committed.
-        self._telemetry: list[list[TelemetryRow]] = []
-        self._events: list[EventRow] = []
+        self._telemetry: deque[list[TelemetryRow]] = deque()
+        self._events: deque[EventRow] = deque()
         self._pending_rows = 0
+        self._pending_bytes = 0
         self._pending_top = committed_rev
+        # Newest row per point among dropped telemetry, and what was dropped (see _shed).
+        self._kept_current: dict[int, TelemetryRow] = {}
+        self._loss: _Loss | None = None
         self._prune: _PruneJob | None = None
+
+    @property
+    def pending_rows(self) -> int:
+        """Rows taken from the queue and not committed yet (the backlog while commits fail)."""
+        return self._pending_rows
+
+    @property
+    def pending_bytes(self) -> int:
+        """The backlog's estimated memory."""
+        return self._pending_bytes
 
     # -- called from other threads ----------------------------------------------------------------
 
@@ -197,6 +291,22 @@ class Writer:
         result: PruneResult = command.result
         return result
 
+    def limit_growth(self, pages: int | None, timeout: float = 10.0) -> int:
+        """Let the database grow by at most `pages` pages (None: no limit); return the cap.
+
+        Commits that need more space fail with SQLite's own SQLITE_FULL, as on a full disk:
+        this is how tests fill the disk without root or a small file system.
+        """
+        command = _Command("pages", pages)
+        self._queue.put(command)
+        if not command.done.wait(timeout):
+            raise StoreError(f"{self.path}: the writer did not answer within {timeout:g} s")
+        if command.error is not None:
+            raise StoreError(
+                f"{self.path}: cannot limit growth: {command.error}"
+            ) from command.error
+        return int(command.result)
+
     def stop(self, timeout: float) -> None:
         """Commit everything queued, stop the thread and close the connection."""
         if not self._thread.is_alive():
@@ -217,6 +327,7 @@ class Writer:
     def _run(self) -> None:
         try:
             self._conn = connect(self.path)
+            self._max_pages = int(self._conn.execute("PRAGMA max_page_count").fetchone()[0])
             self._insert_telemetry = MultiRowInsert(self._conn, INSERT_TELEMETRY)
             self._upsert_current = MultiRowInsert(self._conn, UPSERT_CURRENT)
         except BaseException as exc:
@@ -251,7 +362,7 @@ class Writer:
             force = False
             if self._prune is not None and not self.error:
                 wait: float | None = 0.0
-            elif self._pending_rows:
+            elif self._pending_rows or self._loss:
                 wait = max((retry_at if self.error else deadline) - monotonic(), 0.0)
             else:
                 wait = None
@@ -267,14 +378,28 @@ class Writer:
                     if kind is list:
                         self._telemetry.append(item)
                         self._pending_rows += len(item)
+                        # Text lengths count only while commits fail (only then can the backlog
+                        # grow; _fail recounts what is pending): the healthy path stays cheap.
+                        self._pending_bytes += (
+                            _batch_bytes(item) if self.error else len(item) * ROW_BYTES
+                        )
                         self._pending_top = item[-1][0]
                     else:
                         self._events.append(item)
                         self._pending_rows += 1
+                        self._pending_bytes += ROW_BYTES + len(item[5])
                         self._pending_top = item[0]
-                    if self._pending_rows < self._flush_rows and (
-                        monotonic() < (retry_at if self.error else deadline)
+                    if (
+                        self._pending_rows > self.backlog_rows
+                        or self._pending_bytes > self.backlog_bytes
                     ):
+                        self._shed()
+                    # While commits fail, only the backoff decides when to try again: retrying at
+                    # every batch would rewrite the whole growing backlog each time.
+                    if self.error is not None:
+                        if monotonic() < retry_at:
+                            continue
+                    elif self._pending_rows < self._flush_rows and monotonic() < deadline:
                         continue
                 else:
                     force = True
@@ -282,10 +407,12 @@ class Writer:
                         stop = item
                     elif item.kind == "prune":
                         self._request_prune(item)
-            if self._pending_rows and (
+                    elif item.kind == "pages":
+                        self._limit_pages(item)
+            if (self._pending_rows or self._loss) and (
                 force
-                or self._pending_rows >= self._flush_rows
                 or monotonic() >= (retry_at if self.error else deadline)
+                or (self.error is None and self._pending_rows >= self._flush_rows)
             ):
                 if self._commit():
                     retry_delay = RETRY_MIN_S
@@ -297,13 +424,16 @@ class Writer:
             if stop is not None:
                 if self._prune is not None:
                     self._finish_prune(StoreError("the store closed during prune"))
-                if self._pending_rows:
+                if self._pending_rows or self._loss:
                     stop.error = self.error
                     log.error(
-                        "%s: twin store closing with uncommitted revs %d..%d: %s",
+                        "%s: twin store closing with uncommitted revs %d..%d (%d rows; %d more "
+                        "dropped at the backlog bound): %s",
                         self.path,
                         self.committed_rev + 1,
                         self._pending_top,
+                        self._pending_rows,
+                        self.dropped_rows + self.dropped_events,
                         self.error,
                     )
                 stop.done.set()
@@ -312,34 +442,58 @@ class Writer:
     def _commit(self) -> bool:
         conn = self._conn
         assert conn is not None
-        telemetry, events = self._telemetry, self._events
+        telemetry, events, loss = self._telemetry, self._events, self._loss
         try:
             with write_transaction(conn):
+                latest = self._kept_current
                 if telemetry:
                     rows = list(itertools.chain.from_iterable(telemetry))
                     self._insert_telemetry.write(conn, rows)
                     # One current row per point per transaction, the newest (revs ascend).
-                    latest = list({row[2]: row for row in rows}.values())
-                    self._upsert_current.write(conn, latest)
+                    newest = {row[2]: row for row in rows}
+                    latest = {**latest, **newest} if latest else newest
+                if latest:
+                    self._upsert_current.write(conn, list(latest.values()))
                     self.current_rows_written += len(latest)
                 if events:
                     conn.executemany(INSERT_EVENT, events)
+                if loss is not None:
+                    conn.execute(
+                        INSERT_EVENT, loss.event_row(self.backlog_rows, self.backlog_bytes)
+                    )
         except Exception as exc:
             self._fail(exc, "commit")
             return False
         self.batches += 1
-        self.rows_written += self._pending_rows
-        self._telemetry, self._events = [], []
-        self._pending_rows = 0
+        self.rows_written += self._pending_rows + (loss is not None)
+        self._telemetry, self._events = deque(), deque()
+        self._pending_rows = self._pending_bytes = 0
+        self._kept_current, self._loss = {}, None
         with self._cond:
             self.committed_rev = self._pending_top
-            if self.error is not None:
+            if loss is not None:
+                log.warning(
+                    "%s: twin writer recovered; committed up to rev %d. While it could not "
+                    "commit (%s), %d history rows and %d events (revs %d..%d) were dropped at "
+                    "the backlog bound; current values were kept. Recorded as %s event rev %d",
+                    self.path,
+                    self._pending_top,
+                    loss.reason,
+                    loss.telemetry_rows,
+                    loss.events,
+                    loss.first_rev,
+                    loss.last_rev,
+                    BACKLOG_DROPPED,
+                    loss.last_rev,
+                )
+            elif self.error is not None:
                 log.warning(
                     "%s: twin writer recovered; committed up to rev %d",
                     self.path,
                     self._pending_top,
                 )
-                self.error = None
+            self.error = None
+            self.failing_since = None
             self._cond.notify_all()
         return True
 
@@ -347,15 +501,79 @@ class Writer:
         with self._cond:
             if self.error is None:
                 log.error(
-                    "%s: twin writer %s failed, keeping %d rows in memory and retrying: %s",
+                    "%s: twin writer %s failed, keeping %d rows in memory (at most %d rows or "
+                    "%d MiB; beyond that the oldest history is dropped) and retrying: %s",
                     self.path,
                     what,
                     self._pending_rows,
+                    self.backlog_rows,
+                    self.backlog_bytes // (1024 * 1024),
                     exc,
                 )
+                self.failing_since = time.time()
+                self._recount_bytes()
+            if self.corruption is None and is_corruption(exc):
+                self.corruption = exc
+                log.critical("%s: SQLite reports the twin database is corrupt: %s", self.path, exc)
             self.error = exc
             self.failures += 1
             self._cond.notify_all()
+
+    def _shed(self) -> None:
+        """Drop the oldest history (then other events) to 90 % of the bound; see the docstring."""
+        rows_goal = self.backlog_rows * 9 // 10
+        bytes_goal = self.backlog_bytes * 9 // 10
+        if self.error is None:
+            self._recount_bytes()  # counted without text while healthy
+        loss = self._loss
+        if loss is None:
+            reason = str(self.error) if self.error is not None else "commits too slow"
+            loss = self._loss = _Loss(reason)
+            log.warning(
+                "%s: %d uncommitted rows (~%d MiB) reached the backlog bound (%d rows or %d MiB) "
+                "while the twin writer cannot commit (%s): dropping the oldest history rows, "
+                "keeping every point's current value; the loss is recorded when it recovers",
+                self.path,
+                self._pending_rows,
+                self._pending_bytes // (1024 * 1024),
+                self.backlog_rows,
+                self.backlog_bytes // (1024 * 1024),
+                reason,
+            )
+        telemetry, kept = self._telemetry, self._kept_current
+        while telemetry and (self._pending_rows > rows_goal or self._pending_bytes > bytes_goal):
+            batch = telemetry.popleft()
+            self._pending_rows -= len(batch)
+            self._pending_bytes -= _batch_bytes(batch)
+            for row in batch:
+                kept[row[2]] = row
+            loss.note(batch[0], batch[-1], len(batch), 0)
+            self.dropped_rows += len(batch)
+        events = self._events
+        while events and (self._pending_rows > rows_goal or self._pending_bytes > bytes_goal):
+            event = events.popleft()
+            self._pending_rows -= 1
+            self._pending_bytes -= ROW_BYTES + len(event[5])
+            loss.note(event, event, 0, 1)
+            self.dropped_events += 1
+
+    def _recount_bytes(self) -> None:
+        self._pending_bytes = sum(map(_batch_bytes, self._telemetry)) + sum(
+            ROW_BYTES + len(event[5]) for event in self._events
+        )
+
+    def _limit_pages(self, command: _Command) -> None:
+        conn = self._conn
+        assert conn is not None
+        try:
+            if command.arg is None:
+                pages = self._max_pages
+            else:
+                pages = int(conn.execute("PRAGMA page_count").fetchone()[0]) + int(command.arg)
+            command.result = conn.execute(f"PRAGMA max_page_count={int(pages)}").fetchone()[0]
+        except Exception as exc:
+            command.error = exc
+        command.done.set()
 
     # -- retention --------------------------------------------------------------------------------
 
@@ -471,6 +689,16 @@ class MultiRowInsert:
                 step = size * self._width
                 conn.executemany(sql, [flat[i : i + step] for i in range(0, len(flat), step)])
             done += count
+
+
+def _batch_bytes(rows: list[TelemetryRow]) -> int:
+    """Estimated memory of one telemetry batch: the rows plus their text values."""
+    size = len(rows) * ROW_BYTES
+    for row in rows:
+        value = row[3]
+        if type(value) is str or type(value) is bytes:
+            size += len(value)
+    return size
 
 
 def _split_values(sql: str) -> tuple[str, str, str]:

@@ -265,6 +265,9 @@ class ModbusFaults(Faults):
 class OpcuaFaults(Faults):
     """Faults of an OPC UA device: the common switches plus bad status codes per variable."""
 
+    #: The status told to clients before a stop or restart closes them; None: no notice.
+    notice: int | None
+
     def bad_status(self, signal: str, status: str | int, on: bool = True) -> None:
         """Serve `signal` with OPC UA status `status`, a name (`BadSensorFailure`) or a code.
 
@@ -292,16 +295,28 @@ class OpcuaFaults(Faults):
         if on:
             raise ValueError("garbage: not available on an OPC UA device")
 
+    def shutdown_notice(self, status: str | int | None = "BadServerHalted") -> None:
+        """On `stop` and `restart`, first tell each client `status` in an OPC UA Error message.
+
+        A PLC shut down in order (a restart from its engineering tool) does so before closing
+        the socket (Part 6, 7.1.5). None: close without a word, as a power cut does (the
+        default).
+        """
+        self.notice = None if status is None else status_code(status)
+
     def active(self) -> dict[str, object]:
         """Describe the faults that are on, bad status codes included."""
         out = super().active()
         if self._status:
             out["bad_status"] = {s: status_name(c) for s, c in sorted(self._status.items())}
+        if self.notice is not None:
+            out["shutdown_notice"] = status_name(self.notice)
         return out
 
     def _reset(self) -> None:
         super()._reset()
         self._status: dict[str, int] = {}
+        self.notice = None
 
 
 def status_code(status: str | int) -> int:

@@ -107,4 +107,4 @@ def test_views_read_the_demo_database(demo):
         text=True,
         timeout=30,
     )
-    assert unknown.returncode == 1 and "no/such/point" in unknown.stderr
+    assert unknown.returncode == 2 and "no/such/point" in unknown.stderr  # a usage error

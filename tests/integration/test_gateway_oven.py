@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -51,9 +52,15 @@ async def oven() -> AsyncIterator[OvenDevice]:
 
 @pytest.fixture
 def pki(tmp_path: Path, install_pki: Callable[[str, Path], Path]) -> None:
-    """Certificates where the gateway (its default `pki/`) and the SCADA client look."""
+    """Certificates where the gateway (its default `pki/`) and the SCADA client look.
+
+    The SCADA client's certificate is in the server's trust list, as an admin would put it.
+    """
     install_pki("gateway", tmp_path / "pki")
     install_pki("client", tmp_path / "scada-pki")
+    trusted = tmp_path / "pki" / "opcua-server" / "trusted"
+    trusted.mkdir(parents=True)
+    shutil.copy(tmp_path / "scada-pki" / "own" / "cert.der", trusted / "scada.der")
 
 
 @pytest.fixture
@@ -192,6 +199,7 @@ async def test_scada_reads_what_the_twin_holds_over_a_secure_channel(gateway, ov
     assert refused_events and refused_events[-1].point_id == SETPOINT
     assert refused_events[-1].data["user"] == "scada"
     assert refused_events[-1].data["role"] == "viewer"
+    assert refused_events[-1].data["count"] == 1 and refused_events[-1].data["value"] == 222.0
 
 
 @pytest.mark.parametrize(

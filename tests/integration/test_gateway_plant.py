@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,8 +16,9 @@ from drivers.contract import Quality
 from gateway.app import Gateway
 from gateway.config import SiteConfig, parse_config
 from gateway.demo import demo_config_data
-from gateway.errors import DeviceError
+from gateway.errors import DeviceError, StoreError
 from gateway.http import create_app
+from gateway.twin.store import TwinStore
 from plantsim import MeterDevice, TankDevice
 
 LEVEL = "utilities/cooling/tank1/level"
@@ -273,3 +275,30 @@ async def test_http_reads_of_the_twin(tmp_path, tank, meter, aiohttp_client):
         assert "error" in await resp.json()
     resp = await client.get("/telemetry/aggregate", params={"point": LEVEL, "bucket_s": "-1"})
     assert resp.status == 400
+
+
+async def test_a_second_gateway_on_the_same_database_connects_to_no_device(tmp_path):
+    accepted = 0
+
+    async def count(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        writer.close()
+
+    servers = [await asyncio.start_server(count, "127.0.0.1", 0) for _ in range(2)]
+    tank_port, meter_port = (s.sockets[0].getsockname()[1] for s in servers)
+    config = demo_config(tmp_path, tank_port, meter_port)
+    # The first gateway's store (another process in real life: see tests/unit/test_twin_faults.py).
+    holder = TwinStore(config.storage.path, [])
+    holder.open()
+    try:
+        gw = Gateway(config)
+        with pytest.raises(StoreError, match=rf"another gateway \(pid {os.getpid()}\) is running"):
+            await gw.start()
+        await asyncio.sleep(0.3)  # a connect started before the refusal would land meanwhile
+        assert accepted == 0
+    finally:
+        holder.close()
+        for server in servers:
+            server.close()
+            await server.wait_closed()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -25,6 +26,7 @@ from drivers.backoff import Backoff
 from drivers.contract import ConnectionState, Quality, Sample
 from drivers.errors import DeviceResponseError, WriteRejectedError, WriteVerifyError
 from drivers.opcua import OpcuaDriver, OpcuaPoint
+from plantsim import OvenDevice
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -553,6 +555,55 @@ async def test_a_server_understating_its_limit_gets_smaller_batches() -> None:
         await plc.stop()
 
 
+@pytest.mark.parametrize("mode", ["subscribe", "poll"])
+async def test_points_whose_node_datatype_would_lose_values_are_bad_once(
+    plc: Plc, mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="drivers")
+    pts = [
+        OpcuaPoint("counter", "ns=2;s=Oven1.Counter", datatype="int16"),  # UInt32 node
+        OpcuaPoint("recipe", "ns=2;s=Oven1.Recipe", datatype="float64", writable=True),  # String
+        OpcuaPoint("temperature", "ns=2;s=Oven1.Temperature", datatype="int32"),  # Double
+        OpcuaPoint("setpoint", "ns=2;s=Oven1.Setpoint", datatype="int32"),  # Int16: wider
+        OpcuaPoint("setpoint_f", "ns=2;s=Oven1.Setpoint", datatype="float64"),  # Int16: wider
+        OpcuaPoint("ratio", "ns=2;s=Oven1.Ratio", datatype="float64"),  # Float: wider
+        OpcuaPoint("enabled", "ns=2;s=Oven1.Enabled", datatype="bool"),
+        OpcuaPoint("counter_untyped", "ns=2;s=Oven1.Counter"),  # no datatype: not checked
+    ]
+    expected = {
+        "counter": "node is UInt32, point is int16: values would be cut",
+        "recipe": "node is String, point is float64: text is not a number",
+        "temperature": "node is Double, point is int32: fractions would be cut",
+    }
+    async with running(plc, pts, mode=mode) as (driver, rec):
+        await rec.all(Quality.BAD, list(expected))
+        await rec.all(Quality.GOOD, [p.key for p in pts if p.key not in expected])
+        assert {k: rec.latest[k].reason for k in expected} == expected
+        assert (rec.latest["setpoint"].value, rec.latest["setpoint_f"].value) == (180, 180)
+        # A value the point cannot hold arrives: the node is not read for the point at all.
+        await plc.set("Oven1.Counter", 70_000)
+        await rec.value("counter_untyped", 70_000)
+        assert rec.latest["counter"].quality is Quality.BAD
+        assert all(s.quality is not Quality.GOOD for s in rec.samples if s.key in expected)
+        with pytest.raises(WriteRejectedError, match="node is String, point is float64"):
+            await driver.write("recipe", 1.0)
+
+        # Reconnected and checked again: still BAD, and still only one line in the log.
+        await plc.close_sessions()
+        await rec.all(Quality.STALE, list(expected), within=4)
+        await rec.all(Quality.BAD, list(expected), within=5)
+        await rec.all(Quality.GOOD, ["setpoint", "counter_untyped"])
+    warnings = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name.startswith("drivers")
+        and r.levelno == logging.WARNING
+        and "DataType" in r.getMessage()
+    ]
+    assert len(warnings) == 1, warnings
+    assert all(f"{key} ({reason})" in warnings[0] for key, reason in expected.items())
+
+
 # -- writing ------------------------------------------------------------------------------------
 
 
@@ -655,6 +706,51 @@ async def test_lost_session_is_noticed_and_resubscribed(plc: Plc) -> None:
         assert driver.subscriptions_created == 2
         await plc.set("Oven1.Temperature", 77.0)
         await rec.value("oven1.temperature", 77.0)
+
+
+async def test_orderly_plc_restart_costs_one_warning_of_ours_and_no_asyncua_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The simulated oven PLC restarted in order: it says BadServerHalted, then closes."""
+    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.DEBUG, logger="asyncua.client.ua_session")
+    async with OvenDevice(seed=4, tick_hz=0) as oven:
+        oven.faults.shutdown_notice("BadServerHalted")
+        driver = OpcuaDriver(
+            "oven",
+            oven.endpoint,
+            FAST,
+            [OpcuaPoint("temperature", oven.node_id("temperature"))],
+            backoff=Backoff(initial=0.1, cap=0.5),
+        )
+        rec = Recorder(driver)
+        await driver.start()
+        try:
+            await rec.all(Quality.GOOD)
+            caplog.clear()
+            await oven.restart(downtime=0.1)
+            await rec.all(Quality.STALE, within=4)
+            await rec.all(Quality.GOOD, within=6)
+        finally:
+            await driver.close()
+            await rec.stop()
+    loud = [
+        (r.name, r.levelname, r.getMessage())
+        for r in caplog.records
+        if r.name.startswith("asyncua.client") and r.levelno >= logging.WARNING
+    ]
+    assert loud == [], "asyncua's own lines for an ordinary restart belong at DEBUG"
+    # Still there for whoever turns DEBUG on, traceback included.
+    crashed = [r for r in caplog.records if r.getMessage().startswith("Publish iteration crashed")]
+    assert crashed and all(r.levelno == logging.DEBUG and r.exc_info for r in crashed)
+    ours = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name.startswith("drivers") and r.levelno >= logging.WARNING
+    ]
+    # The loss; and the PLC refusing while it restarts, if the driver tried then.
+    assert ours[0].startswith("oven: connection lost"), ours
+    assert [m for m in ours[1:] if "cannot connect" not in m] == [] and len(ours) <= 2, ours
 
 
 @pytest.mark.slow

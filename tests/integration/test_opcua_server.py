@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import shutil
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import pytest_asyncio
@@ -33,6 +35,7 @@ from drivers.contract import Quality, Sample
 from gateway.errors import GatewayError
 from gateway.opcua_server import OpcuaServerConfig, TwinOpcuaServer, hash_password
 from gateway.opcua_server.address_space import NAMESPACE_URI
+from gateway.opcua_server.refusals import WriteRefusal
 from gateway.twin.model import PointDef
 from gateway.twin.store import TwinStore
 
@@ -42,6 +45,7 @@ S = ua.StatusCodes
 CLIENT_URI = "urn:opstwin-tests:scada"
 PASSWORD = "correct horse"
 HASH = hash_password(PASSWORD)
+WATCHER_PASSWORD = "just looking"
 
 LEVEL = "utilities/cooling/tank1/level"
 VALVE = "utilities/cooling/tank1/inlet_valve"
@@ -68,8 +72,13 @@ BASE: dict[str, Any] = {
     "enabled": True,
     "endpoint": "opc.tcp://127.0.0.1:0/opstwin",
     "application_uri": "urn:opstwin-tests:gateway",
-    "users": [{"username": "op", "password_hash": HASH, "role": "supervisor"}],
+    "users": [
+        {"username": "op", "password_hash": HASH, "role": "supervisor"},
+        {"username": "watcher", "password_hash": hash_password(WATCHER_PASSWORD), "role": "viewer"},
+    ],
 }
+READ = {ua.AccessLevel.CurrentRead}
+READ_WRITE = {ua.AccessLevel.CurrentRead, ua.AccessLevel.CurrentWrite}
 
 
 @dataclass(frozen=True)
@@ -105,33 +114,54 @@ def store(tmp_path_factory) -> Iterator[TwinStore]:
 
 
 @pytest.fixture(scope="module")
-def hooked() -> list[tuple[str, str, str, Any]]:
+def hooked() -> list[WriteRefusal]:
     """What the shared server handed to on_write."""
     return []
 
 
+def trust(pki_dir: Path, pki: ClientPki) -> None:
+    """Do what an admin does to let the test's SCADA client in: put its certificate in trusted/."""
+    trusted = pki_dir / "opcua-server" / "trusted"
+    trusted.mkdir(parents=True, exist_ok=True)
+    shutil.copy(pki.cert, trusted / "scada.der")
+
+
+def attempts(refusals: list[WriteRefusal]) -> list[tuple[str, str, str | None, Any]]:
+    """The refused writes as (user, role, point, value), one per attempt."""
+    return [(r.user, r.role, r.point_id, r.value) for r in refusals for _ in range(r.count)]
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def shared(store, hooked, tmp_path_factory) -> AsyncIterator[TwinOpcuaServer]:
+async def shared(store, hooked, client_pki, tmp_path_factory) -> AsyncIterator[TwinOpcuaServer]:
     """The default config (Basic256Sha256 only, user `op`, no anonymous access), started once."""
     config = OpcuaServerConfig.model_validate(BASE)
     pki_dir = tmp_path_factory.mktemp("shared-pki")
-    server = TwinOpcuaServer(
-        config, store, BY_ID, pki_dir=pki_dir, on_write=lambda *a: hooked.append(a)
-    )
+    trust(pki_dir, client_pki)
+    server = TwinOpcuaServer(config, store, BY_ID, pki_dir=pki_dir, on_write=hooked.append)
     async with server:
         yield server
 
 
 @pytest_asyncio.fixture(loop_scope="module")
-async def serve(store, tmp_path):
+async def serve(store, client_pki, tmp_path):
     """Start a server with BASE config plus overrides; stopped after the test."""
     started: list[TwinOpcuaServer] = []
 
-    async def start(*, pki_dir: Path | None = None, on_write=None, **overrides) -> TwinOpcuaServer:
+    async def start(
+        *,
+        pki_dir: Path | None = None,
+        on_write=None,
+        trust_client: bool = True,
+        max_connections: int | None = None,
+        **overrides,
+    ) -> TwinOpcuaServer:
         config = OpcuaServerConfig.model_validate({**BASE, **overrides})
-        server = TwinOpcuaServer(
-            config, store, BY_ID, pki_dir=pki_dir or tmp_path / "pki", on_write=on_write
-        )
+        pki_dir = pki_dir or tmp_path / "pki"
+        if trust_client:
+            trust(pki_dir, client_pki)
+        server = TwinOpcuaServer(config, store, BY_ID, pki_dir=pki_dir, on_write=on_write)
+        if max_connections is not None:
+            server.max_connections = max_connections  # as `opstwin run` does from its budget
         await server.start()
         started.append(server)
         return server
@@ -181,6 +211,11 @@ async def settle() -> None:
 
 async def read(client: Client, point_id: str) -> ua.DataValue:
     return await client.get_node(f"ns=2;s={point_id}").read_data_value(raise_on_bad_status=False)
+
+
+async def in_session(client: Client) -> bool:
+    """Whether the client has a working session: it can read the server's namespaces."""
+    return NAMESPACE_URI in await client.get_namespace_array()
 
 
 def utc(ts: float) -> datetime:
@@ -331,11 +366,11 @@ async def test_anonymous_is_a_viewer_when_allowed_with_the_none_policy(
     serve, store, client_pki, caplog
 ):
     ingest(store, Sample(LEVEL, 3.5, Quality.GOOD, time.time()))
-    writes: list[tuple[str, str, str, Any]] = []
+    writes: list[WriteRefusal] = []
     server = await serve(
         allow_anonymous=True,
         security_policies=["None", "Basic256Sha256_SignAndEncrypt"],
-        on_write=lambda *args: writes.append(args),
+        on_write=writes.append,
     )
     async with scada(server, client_pki, user=None, mode="None") as client:
         assert (await read(client, LEVEL)).Value.Value == 3.5
@@ -347,7 +382,7 @@ async def test_anonymous_is_a_viewer_when_allowed_with_the_none_policy(
                 ua.Variant(10.0, ua.VariantType.Float)
             )
     assert refused.value.code == S.BadUserAccessDenied
-    assert writes == [("anonymous", "viewer", VALVE, 10.0)]
+    assert attempts(writes) == [("anonymous", "viewer", VALVE, 10.0)]
     assert "user 'anonymous' (role viewer)" in caplog.text
 
 
@@ -357,6 +392,152 @@ async def test_a_wrong_password_or_unknown_user_is_refused(shared, client_pki):
             async with scada(shared, client_pki, user=user, password=password):
                 pass
         assert refused.value.code == S.BadUserAccessDenied
+
+
+async def test_an_unknown_client_certificate_is_refused_until_an_admin_trusts_it(
+    serve, client_pki, tmp_path, caplog
+):
+    pki_dir = tmp_path / "gateway-pki"
+    server = await serve(pki_dir=pki_dir, trust_client=False)
+    with (
+        caplog.at_level(logging.INFO, logger="gateway.opcua_server"),
+        pytest.raises(ua.UaStatusCodeError) as refused,
+    ):
+        async with scada(server, client_pki):
+            pass
+    assert refused.value.code == S.BadCertificateUntrusted
+    folder = pki_dir / "opcua-server"
+    (kept,) = (folder / "rejected").iterdir()
+    assert kept.read_bytes() == client_pki.cert.read_bytes()
+    (line,) = [r.getMessage() for r in caplog.records if str(kept) in r.getMessage()]
+    assert f"move it to {folder / 'trusted'}" in line
+    # asyncua's own ERROR for the refused request is DEBUG noise: the line above says it all.
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+    # The admin moves it; the running server lets the client in.
+    kept.rename(folder / "trusted" / kept.name)
+    async with scada(server, client_pki) as client:
+        assert await in_session(client)
+
+
+async def test_trust_all_clients_lets_any_certificate_in(serve, client_pki, tmp_path):
+    pki_dir = tmp_path / "demo-pki"
+    server = await serve(pki_dir=pki_dir, trust_client=False, trust_all_clients=True)
+    async with scada(server, client_pki) as client:
+        assert await in_session(client)
+    assert list((pki_dir / "opcua-server" / "rejected").iterdir()) == []
+
+
+async def test_user_access_level_follows_the_sessions_role(shared, client_pki):
+    # Issue 13: a viewer was told UserAccessLevel=3 (writable) and then refused.
+    for user, password, valve_access in (
+        ("watcher", WATCHER_PASSWORD, READ),
+        ("op", PASSWORD, READ_WRITE),
+    ):
+        async with scada(shared, client_pki, user=user, password=password) as client:
+            valve = client.get_node(f"ns=2;s={VALVE}")
+            level = client.get_node(f"ns=2;s={LEVEL}")
+            assert set(await valve.get_user_access_level()) == valve_access, user
+            assert set(await level.get_user_access_level()) == READ, user
+            # AccessLevel says what the point allows to anyone; it does not change by session.
+            assert set(await valve.get_access_level()) == READ_WRITE, user
+
+
+@pytest.mark.slow
+async def test_guessers_on_one_account_cannot_lock_out_another(serve, client_pki):
+    server = await serve()
+
+    async def guesser(n: int) -> None:
+        for i in range(3):
+            with pytest.raises(ua.UaStatusCodeError):
+                async with scada(server, client_pki, user="op", password=f"guess {n}.{i}"):
+                    pass
+
+    # Four parallel guessers, twelve wrong passwords for `op` (issue 13, finding 7).
+    await asyncio.gather(*(guesser(n) for n in range(4)))
+    async with scada(server, client_pki, user="watcher", password=WATCHER_PASSWORD) as client:
+        assert await in_session(client)
+
+
+async def _raw_connections(port: int, n: int) -> list[tuple[asyncio.StreamReader, Any]]:
+    return [await asyncio.open_connection("127.0.0.1", port) for _ in range(n)]
+
+
+async def _closed_by_server(reader: asyncio.StreamReader, within: float) -> bool:
+    try:
+        return await asyncio.wait_for(reader.read(1), within) == b""
+    except TimeoutError:
+        return False
+    except ConnectionError:
+        return True
+
+
+def _connection_lines(caplog) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno >= logging.INFO
+        and (r.name.startswith("asyncua.server") or r.name.startswith("gateway.opcua_server"))
+        and "connection" in r.getMessage().lower()
+    ]
+
+
+@pytest.mark.slow
+async def test_connections_beyond_the_cap_are_closed_at_once(serve, client_pki, caplog):
+    cap = 4
+    server = await serve(max_connections=cap)  # handshake_timeout_s stays at its 10 s default
+    assert server.max_connections == cap
+    port = urlsplit(server.endpoint).port
+    assert port
+    with caplog.at_level(logging.DEBUG):
+        idle = await _raw_connections(port, cap + 20)
+        # Probed for 1 s, well inside the 10 s handshake timeout: the excess was closed as it
+        # arrived, the first `cap` are held (until they time out or log in).
+        closed = await asyncio.gather(*(_closed_by_server(r, 1.0) for r, _ in idle))
+        assert sum(closed) == 20
+        assert server.open_connections == cap
+        with pytest.raises((ConnectionError, TimeoutError, ua.UaError)):
+            async with scada(server, client_pki):
+                pass
+        for _, writer in idle:
+            writer.close()
+        await eventually_connects(server, client_pki)
+    # Not a line (let alone a traceback) per refused connection.
+    lines = [line for line in _connection_lines(caplog) if "max_connections" in line]
+    assert 1 <= len(lines) <= 2, lines
+    assert not any(r.exc_info for r in caplog.records if r.levelno >= logging.INFO)
+
+
+@pytest.mark.slow
+async def test_connections_that_never_log_in_are_closed_after_the_handshake_timeout(
+    serve, client_pki, caplog
+):
+    cap = 4
+    server = await serve(max_connections=cap, handshake_timeout_s=1.0)
+    port = urlsplit(server.endpoint).port
+    assert port
+    with caplog.at_level(logging.INFO):
+        # A slow-loris: connections that send nothing at all, and one that stops mid-Hello.
+        idle = await _raw_connections(port, cap + 20)
+        idle[0][1].write(b"HELF\x20\x00\x00\x00")
+        closed = await asyncio.gather(*(_closed_by_server(r, 15.0) for r, _ in idle))
+        assert all(closed)
+        async with scada(server, client_pki) as client:
+            assert await in_session(client)
+        for _, writer in idle:
+            writer.close()
+    assert len(_connection_lines(caplog)) <= 4, _connection_lines(caplog)
+
+
+async def eventually_connects(server: TwinOpcuaServer, pki: ClientPki) -> None:
+    for _ in range(50):
+        try:
+            async with scada(server, pki) as client:
+                assert await in_session(client)
+                return
+        except (ConnectionError, TimeoutError, ua.UaError):
+            await asyncio.sleep(0.1)
+    pytest.fail("a real client could not connect after the idle connections went away")
 
 
 # -- writes ---------------------------------------------------------------------------------------
@@ -392,12 +573,61 @@ async def test_writes_never_reach_the_twin(shared, store, hooked, client_pki, ca
         assert (await read(client, VALVE)).Value.Value == 41.5
         assert (await read(client, LEVEL)).Value.Value == 2.75
 
-    assert hooked == [("op", "supervisor", VALVE, 55.0)]
+    assert attempts(hooked) == [("op", "supervisor", VALVE, 55.0)]
     assert store.get(VALVE).value == 41.5
     assert store.rev == rev
     line = next(r.getMessage() for r in caplog.records if "BadUserAccessDenied" in r.getMessage())
     assert "'op'" in line and "role supervisor" in line
     assert f"ns=2;s={VALVE}" in line and "55.0" in line
+
+
+FLOOD = [
+    PointDef(
+        f"plant/line{i // 25}/valve{i}/setpoint", "plc", "float64", "%", 0.0, 100.0, writable=True
+    )
+    for i in range(100)
+]
+
+
+@pytest.mark.slow
+async def test_a_write_flood_costs_a_bounded_number_of_records_that_count_every_attempt(
+    client_pki, tmp_path, caplog
+):
+    rounds = 30
+    twin = TwinStore(tmp_path / "flood.db", FLOOD)
+    twin.open()
+    refusals: list[WriteRefusal] = []
+    pki_dir = tmp_path / "pki"
+    trust(pki_dir, client_pki)
+    server = TwinOpcuaServer(
+        OpcuaServerConfig.model_validate(BASE),
+        twin,
+        {p.id: p for p in FLOOD},
+        pki_dir=pki_dir,
+        on_write=refusals.append,
+    )
+    await server.start()
+    try:
+        with caplog.at_level(logging.INFO, logger="gateway.opcua_server"):
+            async with scada(server, client_pki) as client:
+                nodes = [client.get_node(f"ns=2;s={p.id}") for p in FLOOD]
+                value = ua.Variant(50.0, ua.VariantType.Double)
+                for _ in range(rounds):
+                    results = await client.write_values(
+                        nodes, [value] * len(nodes), raise_on_partial_error=False
+                    )
+                    assert {r.value for r in results} == {S.BadUserAccessDenied}
+            await server.stop()  # what is still being coalesced is recorded at stop
+    finally:
+        await server.stop()
+        twin.close()
+    # Issue 13: 3,056 WriteRefused events per second. Every attempt is counted, in few records.
+    assert sum(r.count for r in refusals) == rounds * len(FLOOD)
+    assert len(refusals) <= 25, len(refusals)
+    assert any(r.suppressed for r in refusals)
+    assert {r.user for r in refusals} == {"op"}
+    lines = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert len(lines) <= 25, len(lines)
 
 
 # -- restarts -------------------------------------------------------------------------------------

@@ -386,3 +386,63 @@ async def test_sleep_unless_lost_returns_after_the_delay_while_connected() -> No
     lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     await asyncio.wait_for(d._sleep_unless_lost(0.01, lost), 1)
     assert not lost.done()
+
+
+# -- connection-failure log lines ---------------------------------------------------------------
+
+
+class UnreachableDriver(ScriptedDriver):
+    """Fails to connect with each of `failures` in turn, then connects."""
+
+    def __init__(self, failures: list[Exception]) -> None:
+        super().__init__()
+        self.failures = failures
+
+    @property
+    def target(self) -> str:
+        return "tcp://10.0.0.9:502"
+
+    async def _connect(self) -> None:
+        self.connects += 1
+        if self.failures:
+            raise self.failures.pop(0)
+        self.drop = asyncio.get_running_loop().create_future()
+
+
+def lines(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == level]
+
+
+async def test_connect_failures_are_logged_first_and_when_the_reason_changes_only(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="drivers.base")
+    d = UnreachableDriver([ConnectionRefusedError("refused")] * 3 + [TimeoutError("no answer")] * 2)
+    try:
+        await d.start()
+        await asyncio.wait_for(d.polled.wait(), 2)
+        assert d.connects == 6
+        # Five failed attempts, two reasons: two lines, not five (and not none).
+        assert lines(caplog, logging.WARNING) == [
+            "fake: cannot connect to tcp://10.0.0.9:502: ConnectionRefusedError: refused; "
+            "retrying with backoff",
+            "fake: cannot connect to tcp://10.0.0.9:502: TimeoutError: no answer; "
+            "retrying with backoff",
+        ]
+        assert lines(caplog, logging.INFO) == ["fake: connected"]
+
+        # Up, then lost, then refused while it is down: the loss, then the first refusal.
+        caplog.clear()
+        d.failures = [ConnectionRefusedError("refused")] * 3
+        d.polled.clear()
+        assert d.drop is not None
+        d.drop.set_exception(ConnectionResetError("gone"))
+        await asyncio.wait_for(d.polled.wait(), 2)
+        assert lines(caplog, logging.WARNING) == [
+            "fake: connection lost: ConnectionResetError: gone",
+            "fake: cannot connect to tcp://10.0.0.9:502: ConnectionRefusedError: refused; "
+            "retrying with backoff",
+        ]
+        assert lines(caplog, logging.INFO) == ["fake: connected"]
+    finally:
+        await d.close()

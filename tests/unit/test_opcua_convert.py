@@ -12,7 +12,9 @@ from asyncua import ua
 
 from drivers.contract import Quality
 from drivers.opcua.convert import (
+    POINT_DATATYPES,
     ConversionError,
+    datatype_mismatch,
     sample_of,
     source_time,
     status_name,
@@ -314,3 +316,71 @@ def test_variant_type_of_datatype(datatype: ua.NodeId, expected: ua.VariantType 
 )
 def test_values_match(vtype: ua.VariantType, written: object, read: object, ok: bool) -> None:
     assert values_match(vtype, written, read) is ok
+
+
+# -- a node's DataType against the point's datatype ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("node", "point", "reason"),
+    [
+        # The same type, or a wider one: every value fits, nothing to say.
+        (VT.Int16, "int16", None),
+        (VT.Int16, "int32", None),
+        (VT.Int16, "float32", None),
+        (VT.Int16, "float64", None),
+        (VT.Byte, "uint16", None),
+        (VT.Byte, "int16", None),
+        (VT.UInt16, "int32", None),
+        (VT.UInt32, "uint64", None),
+        (VT.UInt32, "int64", None),
+        (VT.UInt32, "float64", None),
+        (VT.Int32, "float64", None),
+        (VT.Float, "float64", None),
+        (VT.Double, "float64", None),
+        (VT.DateTime, "float64", None),  # the twin holds times as epoch seconds
+        (VT.Boolean, "bool", None),
+        (VT.String, "string", None),
+        (VT.LocalizedText, "string", None),
+        (VT.NodeId, "string", None),
+        # Narrower, or another kind: values would be lost or misread.
+        (VT.UInt32, "int16", "node is UInt32, point is int16: values would be cut"),
+        (VT.Int32, "int16", "node is Int32, point is int16: values would be cut"),
+        (VT.Int16, "uint16", "node is Int16, point is uint16: values would be cut"),
+        (VT.Int64, "uint64", "node is Int64, point is uint64: values would be cut"),
+        (VT.UInt64, "int64", "node is UInt64, point is int64: values would be cut"),
+        (VT.Double, "int32", "node is Double, point is int32: fractions would be cut"),
+        (VT.Float, "int64", "node is Float, point is int64: fractions would be cut"),
+        (VT.Double, "float32", "node is Double, point is float32: precision would be lost"),
+        (VT.Int32, "float32", "node is Int32, point is float32: large values would be rounded"),
+        (VT.Int64, "float64", "node is Int64, point is float64: large values would be rounded"),
+        (VT.String, "float64", "node is String, point is float64: text is not a number"),
+        (VT.String, "bool", "node is String, point is bool: values are not true/false"),
+        (VT.Boolean, "int16", "node is Boolean, point is int16: true/false is not a number"),
+        (VT.Int16, "bool", "node is Int16, point is bool: values are not true/false"),
+        (VT.Double, "string", "node is Double, point is string: values are not text"),
+        (VT.ByteString, "string", "node is ByteString, point is string: values are not text"),
+        (VT.ByteString, "float64", "node is ByteString, point is float64: values are not numbers"),
+    ],
+)
+def test_datatype_mismatch_names_both_types_when_values_would_be_lost(
+    node: ua.VariantType, point: str, reason: str | None
+) -> None:
+    assert datatype_mismatch(node, point) == reason
+
+
+def test_every_point_datatype_fits_its_own_opc_ua_type() -> None:
+    assert set(POINT_DATATYPES) == {
+        "bool",
+        "int16",
+        "uint16",
+        "int32",
+        "uint32",
+        "int64",
+        "uint64",
+        "float32",
+        "float64",
+        "string",
+    }
+    for name, vtype in POINT_DATATYPES.items():
+        assert datatype_mismatch(vtype, name) is None

@@ -113,6 +113,8 @@ def test_point_parses_its_node_id_and_keeps_overrides() -> None:
     )
     assert p.node_id.to_nodeid() == ua.NodeId("X", 2)
     assert (p.deadband, p.sampling_interval_ms, p.queue_size) == (0.5, 50, 4)
+    assert p.datatype is None  # no datatype: the node's DataType is not checked
+    assert OpcuaPoint("k", "ns=2;s=X", datatype="uint32").datatype == "uint32"
 
 
 @pytest.mark.parametrize(
@@ -129,6 +131,8 @@ def test_point_parses_its_node_id_and_keeps_overrides() -> None:
         ({"queue_size": 0}, "queue_size"),
         ({"queue_size": 2.5}, "queue_size"),
         ({"queue_size": True}, "queue_size"),
+        ({"datatype": "double"}, "datatype"),
+        ({"datatype": 16}, "datatype"),
     ],
 )
 def test_point_validation_names_the_field(kwargs: dict[str, Any], field: str) -> None:

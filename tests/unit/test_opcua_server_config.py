@@ -24,11 +24,15 @@ def errors(**data) -> list[tuple[tuple, str]]:
 def test_defaults_are_off_secure_and_closed():
     config = OpcuaServerConfig()
     assert config.enabled is False
-    assert config.endpoint == "opc.tcp://0.0.0.0:4840/opstwin"
+    # Like HTTP: reachable from this machine only until the config names an interface.
+    assert config.endpoint == "opc.tcp://127.0.0.1:4840/opstwin"
     assert config.security_policies == ["Basic256Sha256_SignAndEncrypt", "Basic256Sha256_Sign"]
     assert "None" not in config.security_policies
     assert config.allow_anonymous is False
     assert config.users == []
+    assert config.trust_all_clients is False
+    assert config.max_connections == 64
+    assert config.handshake_timeout_s == 10.0
 
 
 def test_a_full_block_is_accepted():
@@ -112,3 +116,28 @@ def test_the_config_is_frozen():
     config = OpcuaServerConfig()
     with pytest.raises(ValidationError):
         config.enabled = True  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("max_connections", True),  # YAML `true` is not the number 1
+        ("max_connections", "64"),
+        ("max_connections", 0),
+        ("max_connections", 1.5),
+        ("trust_all_clients", "yes"),
+        ("trust_all_clients", 1),
+        ("allow_anonymous", 1),
+        ("enabled", "true"),
+        ("handshake_timeout_s", True),
+        ("handshake_timeout_s", 0),
+    ],
+)
+def test_counts_booleans_and_timeouts_take_only_their_own_type(key, value):
+    (found,) = errors(**{key: value})
+    assert found[0] == (key,)
+
+
+def test_trust_all_clients_says_it_is_for_demos():
+    description = OpcuaServerConfig.model_fields["trust_all_clients"].description or ""
+    assert "demos only" in description

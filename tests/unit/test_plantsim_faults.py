@@ -171,6 +171,7 @@ def test_readme_lists_every_fault_switch():
         "restart",
         "exception",
         "bad_status",
+        "shutdown_notice",
         "freeze",
         "spike",
         "noise",

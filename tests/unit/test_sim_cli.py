@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from importlib import resources
@@ -152,3 +153,57 @@ def test_sim_fit_without_history_says_so(tmp_path, capsys):
     )
     assert main(["sim", "fit", "--config", str(config), "a/in", "a/out"]) == 1
     assert "not enough GOOD history" in capsys.readouterr().err
+
+
+def _alias_bomb() -> str:
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"{n}: &{n} [{','.join(['*' + p] * 9)}]" for p, n in itertools.pairwise("abcdefghi")]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (_alias_bomb(), "alias"),
+        (b"model: caf\xe9\n", "UTF-8"),
+        ("[" * 5000 + "]" * 5000, "deeper than"),
+    ],
+    ids=["alias-bomb", "latin-1", "deep"],
+)
+def test_a_hostile_scenario_file_is_refused_in_one_line(tmp_path, capsys, content, says):
+    path = tmp_path / "scenario.yaml"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    assert main(["sim", "run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert str(path) in err and says in err
+
+
+def test_sim_fit_of_an_unknown_point_is_a_usage_error(tmp_path, capsys):
+    store = TwinStore(tmp_path / "twin.db", [PointDef(id="a/in", device="d", datatype="float64")])
+    store.open()
+    store.close()
+    config = tmp_path / "site.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "site_id": "s",
+                "gateway_id": "g",
+                "storage": {"path": "twin.db"},
+                "devices": [
+                    {
+                        "name": "d",
+                        "driver": "modbus",
+                        "endpoint": "tcp://127.0.0.1:1502",
+                        "points": [{"id": "a/in", "address": "holding:0", "datatype": "float64"}],
+                    }
+                ],
+            }
+        )
+    )
+    assert main(["sim", "fit", "--config", str(config), "a/in", "a/nope"]) == 2
+    assert "'a/nope' is not a point" in capsys.readouterr().err

@@ -29,6 +29,7 @@ from typing import Any
 from asyncua import Server, ua
 from asyncua.crypto.permission_rules import User, UserRole
 from asyncua.server.address_space import AttributeService, AttributeValue
+from asyncua.ua.ua_binary import uatcp_to_binary
 
 from asyncua_glue import fixes
 
@@ -165,9 +166,18 @@ class PlcServer:
         if tcp is None:
             return
         # Sockets first, as a power cut would: no client gets an answer from a dying server.
+        # With a shutdown notice, each client is told why first, then the socket is closed in
+        # order (an abort would discard the notice still in the send buffer).
+        notice = self.faults.notice
         for client in list(tcp.clients):
-            if client.transport is not None:
+            if client.transport is None:
+                continue
+            if notice is None:
                 client.transport.abort()
+                continue
+            error = ua.ErrorMessage(ua.StatusCode(notice), f"{self.name} is shutting down")
+            client.transport.write(uatcp_to_binary(ua.MessageType.Error, error))
+            client.transport.close()
         await tcp.stop()
         # Let the aborted connections run connection_lost, which ends their tasks.
         await asyncio.sleep(0)
