@@ -143,7 +143,9 @@ async def _run(
     async def on_ready(gateway: Gateway, urls: list[str]) -> None:
         base = urls[0] if urls else f"http://{config.http.host}:{config.http.port}"
         banner(gateway, base, config_path, sim_log, SCADA_USER, password)
-        script = Script(gateway, sim, SCADA_USER, password).run(stop, duration)
+        script = Script(
+            gateway, sim, SCADA_USER, password, base_url=base, config_path=config_path
+        ).run(stop, duration)
         tasks.add(asyncio.create_task(script, name="demo:script"))
 
     await serve(config, on_ready=on_ready, stop=stop)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -24,13 +25,17 @@ WATCHED = [
 
 # (seconds after start, step): setpoints written through both drivers and read back (the oven's
 # first simulated by the C kernel from the twin's live values), a SCADA client reading the twin
-# over OPC UA, and two controller restarts the gateway rides through.
+# over OPC UA, a second gateway refused the same database, and two controller restarts the
+# gateway rides through, with /health saying what is wrong while a device is away.
 STEPS: list[tuple[float, tuple]] = [
     (6.0, ("write", VALVE, 65.0)),
     (8.0, ("whatif", 20.0, 203.0)),
     (9.0, ("write", OVEN_SETPOINT, 200.0)),
     (12.0, ("scada",)),
+    (14.0, ("second_gateway",)),
     (18.0, ("plant", "tank:restart:3", "the tank's Modbus controller restarts")),
+    (20.0, ("health",)),
+    (26.0, ("health",)),
     (28.0, ("plant", "oven:restart:3", "the oven's OPC UA PLC restarts")),
     (50.0, ("write", VALVE, 50.0)),
 ]
@@ -40,12 +45,21 @@ class Script:
     """Runs the demo's steps and prints a table of live values every two seconds."""
 
     def __init__(
-        self, gateway: Gateway, sim: subprocess.Popen, scada_user: str, scada_password: str
+        self,
+        gateway: Gateway,
+        sim: subprocess.Popen,
+        scada_user: str,
+        scada_password: str,
+        *,
+        base_url: str,
+        config_path: Path,
     ) -> None:
         self.gateway = gateway
         self.sim = sim
         self.scada_user = scada_user
         self.scada_password = scada_password
+        self.base_url = base_url
+        self.config_path = config_path
 
     async def run(self, stop: asyncio.Event, duration: float | None) -> None:
         """Step through the demo; set `stop` after `duration` seconds if one is given."""
@@ -82,6 +96,45 @@ class Script:
         if self.sim.stdin is not None:
             self.sim.stdin.write(f"{command}\n".encode())
             self.sim.stdin.flush()
+
+    async def _health(self) -> None:
+        """Ask /health over HTTP, as a monitoring system would, and show why if degraded."""
+        import aiohttp
+
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
+                session.get(f"{self.base_url}/health") as response,
+            ):
+                body = await response.json()
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            print(f"  health: request failed: {type(exc).__name__}: {exc}", flush=True)
+            return
+        reasons = "; ".join(body.get("reasons", [])) or "every device connected, storage healthy"
+        print(f"  health: {body.get('status')}: {reasons}", flush=True)
+
+    async def _second_gateway(self) -> None:
+        """Start `opstwin run` again on the same config: it must refuse, touching nothing."""
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "gateway.cli",
+            "run",
+            "--config",
+            str(self.config_path),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            _, err = await asyncio.wait_for(proc.communicate(), 60)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            print("  second gateway: still running after 60 s (not refused!); stopped it")
+            return
+        lines = [ln for ln in err.decode(errors="replace").splitlines() if ln.strip()]
+        said = lines[-1] if lines else "(nothing)"
+        print(f"  second gateway on the same database: exit {proc.returncode}: {said}", flush=True)
 
     async def _scada(self) -> None:
         """Read the twin as a SCADA client would: over OPC UA, signed and encrypted."""

@@ -69,6 +69,18 @@ def test_demo_scada_client_reads_the_twin_and_cannot_write(demo):
     assert "refused: BadUserAccessDenied" in out
 
 
+def test_demo_shows_a_second_gateway_refused_and_health_naming_the_device(demo):
+    _, out = demo
+    assert re.search(
+        r"second gateway on the same database: exit 1: opstwin: another gateway \(pid \d+\) "
+        r"is running on ",
+        out,
+    )
+    after = out[out.index("tank:restart") :]
+    assert re.search(r"health: degraded: device tank1 is \w+", after), "health names the device"
+    assert "health: ok:" in after[after.index("health: degraded") :], "and recovers"
+
+
 @pytest.mark.parametrize(
     ("command", "point", "unit"), [("tank:restart", LEVEL, "m"), ("oven:restart", OVEN, "°C")]
 )
