@@ -13,9 +13,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from gateway.config import SiteConfig
 
 # A realistic epoch (November 2023): code that stores or formats wall-clock times sees a
 # plausible one, and code that only takes differences does not care.
@@ -65,3 +68,20 @@ async def eventually(check: Callable[[], Any], within: float = 10.0, what: str =
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {within}s waiting for {what or check}")
         await asyncio.sleep(0.05)
+
+
+def plant_config(tmp_path: Path, tank_port: int, meter_port: int) -> SiteConfig:
+    """The demo config pointed at a test's tank and meter, polling fast, no OPC UA server."""
+    import yaml
+
+    from gateway.config import parse_config
+    from gateway.demo import demo_config_data
+
+    data = demo_config_data(
+        device_ports={"tank1": tank_port, "meter1": meter_port}, http_port=0, opcua_port=0
+    )
+    for device in data["devices"]:
+        device["options"].update(poll_interval_s=0.1, timeout_s=0.3)
+    data["storage"]["path"] = str(tmp_path / "twin.db")
+    data["opcua_server"]["enabled"] = False
+    return parse_config(yaml.safe_dump(data), source="test")

@@ -31,7 +31,7 @@ from asyncua import ua
 from asyncua_glue.datavalue import SharedDataValue
 from asyncua_glue.properties import engineering_units_item, eu_range_item
 from asyncua_glue.properties import eu_information as unit_information
-from drivers.opcua.convert import INTEGER_RANGES
+from drivers.opcua.convert import INTEGER_RANGES, POINT_DATATYPES
 from gateway.errors import ConfigError
 from gateway.twin.model import PointDef, PointValue, Quality
 
@@ -50,18 +50,6 @@ __all__ = [
 
 NAMESPACE_URI = "urn:opstwin:twin"
 
-_VARIANT_TYPES: dict[str, ua.VariantType] = {
-    "bool": ua.VariantType.Boolean,
-    "int16": ua.VariantType.Int16,
-    "uint16": ua.VariantType.UInt16,
-    "int32": ua.VariantType.Int32,
-    "uint32": ua.VariantType.UInt32,
-    "int64": ua.VariantType.Int64,
-    "uint64": ua.VariantType.UInt64,
-    "float32": ua.VariantType.Float,
-    "float64": ua.VariantType.Double,
-    "string": ua.VariantType.String,
-}
 # Integer ranges are the OPC UA driver's: one table for both directions.
 _INT_LIMITS = INTEGER_RANGES
 _FLOATS = (ua.VariantType.Float, ua.VariantType.Double)
@@ -205,9 +193,9 @@ def plan_address_space(points: Iterable[PointDef]) -> AddressSpacePlan:
 def variant_type_of(datatype: str) -> ua.VariantType:
     """The OPC UA built-in type of a point datatype (`float32` → Float, `bool` → Boolean)."""
     try:
-        return _VARIANT_TYPES[datatype]
+        return POINT_DATATYPES[datatype]
     except KeyError:
-        known = ", ".join(_VARIANT_TYPES)
+        known = ", ".join(POINT_DATATYPES)
         raise ConfigError(f"datatype {datatype!r} has no OPC UA type (known: {known})") from None
 
 

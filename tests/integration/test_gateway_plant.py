@@ -6,16 +6,12 @@ import asyncio
 import os
 import sqlite3
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
-import yaml
-from tests_support import eventually
+from tests_support import eventually, plant_config
 
 from drivers.contract import Quality
 from gateway.app import Gateway
-from gateway.config import SiteConfig, parse_config
-from gateway.demo import demo_config_data
 from gateway.errors import DeviceError, StoreError
 from gateway.http import create_app
 from gateway.twin.store import TwinStore
@@ -28,18 +24,6 @@ PUMP = "utilities/cooling/tank1/pump_run"
 TAG = "utilities/cooling/tank1/tag"
 POWER = "utilities/power/meter1/power"
 ENERGY = "utilities/power/meter1/energy"
-
-
-def demo_config(tmp_path: Path, tank_port: int, meter_port: int) -> SiteConfig:
-    """The bundled demo config, pointed at the test's devices, polling fast."""
-    data = demo_config_data(
-        device_ports={"tank1": tank_port, "meter1": meter_port}, http_port=0, opcua_port=0
-    )
-    for device in data["devices"]:
-        device["options"].update(poll_interval_s=0.1, timeout_s=0.3)
-    data["storage"]["path"] = str(tmp_path / "twin.db")
-    data["opcua_server"]["enabled"] = False
-    return parse_config(yaml.safe_dump(data), source="test")
 
 
 @pytest.fixture
@@ -57,7 +41,7 @@ async def meter() -> AsyncIterator[MeterDevice]:
 
 @pytest.fixture
 async def gateway(tmp_path, tank, meter) -> AsyncIterator[Gateway]:
-    gw = Gateway(demo_config(tmp_path, tank.port, meter.port))
+    gw = Gateway(plant_config(tmp_path, tank.port, meter.port))
     await gw.start()
     try:
         yield gw
@@ -235,7 +219,7 @@ async def test_garbage_or_timeouts_mark_points_bad_then_recover(gateway, tank, f
 
 
 async def test_http_reads_of_the_twin(tmp_path, tank, meter, aiohttp_client):
-    gw = Gateway(demo_config(tmp_path, tank.port, meter.port))
+    gw = Gateway(plant_config(tmp_path, tank.port, meter.port))
     client = await aiohttp_client(create_app(gw))
     await eventually(lambda: all_good(gw), what="every point GOOD")
 
@@ -287,7 +271,7 @@ async def test_a_second_gateway_on_the_same_database_connects_to_no_device(tmp_p
 
     servers = [await asyncio.start_server(count, "127.0.0.1", 0) for _ in range(2)]
     tank_port, meter_port = (s.sockets[0].getsockname()[1] for s in servers)
-    config = demo_config(tmp_path, tank_port, meter_port)
+    config = plant_config(tmp_path, tank_port, meter_port)
     # The first gateway's store (another process in real life: see tests/unit/test_twin_faults.py).
     holder = TwinStore(config.storage.path, [])
     holder.open()

@@ -13,29 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
-from tests_support import eventually, free_port
+from tests_support import eventually, free_port, plant_config
 
 from drivers.contract import Quality, Sample
 from gateway.app import Gateway
-from gateway.config import SiteConfig, parse_config
-from gateway.demo import demo_config_data
 from gateway.http import create_app
 from gateway.twin.store import TwinStore
 from plantsim import MeterDevice, TankDevice
 
 LEVEL = "utilities/cooling/tank1/level"
-
-
-def demo_config(tmp_path: Path, tank_port: int, meter_port: int) -> SiteConfig:
-    data = demo_config_data(
-        device_ports={"tank1": tank_port, "meter1": meter_port}, http_port=0, opcua_port=0
-    )
-    for device in data["devices"]:
-        device["options"].update(poll_interval_s=0.1, timeout_s=0.3)
-    data["storage"]["path"] = str(tmp_path / "twin.db")
-    data["opcua_server"]["enabled"] = False
-    return parse_config(yaml.safe_dump(data), source="test")
 
 
 @pytest.fixture
@@ -56,7 +42,7 @@ async def health(client: Any) -> dict[str, Any]:
 
 async def test_health_is_degraded_while_the_twin_cannot_commit(tmp_path, plant, aiohttp_client):
     tank, meter = plant
-    gw = Gateway(demo_config(tmp_path, tank.port, meter.port))
+    gw = Gateway(plant_config(tmp_path, tank.port, meter.port))
     client = await aiohttp_client(create_app(gw))
     await eventually(lambda: gw.store.stats.committed_rev > 0, what="first commits")
     assert (await health(client))["status"] == "ok"
@@ -84,7 +70,7 @@ async def test_health_is_degraded_when_every_point_of_a_connected_device_is_bad(
     tmp_path, plant, aiohttp_client
 ):
     tank, meter = plant
-    gw = Gateway(demo_config(tmp_path, tank.port, meter.port))
+    gw = Gateway(plant_config(tmp_path, tank.port, meter.port))
     client = await aiohttp_client(create_app(gw))
     await eventually(
         lambda: all(v.quality is Quality.GOOD for v in gw.store.snapshot()[1].values()),
@@ -128,7 +114,7 @@ async def test_reads_of_a_corrupted_database_answer_503_and_health_says_corrupt(
     tmp_path, aiohttp_client
 ):
     # Devices nobody answers: the writer stays idle, so nothing rewrites the damaged pages.
-    config = demo_config(tmp_path, free_port(), free_port())
+    config = plant_config(tmp_path, free_port(), free_port())
     points = list(Gateway(config).points.values())
     with TwinStore(config.storage.path, points) as store:  # history from an earlier run
         for i in range(3000):
