@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# Polls in a row that must fit their interval before an overrun episode is logged as over.
+_FITTING_TO_RECOVER = 10
+
 
 class Driver(ABC):
     """A device connection owned by one supervisor task."""
@@ -53,6 +56,11 @@ class Driver(ABC):
         self._logged_failure: str | None = None
         self._closing = False
         self.dropped_batches = 0
+        # Polls skipped because the one before overran its interval (in /health), and whether
+        # the last poll overran: the log says when overrunning starts and stops, not each time.
+        self.overruns = 0
+        self._overrunning = False
+        self._fitting = 0  # polls in a row that fit their interval since the last overrun
 
     # -- what a protocol implements -------------------------------------------------------------
 
@@ -182,10 +190,40 @@ class Driver(ABC):
         loop = asyncio.get_running_loop()
         tick = loop.time()
         while True:
+            started = loop.time()
             await poll()
             now = loop.time()
-            tick = next_tick(tick, now, interval)
+            previous, tick = tick, next_tick(tick, now, interval)
+            self._count_overrun(round((tick - previous) / interval) - 1, now - started, interval)
             await self._sleep_unless_lost(tick - now, lost)
+
+    def _count_overrun(self, skipped: int, took: float, interval: float) -> None:
+        """Count the ticks a poll missed; log when polls start and stop being skipped."""
+        if skipped > 0:
+            self.overruns += skipped
+            self._fitting = 0
+            if not self._overrunning:
+                self._overrunning = True
+                log.warning(
+                    "%s: a poll took %.3g s, longer than its %g s interval; "
+                    "polls are being skipped",
+                    self.name,
+                    took,
+                    interval,
+                )
+        elif self._overrunning:
+            # A device whose polls sometimes wait for a timeout flaps between the two; one
+            # pair of lines per episode, not per flap: "stopped" only after a run that fits.
+            self._fitting += 1
+            if self._fitting < _FITTING_TO_RECOVER:
+                return
+            self._overrunning = False
+            log.info(
+                "%s: polls fit their %g s interval again (%d skipped so far)",
+                self.name,
+                interval,
+                self.overruns,
+            )
 
     async def _sleep_unless_lost(self, delay: float, lost: asyncio.Future[None] | None) -> None:
         """Sleep `delay` seconds, but raise the cause at once if the connection drops meanwhile.

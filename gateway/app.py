@@ -148,9 +148,9 @@ class Gateway:
             raise DeviceError(f"{point_id}: write of {value!r} failed: {exc}") from exc
 
     def device_states(self) -> dict[str, dict[str, Any]]:
-        """Each device's connection state and last error."""
+        """Each device's connection state, last error and polls skipped by overrunning ones."""
         return {
-            name: {"state": d.state.value, "last_error": d.last_error}
+            name: {"state": d.state.value, "last_error": d.last_error, "polls_skipped": d.overruns}
             for name, d in self.drivers.items()
         }
 

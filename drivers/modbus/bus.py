@@ -5,6 +5,10 @@ its devices take turns, one transaction at a time, with a silent gap between fra
 driver on such a bus shares one `Bus` (and one connection); a Modbus TCP device (`socket`
 framer) gets a bus of its own. The bus opens the connection for its first user, closes it when
 the last one leaves, and tells every user at once when the link drops.
+
+A Modbus TCP bus may carry several transactions at once (`max_in_flight`): MBAP transaction ids
+tell the answers apart. pymodbus 3.x cannot do that by itself (its TransactionManager holds one
+lock from send to answer), so such a client gets `_Pipeline`, which matches answers by id.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from urllib.parse import urlsplit
 from pymodbus import FramerType
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.client.base import ModbusBaseClient
-from pymodbus.exceptions import ModbusException, ModbusIOException
+from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 from pymodbus.pdu import ModbusPDU
 
 from drivers.errors import ConfigurationError, ConnectionLostError
@@ -89,6 +93,7 @@ class BusSettings:
     parity: str = "N"
     stopbits: int = 1
     bytesize: int = 8
+    max_in_flight: int = 1  # more than 1 only with the socket framer (see ModbusDriver)
 
 
 class Bus:
@@ -103,6 +108,7 @@ class Bus:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock: asyncio.Lock | None = None
         self._connect_lock: asyncio.Lock | None = None
+        self._slots: asyncio.Semaphore | None = None
         self._quiet_until = 0.0
         self.last_answer = 0.0  # loop time of the last response from any device on the bus
 
@@ -110,6 +116,11 @@ class Bus:
     def shared(self) -> bool:
         """True when several devices may share this bus (RTU framing)."""
         return self.settings.framer == "rtu"
+
+    @property
+    def pipelined(self) -> bool:
+        """True when several requests may be outstanding at once (Modbus TCP, max_in_flight>1)."""
+        return self.settings.framer == "socket" and self.settings.max_in_flight > 1
 
     @property
     def users(self) -> int:
@@ -140,8 +151,28 @@ class Bus:
         async with self._lock:
             yield
 
+    @contextlib.asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        """Hold what one poll request needs: the whole bus, unless it is pipelined.
+
+        On a pipelined bus a read waits only for one of the `max_in_flight` slots (taken in
+        `request`); a write still holds `exclusive()` against other writes, while reads go on.
+        """
+        if self.pipelined:
+            yield
+            return
+        async with self.exclusive():
+            yield
+
     async def request(self, make: Callable[[ModbusBaseClient], Awaitable[T]]) -> T:
         """Run one transaction on the held bus, after the inter-frame silence."""
+        self._bind_loop()
+        if self._slots is None:
+            return await self._request(make)
+        async with self._slots:
+            return await self._request(make)
+
+    async def _request(self, make: Callable[[ModbusBaseClient], Awaitable[T]]) -> T:
         loop = asyncio.get_running_loop()
         wait = self._quiet_until - loop.time()
         if wait > 0:
@@ -191,6 +222,7 @@ class Bus:
             self._loop = loop
             self._lock = asyncio.Lock()
             self._connect_lock = asyncio.Lock()
+            self._slots = asyncio.Semaphore(self.settings.max_in_flight) if self.pipelined else None
             self._client = None
             self._listeners.clear()
             self._quiet_until = 0.0
@@ -228,7 +260,10 @@ class Bus:
             )
         client.set_max_no_responses(_NEVER)
         cause = _keep_connect_error(client)
-        _fail_requests_on_garbage(client)
+        if self.pipelined:
+            _Pipeline(client, s.max_in_flight)
+        else:
+            _fail_requests_on_garbage(client)
         try:
             ok = await client.connect()
         except Exception as exc:  # pyserial raises its own errors for a missing device
@@ -324,6 +359,110 @@ def _fail_requests_on_garbage(client: ModbusBaseClient) -> None:
     framer.decode = split_checked  # type: ignore[method-assign,assignment]
     framer.decoder.decode = decode_checked  # type: ignore[method-assign]
     ctx.callback_data = receive_checked  # type: ignore[method-assign]
+
+
+class _Pipeline:
+    """Several transactions outstanding on one Modbus TCP connection, matched by transaction id.
+
+    pymodbus 3.x's `TransactionManager.execute` holds a lock from send to answer and keeps a
+    single `response_future`; its transport's `send` also empties the receive buffer, which
+    would lose an answer half received; and `callback_data` takes one frame per arrival, so two
+    answers in one segment would wait for a third. This replaces `execute` and `callback_data`
+    on one client's own instance (not the class). Garbled answers fail their own request
+    (MalformedResponse), as `_fail_requests_on_garbage` does for the one-at-a-time client.
+    """
+
+    def __init__(self, client: ModbusBaseClient, depth: int) -> None:
+        ctx = client.ctx
+        self._ctx = ctx
+        self._framer = ctx.framer
+        self._pending: dict[int, asyncio.Future[ModbusPDU]] = {}
+        self._tid = 0
+        # Room for every answer in flight; pymodbus's own limit (one frame) would wipe them.
+        ctx.max_buffer_size = (depth + 1) * ctx.framer.MAX_SIZE
+        ctx.execute = self.execute  # type: ignore[method-assign,assignment]
+        ctx.callback_data = self.receive  # type: ignore[method-assign]
+
+    async def execute(self, no_response_expected: bool, request: ModbusPDU) -> ModbusPDU | None:
+        ctx = self._ctx
+        transport = ctx.transport
+        if transport is None:
+            raise ConnectionException("not connected")
+        if not self._pending:
+            # Nothing in flight: what is left is junk from an answer given up on (pymodbus's
+            # send() drops it the same way).
+            ctx.recv_buffer = b""
+        tid = self._next_tid()
+        request.transaction_id = tid
+        future: asyncio.Future[ModbusPDU] = asyncio.get_running_loop().create_future()
+        self._pending[tid] = future
+        try:
+            transport.write(self._framer.buildFrame(request))  # type: ignore[attr-defined]
+            if no_response_expected:
+                return None
+            try:
+                response = await asyncio.wait_for(future, ctx.comm_params.timeout_connect)
+            except TimeoutError:
+                raise ModbusIOException(
+                    "No response received within the timeout",
+                    function_code=request.function_code,
+                    transaction_id=tid,
+                    dev_id=request.dev_id,
+                ) from None
+        finally:
+            self._pending.pop(tid, None)
+        if request.dev_id and response.dev_id != request.dev_id:
+            raise ModbusIOException(
+                f"request for device id {request.dev_id} answered by {response.dev_id}",
+                function_code=request.function_code,
+                transaction_id=tid,
+                dev_id=request.dev_id,
+            )
+        return response
+
+    def receive(self, data: bytes, addr: tuple[Any, ...] | None = None) -> int:
+        """Hand every complete frame in `data` to its request; return the bytes consumed."""
+        used = 0
+        while used < len(data):
+            size, device, tid, frame = self._framer.decode(data[used:])
+            if not size:
+                if len(data) - used >= 4 and data[used + 2 : used + 4] != b"\0\0":
+                    # Protocol id not 0: no MBAP header, and no way to find the next one.
+                    # Every request in flight has lost its answer in this stream.
+                    junk = MalformedResponse(f"{len(data) - used} bytes that form no Modbus frame")
+                    for waiting in self._pending.values():
+                        if not waiting.done():
+                            waiting.set_exception(junk)
+                    return len(data)
+                break  # a frame not complete yet
+            used += size
+            future = self._pending.get(tid)
+            if future is None or future.done():
+                continue  # a late answer to a request given up on
+            if not frame:
+                future.set_exception(MalformedResponse(f"{size} bytes that are no valid frame"))
+                continue
+            try:
+                pdu = self._framer.decoder.decode(frame)
+            except ModbusException as exc:
+                future.set_exception(MalformedResponse(f"undecodable frame: {exc}"))
+                continue
+            if pdu is None:
+                future.set_exception(
+                    MalformedResponse(f"undecodable frame (function code {frame[0]})")
+                )
+                continue
+            pdu.dev_id = device
+            pdu.transaction_id = tid
+            future.set_result(pdu)
+        return used
+
+    def _next_tid(self) -> int:
+        # 1..65000 as pymodbus counts, skipping ids still waiting for their answer.
+        while True:
+            self._tid = self._tid % 65000 + 1
+            if self._tid not in self._pending:
+                return self._tid
 
 
 _SHARED: weakref.WeakValueDictionary[tuple[Any, ...], Bus] = weakref.WeakValueDictionary()

@@ -4,7 +4,9 @@ One `ModbusDriver` is one device (one unit id) on one endpoint. Its supervisor (
 `drivers.base`) connects, polls and reconnects; a device that refuses some addresses, answers
 with garbage or stops answering for a while only marks the affected points BAD. Garbage keeps
 the connection (the device is there: a reconnect would only flap its state); silence makes the
-driver reconnect by itself after `failures_before_reconnect` silent polls.
+driver reconnect by itself after `failures_before_reconnect` silent polls. A poll reads its
+blocks with up to `max_in_flight` requests outstanding (Modbus TCP) and applies the answers in
+plan order.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
@@ -100,6 +102,12 @@ class ModbusDriver(Driver):
         framer = opts.framer or ("rtu" if self.endpoint.kind == "serial" else "socket")
         if self.endpoint.kind == "serial" and framer != "rtu":
             raise ConfigurationError(f"{name}: a serial endpoint needs framer rtu, not {framer}")
+        if framer == "rtu" and opts.max_in_flight > 1:
+            raise ConfigurationError(
+                f"{name}: max_in_flight {opts.max_in_flight} needs Modbus TCP (framer socket); "
+                "a serial bus carries one frame at a time"
+            )
+        self.max_in_flight = opts.max_in_flight
 
         self._points: dict[str, ModbusPoint] = {}
         for p in points:
@@ -136,6 +144,7 @@ class ModbusDriver(Driver):
             parity=opts.parity,
             stopbits=opts.stopbits,
             bytesize=opts.bytesize,
+            max_in_flight=self.max_in_flight,
         )
         self._bus: Bus = get_bus(self.endpoint, settings)
         self._overrides: dict[int, _Override] = {}
@@ -219,21 +228,27 @@ class ModbusDriver(Driver):
         cycle = _Cycle()
         now = time.monotonic()
         started = asyncio.get_running_loop().time()
-        for index, block in enumerate(self._plan):
+        # One list per planned block, joined in plan order whatever order the answers come in.
+        outs: list[list[Sample]] = [[] for _ in self._plan]
+
+        async def read(index: int) -> None:
+            block, out = self._plan[index], outs[index]
             override = self._overrides.get(index)
             if override is not None and override.until <= now:
                 del self._overrides[index]
                 override = None
             if override is not None:
                 for sub in override.blocks:
-                    await self._read_block(sub, cycle)
-                continue
-            split, bad = await self._read_block(block, cycle)
+                    await self._read_block(sub, cycle, out)
+                return
+            split, bad = await self._read_block(block, cycle, out)
             if split:
                 self._overrides[index] = self._split_plan(block, bad, now)
 
-        self._log_transitions(cycle.samples)
-        self._emit(cycle.samples)
+        await _run_limited(read, len(self._plan), self.max_in_flight)
+        samples = [s for out in outs for s in out]
+        self._log_transitions(samples)
+        self._emit(samples)
         if cycle.answered:
             self._silent_polls = 0
             self._mark_healthy()
@@ -250,15 +265,17 @@ class ModbusDriver(Driver):
                 self._bus.drop_if_silent(self._silent_since)
                 raise cause
 
-    async def _read_block(self, block: Block, cycle: _Cycle) -> tuple[bool, set[str]]:
-        """Read one block into `cycle`; return (had to split, keys refused on their own).
+    async def _read_block(
+        self, block: Block, cycle: _Cycle, out: list[Sample]
+    ) -> tuple[bool, set[str]]:
+        """Read one block into `out`; return (had to split, keys refused on their own).
 
         A merged block the device refuses is split into one read per point, so only the points
         the device really refuses go BAD; `_poll` then keeps that split plan for a while.
         """
         if cycle.failed >= 2 and not cycle.answered:
             # Two requests in a row unanswered: don't spend a timeout on each remaining block.
-            cycle.bad(block.points, None, f"not read: {cycle.last_failure}")
+            _bad(out, block.points, None, f"not read: {cycle.last_failure}")
             return False, set()
         try:
             data, ts = await self._read_raw(block)
@@ -266,7 +283,7 @@ class ModbusDriver(Driver):
             # The device answers, only not sensibly: the link is fine, a reconnect would not
             # help and would only add DISCONNECTED/CONNECTED transitions per poll.
             cycle.answered += 1
-            cycle.bad(block.points, time.time(), exc.text)
+            _bad(out, block.points, time.time(), exc.text)
             return False, set()
         except _Refused as exc:
             cycle.answered += 1
@@ -275,28 +292,28 @@ class ModbusDriver(Driver):
             if per_address and len(parts) > 1:
                 bad: set[str] = set()
                 for part in parts:
-                    _, part_bad = await self._read_block(part, cycle)
+                    _, part_bad = await self._read_block(part, cycle, out)
                     bad |= part_bad
                 return True, bad
-            cycle.bad(block.points, time.time(), exc.text)
+            _bad(out, block.points, time.time(), exc.text)
             return False, ({p.key for p in block.points} if per_address else set())
         except _NoAnswer as exc:
             cycle.failed += 1
             cycle.last_failure = exc.text
-            cycle.bad(block.points, None, exc.text)
+            _bad(out, block.points, None, exc.text)
             return False, set()
         cycle.answered += 1
         for p in block.points:
             try:
                 value = decode(self._formats[p.key], data[block.window(p)])
             except ValueError as exc:
-                cycle.samples.append(
+                out.append(
                     Sample(p.key, None, Quality.BAD, ts, f"cannot decode {p.address}: {exc}")
                 )
                 continue
             quality, reason = assess(value, p.lo, p.hi)
             shown = None if quality is Quality.BAD else value
-            cycle.samples.append(Sample(p.key, shown, quality, ts, reason))
+            out.append(Sample(p.key, shown, quality, ts, reason))
         return False, set()
 
     async def _read_raw(self, block: Block, *, held: bool = False) -> tuple[list[Any], float]:
@@ -418,14 +435,14 @@ class ModbusDriver(Driver):
     ) -> ModbusPDU:
         """Run one request on the bus; turn every way it can fail into one of ours.
 
-        Polls take the bus per request (a write may slip in between); a write holds it across
-        its requests and passes `held`.
+        Polls take the bus per request (a write may slip in between; on a pipelined bus they
+        only take a slot); a write holds it across its requests and passes `held`.
         """
         try:
             if held:
                 response = await self._call(self._bus.request(make))
             else:
-                async with self._bus.exclusive():
+                async with self._bus.turn():
                     response = await self._call(self._bus.request(make))
         except ConnectionException as exc:
             raise ConnectionLostError(f"{self.name}: {exc}") from exc
@@ -478,13 +495,45 @@ class _Override:
 
 @dataclass(slots=True)
 class _Cycle:
-    samples: list[Sample] = field(default_factory=list)
+    """What one poll's requests learnt so far, shared by the requests in flight."""
+
     answered: int = 0
     failed: int = 0
     last_failure: str | None = None
 
-    def bad(self, points: Iterable[ModbusPoint], ts: float | None, reason: str) -> None:
-        self.samples.extend(Sample(p.key, None, Quality.BAD, ts, reason) for p in points)
+
+def _bad(out: list[Sample], points: Iterable[ModbusPoint], ts: float | None, reason: str) -> None:
+    out.extend(Sample(p.key, None, Quality.BAD, ts, reason) for p in points)
+
+
+async def _run_limited(job: Callable[[int], Awaitable[None]], count: int, limit: int) -> None:
+    """Run `job(0)` .. `job(count - 1)`, started in order, at most `limit` at a time.
+
+    The first failure (a lost connection) cancels the rest and is raised as itself, not as an
+    ExceptionGroup: the supervisor logs its text as the reason.
+    """
+    if limit <= 1 or count <= 1:
+        for index in range(count):
+            await job(index)
+        return
+    indices = iter(range(count))
+
+    async def worker() -> None:
+        for index in indices:
+            await job(index)
+
+    workers = [asyncio.ensure_future(worker()) for _ in range(min(limit, count))]
+    try:
+        await asyncio.gather(*workers)
+    finally:
+        for w in workers:
+            w.cancel()
+        # Wait for them to finish so no request outlives its poll, and take each one's
+        # outcome: a second failure is moot, not an "exception never retrieved" at exit.
+        await asyncio.wait(workers)
+        for w in workers:
+            if not w.cancelled():
+                w.exception()
 
 
 def _check_value(point: ModbusPoint, value: Any) -> str | None:

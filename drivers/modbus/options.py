@@ -39,7 +39,8 @@ class ModbusOptions(BaseModel):
         ge=0.01,
         le=86400,
         description="Seconds between polls, at a fixed rate: a poll that overruns skips the "
-        "ticks it missed instead of bunching up.",
+        "ticks it missed instead of bunching up. Skipping is logged when it starts and when it "
+        "stops, and counted in `/health` (the device's `polls_skipped`).",
     )
     max_registers: int = Field(
         125,
@@ -82,6 +83,19 @@ class ModbusOptions(BaseModel):
         False,
         description="Use FC15/FC16 (write multiple) even for a single coil or register; some "
         "devices accept only those.",
+    )
+    max_in_flight: int = Field(
+        1,
+        ge=1,
+        le=16,
+        strict=True,
+        description="Most read requests a poll keeps outstanding at once, 1..16 (Modbus TCP "
+        "only: a serial bus, `rtu` framer included, carries one frame at a time). Answers are "
+        "told apart by transaction id, so a poll of many blocks need not wait a round trip per "
+        "block; 4 suits most PLCs and a large register map. The default stays 1 because some "
+        "devices and simulators (pymodbus's own server among them) leave a second request "
+        "sent in the same TCP segment unanswered until more data arrives, and then every "
+        "point goes BAD `no response`: raise it per device once the device is known to cope.",
     )
     failures_before_reconnect: int = Field(
         3,

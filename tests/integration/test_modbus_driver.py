@@ -641,14 +641,15 @@ async def test_dead_shared_bus_is_reopened_for_all_its_devices() -> None:
     ],
     ids=["noise", "short"],
 )
+@pytest.mark.parametrize("in_flight", [1, 4])
 async def test_garbage_answers_mark_points_bad_and_keep_the_connection(
-    answer: Callable[[bytes], bytes], reason: str
+    answer: Callable[[bytes], bytes], reason: str, in_flight: int
 ) -> None:
     async with FakeDevice(answer) as dev:
         driver = ModbusDriver(
             "junk",
             dev.endpoint,
-            QUIET,
+            {**QUIET, "max_in_flight": in_flight},
             [ModbusPoint("a", "holding:0", "float32")],
             backoff=Backoff(0.05, 0.2),
         )
@@ -708,9 +709,11 @@ TANK_POINTS = [
 ]
 
 
-@pytest.mark.parametrize("framer", ["socket", "rtu"])
+@pytest.mark.parametrize(
+    ("framer", "in_flight"), [("socket", 1), ("socket", 4), ("rtu", 1)], ids=["tcp", "tcp4", "rtu"]
+)
 async def test_device_answering_garbage_is_bad_once_and_keeps_its_connection(
-    framer: str, caplog: pytest.LogCaptureFixture
+    framer: str, in_flight: int, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A device whose answers are garbled (plantsim's `garbage` fault: wrecked PDUs, bad CRCs)."""
     caplog.set_level(logging.INFO)
@@ -719,7 +722,13 @@ async def test_device_answering_garbage_is_bad_once_and_keeps_its_connection(
             "tank1",
             f"tcp://127.0.0.1:{tank.port}",
             # A garbled RTU answer often holds no frame at all: it shows only at the timeout.
-            {**FAST, "timeout_s": 0.2, "framer": framer, "failures_before_reconnect": 2},
+            {
+                **FAST,
+                "timeout_s": 0.2,
+                "framer": framer,
+                "failures_before_reconnect": 2,
+                "max_in_flight": in_flight,
+            },
             TANK_POINTS,
             backoff=Backoff(initial=0.05, cap=0.5),
         )
@@ -742,6 +751,10 @@ async def test_device_answering_garbage_is_bad_once_and_keeps_its_connection(
             assert driver.connected and tank.server.connections == 1
             warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
             ours = [r.getMessage() for r in warnings if r.name.startswith("drivers")]
+            # Polls that wait for a 0.2 s timeout overrun their 0.05 s interval: said once.
+            overruns = [m for m in ours if "polls are being skipped" in m]
+            assert len(overruns) <= 1, overruns
+            ours = [m for m in ours if m not in overruns]
             # One transition per point (a line per block's reason), nothing per poll.
             for key in ("valve", "level", "pump"):
                 assert len([m for m in ours if f" {key}" in m and "BAD: malformed" in m]) == 1
@@ -818,3 +831,99 @@ def test_duplicate_keys_and_oversized_points_are_configuration_errors() -> None:
         ModbusDriver(
             "x", "tcp://h:502", {"max_registers": 2}, [ModbusPoint("d", "holding:0", "float64")]
         )
+
+
+# The tank's map read in many small blocks (max_registers 2, max_gap 0): eight requests a poll.
+BLOCKY = [
+    ModbusPoint("valve", "holding:0", "uint16", scale=0.1),
+    ModbusPoint("hours", "holding:20", "uint32", scale=0.1),
+    ModbusPoint("level", "input:0", "float32"),
+    ModbusPoint("flow", "input:2", "int16", scale=0.01),
+    ModbusPoint("vibration", "input:3", "float32"),
+    ModbusPoint("temp", "input:6", "int16", scale=0.1),
+    ModbusPoint("pump", "coil:0"),
+    ModbusPoint("high", "discrete:0"),
+]
+
+
+@pytest.mark.parametrize(
+    ("framer", "in_flight"), [("socket", 4), ("socket", 1), ("rtu", 1)], ids=["tcp4", "tcp1", "rtu"]
+)
+async def test_a_poll_keeps_up_to_max_in_flight_requests_at_the_device(
+    framer: str, in_flight: int
+) -> None:
+    async with TankDevice(seed=3, tick_hz=0, framer=framer) as tank:
+        # A slow device: requests sent before it answers the first wait in its queue, where
+        # the server counts them.
+        tank.faults.slow(0.03)
+        tank.faults.exception(2, "input", [6])  # one refused block: only its point goes BAD
+        options = {"framer": framer, "max_in_flight": in_flight, "max_registers": 2, "max_gap": 0}
+        driver = ModbusDriver(
+            "tank1",
+            f"tcp://127.0.0.1:{tank.port}",
+            {**FAST, "timeout_s": 2.0, **options},
+            BLOCKY,
+            backoff=Backoff(initial=0.05, cap=0.5),
+        )
+        assert len(driver.read_plan) == 8
+        rec = Recorder(driver)
+        try:
+            await driver.start()
+            good = [p.key for p in BLOCKY if p.key != "temp"]
+            await rec.all(Quality.GOOD, good, within=10)
+            await rec.until(lambda _: len(rec.batches) >= 3, within=10)
+            assert rec.latest["temp"].quality is Quality.BAD
+            assert "ILLEGAL DATA ADDRESS" in (rec.latest["temp"].reason or "")
+            assert rec.latest["valve"].value == pytest.approx(tank.model.valve_pct)
+            # Answers are applied in plan order, whichever came back first.
+            order = [p.key for block in driver.read_plan for p in block.points]
+            polls = [[s.key for s in b] for b in rec.batches if len(b) == len(BLOCKY)]
+            assert polls and all(keys == order for keys in polls)
+            # Exactly max_in_flight at once: pipelined over Modbus TCP when asked, never more
+            # than one on a serial-style bus.
+            assert tank.server.most_in_flight == in_flight
+        finally:
+            await driver.close()
+            await rec.stop()
+
+
+def test_an_rtu_bus_refuses_more_than_one_request_in_flight() -> None:
+    with pytest.raises(ConfigurationError, match="serial bus carries one frame at a time"):
+        ModbusDriver("tank1", "tcp://127.0.0.1:502", {"framer": "rtu", "max_in_flight": 2})
+    with pytest.raises(ConfigurationError, match="max_in_flight 4 needs Modbus TCP"):
+        ModbusDriver("meter", "serial:///dev/ttyUSB0", {"max_in_flight": 4})
+
+
+async def test_an_overrunning_poll_is_logged_once_and_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="drivers")
+    async with TankDevice(seed=3, tick_hz=0) as tank:
+        tank.faults.slow(0.12)  # each poll takes longer than its 0.05 s interval
+        driver = ModbusDriver(
+            "tank1",
+            f"tcp://127.0.0.1:{tank.port}",
+            {**FAST, "timeout_s": 2.0},
+            TANK_POINTS,
+            backoff=Backoff(initial=0.05, cap=0.5),
+        )
+        rec = Recorder(driver)
+        try:
+            await driver.start()
+            await rec.until(lambda _: driver.overruns >= 10, within=15)
+            skipping = [m for m in caplog.messages if "polls are being skipped" in m]
+            assert len(skipping) == 1, skipping
+            assert skipping[0].startswith("tank1: a poll took ")
+            assert "longer than its 0.05 s interval" in skipping[0]
+            assert caplog.records[caplog.messages.index(skipping[0])].levelno == logging.WARNING
+
+            tank.faults.slow(0)
+            await rec.until(lambda _: any("fit their" in m for m in caplog.messages), within=10)
+            skipped = driver.overruns
+            fit = [r for r in caplog.records if "fit their 0.05 s interval again" in r.message]
+            assert len(fit) == 1 and fit[0].levelno == logging.INFO
+            assert f"({skipped} skipped so far)" in fit[0].message
+            assert len([m for m in caplog.messages if "polls are being skipped" in m]) == 1
+        finally:
+            await driver.close()
+            await rec.stop()

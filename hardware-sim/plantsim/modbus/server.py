@@ -60,6 +60,10 @@ class ModbusServer:
         self._rng = random.Random(f"garbage/{seed}")
         self._server: asyncio.Server | None = None
         self._connections: set[_Connection] = set()
+        # Requests received and not yet answered (or dropped), over all connections, and the
+        # most ever seen: how many a pipelining client keeps in flight.
+        self.in_flight = 0
+        self.most_in_flight = 0
 
     @property
     def listening(self) -> bool:
@@ -169,9 +173,15 @@ class _Connection(asyncio.Protocol):
             self.buffer.clear()
         for frame in frames:
             self.queue.put_nowait(frame)
+        server = self.server
+        server.in_flight += len(frames)
+        server.most_in_flight = max(server.most_in_flight, server.in_flight)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server._connections.discard(self)
+        # Queued requests die with the connection; the one being answered is taken off by the
+        # worker itself as it is cancelled.
+        self.server.in_flight -= self.queue.qsize()
         if self.worker is not None:
             self.worker.cancel()
 
@@ -184,15 +194,25 @@ class _Connection(asyncio.Protocol):
         server = self.server
         while True:
             frame = await self.queue.get()
-            pdu = server.respond(frame)
-            if pdu is None:
-                continue
-            if server.faults.delay_s:
-                await asyncio.sleep(server.faults.delay_s)
-            out = self.framer.build(frame, pdu)
-            if server.faults.garbled:
-                out = server.garble(out)
-            if self.transport is None or self.transport.is_closing():
-                return
-            with contextlib.suppress(ConnectionError):
-                self.transport.write(out)
+            try:
+                if not await self._answer(frame):
+                    return
+            finally:
+                server.in_flight -= 1
+
+    async def _answer(self, frame: Frame) -> bool:
+        """Answer one request (or stay silent); False once the connection is gone."""
+        server = self.server
+        pdu = server.respond(frame)
+        if pdu is None:
+            return True
+        if server.faults.delay_s:
+            await asyncio.sleep(server.faults.delay_s)
+        out = self.framer.build(frame, pdu)
+        if server.faults.garbled:
+            out = server.garble(out)
+        if self.transport is None or self.transport.is_closing():
+            return False
+        with contextlib.suppress(ConnectionError):
+            self.transport.write(out)
+        return True
