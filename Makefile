@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/opcua.py
 	$(BIN)/python bench/sim.py
+	$(BIN)/python bench/footprint.py --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info opstwin-demo .pytest_cache .ruff_cache .mypy_cache

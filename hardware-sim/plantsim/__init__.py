@@ -9,6 +9,7 @@ from __future__ import annotations
 from .device_base import Device, Model
 from .faults import Faults, ModbusFaults, OpcuaFaults
 from .meter import MeterModel, MeterParams
+from .modbus.bench import BenchModbusDevice, BenchModel
 from .modbus.modbus_device import ModbusDevice
 from .opcua.opcua_device import OpcuaDevice
 from .oven import OvenModel, OvenParams
@@ -16,6 +17,8 @@ from .plant import MeterDevice, OvenDevice, Plant, TankDevice
 from .tank import TankModel, TankParams
 
 __all__ = [
+    "BenchModbusDevice",
+    "BenchModel",
     "Device",
     "Faults",
     "MeterDevice",

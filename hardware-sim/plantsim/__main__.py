@@ -13,6 +13,7 @@ from collections.abc import Mapping
 
 from .control import USAGE, FaultCommand, FaultSpecError, apply_fault, parse_fault
 from .device_base import Device
+from .modbus.bench import MAX_POINTS as BENCH_MAX_POINTS
 from .plant import Plant
 
 log = logging.getLogger("plantsim")
@@ -57,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         plc_users=users,
         plc_extra_signals=args.plc_extra_signals,
         plc_extra_rate_hz=args.plc_extra_rate,
+        bench_points=args.bench_points,
+        bench_port=args.bench_port,
     )
     try:
         asyncio.run(_run(plant, faults, args))
@@ -160,6 +163,13 @@ def _count(text: str) -> int:
     return value
 
 
+def _bench_count(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= BENCH_MAX_POINTS:
+        raise argparse.ArgumentTypeError(f"{text} outside 0..{BENCH_MAX_POINTS}")
+    return value
+
+
 def _non_negative(text: str) -> float:
     value = float(text)
     if value < 0:
@@ -171,8 +181,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m plantsim",
         description="Run the simulated plant (cooling-water tank and energy meter over Modbus "
-        "TCP; with --plc-port, the curing oven behind an OPC UA PLC) until SIGINT or SIGTERM.",
-        epilog=USAGE + "\n\nDEVICE is tank, meter or oven. Examples: "
+        "TCP; with --plc-port, the curing oven behind an OPC UA PLC; with --bench-points, a "
+        "Modbus bench device) until SIGINT or SIGTERM.",
+        epilog=USAGE + "\n\nDEVICE is tank, meter, oven or bench. Examples: "
         "--fault tank:spike:level,1.0,10@30  --fault oven:bad_status:temperature,BadSensorFailure",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -217,6 +228,17 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         metavar="HZ",
         help="bench signal update rate (default: the tick rate, 10 Hz)",
+    )
+    p.add_argument(
+        "--bench-points",
+        type=_bench_count,
+        default=0,
+        metavar="N",
+        help="also serve N float32 values in holding registers 0..2N-1, all changing on every "
+        "tick (device `bench`); default none",
+    )
+    p.add_argument(
+        "--bench-port", type=int, default=5022, help="bench device's port; 0 picks a free one"
     )
     p.add_argument("--speed", type=_non_negative, default=1.0, help="plant seconds per wall second")
     p.add_argument(

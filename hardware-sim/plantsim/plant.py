@@ -9,6 +9,7 @@ from typing import Self
 
 from .device_base import Device
 from .meter import MeterModel, MeterParams
+from .modbus.bench import BenchModbusDevice
 from .modbus.codec import WordOrder
 from .modbus.maps import meter_map, tank_map
 from .modbus.modbus_device import ModbusDevice
@@ -132,7 +133,11 @@ class OvenDevice(OpcuaDevice):
 
 
 class Plant:
-    """The whole demo plant: tank, meter and (given `plc_port`) the oven, run together."""
+    """The whole demo plant: tank, meter and (given `plc_port`) the oven, run together.
+
+    With `bench_points` > 0 it also runs a `BenchModbusDevice` of that many float32 values on
+    `bench_port` (0 picks a free one), for throughput and footprint measurements.
+    """
 
     def __init__(
         self,
@@ -151,6 +156,8 @@ class Plant:
         plc_users: Mapping[str, str] | None = None,
         plc_extra_signals: int = 0,
         plc_extra_rate_hz: float | None = None,
+        bench_points: int = 0,
+        bench_port: int = 0,
     ) -> None:
         """Create every device; ports 0 pick free ones; `plc_port=None` leaves the oven out."""
         common = {"host": host, "framer": framer, "speed": speed, "tick_hz": tick_hz}
@@ -175,6 +182,14 @@ class Plant:
                 extra_signals=plc_extra_signals,
                 extra_rate_hz=plc_extra_rate_hz,
             )
+        self.bench: BenchModbusDevice | None = None
+        if bench_points:
+            self.bench = BenchModbusDevice(
+                bench_points,
+                seed,
+                port=bench_port,
+                **common,  # type: ignore[arg-type]
+            )
 
     @property
     def devices(self) -> dict[str, Device]:
@@ -182,6 +197,8 @@ class Plant:
         devices: list[Device] = [self.tank, self.meter]
         if self.oven is not None:
             devices.append(self.oven)
+        if self.bench is not None:
+            devices.append(self.bench)
         return {d.name: d for d in devices}
 
     async def __aenter__(self) -> Self:
