@@ -51,7 +51,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -62,6 +61,7 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from benchutil import free_port
 from plantsim import BenchModbusDevice
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -180,7 +180,7 @@ async def measure(
 ) -> tuple[Result, list[Probe]]:
     """Start plant and gateway, warm up, probe every `sub` s over `window` s, stop both."""
     async with BenchModbusDevice(n, seed=1, port=0, tick_hz=tick_hz) as plant:
-        http_port = _free_port()
+        http_port = free_port()
         config = write_config(workdir, n, plant.port, http_port, poll_s)
         gateway = Gateway(config, workdir / "gateway.log", http_port)
         try:
@@ -509,12 +509,6 @@ def _db_bytes(db: Path) -> int:
     finally:
         conn.close()
     return int(pages) * int(size)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -45,6 +44,7 @@ from typing import Any
 
 from asyncua import Client, ua
 
+from benchutil import free_port
 from drivers.backoff import Backoff
 from drivers.contract import Quality
 from drivers.opcua import OpcuaDriver, OpcuaPoint
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def bench(args: argparse.Namespace) -> int:
-    port = args.port or _free_port()
+    port = args.port or free_port()
     endpoint = f"opc.tcp://127.0.0.1:{port}/plantsim/oven"
     nodes = [f"ns=2;s=Bench.Signal{i:05d}" for i in range(args.items)]
     print(
@@ -407,12 +407,6 @@ async def _wait_ready(endpoint: str, last_node: str, within: float = 60.0) -> No
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.5)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 if __name__ == "__main__":

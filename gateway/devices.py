@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 from drivers.base import Driver
-from drivers.errors import PointError
 from drivers.modbus import ModbusDriver, ModbusPoint
-from drivers.modbus.codec import DataType, Order, parse_address
 from drivers.modbus.options import ModbusOptions
 from drivers.opcua import OpcuaDriver, OpcuaPoint
 from drivers.opcua.options import OpcuaOptions
-from drivers.opcua.point import parse_node_id
 from gateway.config.model import (
     ModbusDeviceConfig,
     ModbusPointConfig,
@@ -82,11 +77,11 @@ def modbus_point(point: ModbusPointConfig, options: ModbusOptions) -> ModbusPoin
     """The driver's view of a configured point; raises the driver's own validation errors."""
     return ModbusPoint(
         key=point.id,
-        address=_parsed("address", parse_address, point.address),
-        datatype=DataType(point.datatype),
+        address=point.address,
+        datatype=point.datatype,
         length=point.length,
-        byte_order=None if point.byte_order is None else Order(point.byte_order),
-        word_order=None if point.word_order is None else Order(point.word_order),
+        byte_order=point.byte_order,
+        word_order=point.word_order,
         scale=point.scale,
         offset=point.offset,
         lo=point.range.lo if point.range else None,
@@ -99,7 +94,7 @@ def opcua_point(point: OpcuaPointConfig, options: OpcuaOptions) -> OpcuaPoint:
     """The OPC UA driver's view of a configured point; raises its validation errors."""
     return OpcuaPoint(
         key=point.id,
-        node_id=_parsed("node_id", parse_node_id, point.address),
+        node_id=point.address,
         lo=point.range.lo if point.range else None,
         hi=point.range.hi if point.range else None,
         writable=point.writable,
@@ -123,14 +118,3 @@ def modbus_driver(device: ModbusDeviceConfig, *, pki_dir: Path | None = None) ->
     del pki_dir  # Modbus has no security layer
     points = [modbus_point(p, device.options) for p in device.points]
     return ModbusDriver(device.name, device.endpoint, device.options, points)
-
-
-T = TypeVar("T")
-
-
-def _parsed(field: str, parse: Callable[[str], T], text: str) -> T:
-    """Parse an address the way the driver would, blaming `field` when it cannot be parsed."""
-    try:
-        return parse(text)
-    except ValueError as exc:
-        raise PointError(field, str(exc)) from None

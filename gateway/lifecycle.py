@@ -21,7 +21,7 @@ from gateway.errors import GatewayError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Lifecycle", "ShutdownError", "cancel_and_wait", "wait_or_cancel"]
+__all__ = ["Lifecycle", "ShutdownError", "wait_or_cancel"]
 
 T = TypeVar("T")
 
@@ -41,7 +41,6 @@ class Lifecycle:
     def __init__(self) -> None:
         self._stack = AsyncExitStack()
         self._failures: list[tuple[str, BaseException]] = []
-        self._tasks: set[asyncio.Task[Any]] = set()
 
     def on_stop(self, name: str, step: Callable[[], Awaitable[object] | object]) -> None:
         """Run `step()` at teardown (awaited if it returns an awaitable); failures are collected."""
@@ -62,14 +61,8 @@ class Lifecycle:
     def task(self, coro: Coroutine[Any, Any, T], name: str) -> asyncio.Task[T]:
         """Start a background task that teardown cancels and awaits."""
         task = asyncio.create_task(coro, name=name)
-        self._tasks.add(task)
-        self.on_stop(f"task {name}", lambda: cancel_and_wait(task))
+        self.on_stop(f"task {name}", lambda: _cancel_and_wait(task))
         return task
-
-    @property
-    def tasks(self) -> frozenset[asyncio.Task[Any]]:
-        """Every task started through `task()` (finished ones included)."""
-        return frozenset(self._tasks)
 
     async def aclose(self) -> None:
         """Run every teardown step, newest first; raise ShutdownError if any failed."""
@@ -79,7 +72,7 @@ class Lifecycle:
             raise ShutdownError(failures)
 
 
-async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
+async def _cancel_and_wait(task: asyncio.Task[Any]) -> None:
     """Cancel a task and wait until it has really ended; re-raise what it died of."""
     task.cancel()
     try:

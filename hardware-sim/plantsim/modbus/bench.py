@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..device_base import Device
 from ..faults import ModbusFaults, Value
+from .modbus_device import ServedModbusDevice
 from .pdu import ILLEGAL_DATA_ADDRESS, ModbusError
-from .server import ModbusServer
 
 MAX_POINTS = 32_767  # two registers each in one 65,536-register table
 
@@ -62,7 +61,7 @@ class BenchModel:
         return self.values().astype(">f4").view(">u2")
 
 
-class BenchModbusDevice(Device):
+class BenchModbusDevice(ServedModbusDevice):
     """`BenchModel` behind holding registers 0..2N-1, served over Modbus TCP (unit id 1).
 
     Link faults work as on every Modbus device (drop, refuse, stop/start, restart, slow, garbage,
@@ -70,8 +69,6 @@ class BenchModbusDevice(Device):
     """
 
     kind = "bench"
-    protocol = "modbus"
-    faults: ModbusFaults
     model: BenchModel
 
     def __init__(
@@ -92,17 +89,16 @@ class BenchModbusDevice(Device):
         self.reads = 0
         self.registers_read = 0
         self.sweeps = 0
-        name = name or self.kind
-        faults = ModbusFaults((), seed=seed)
-        self.server = ModbusServer(
-            _BenchStore(self), faults, unit_id=unit_id, framer=framer, name=name, seed=seed
-        )
         super().__init__(
             BenchModel(points, seed),
-            faults,
+            ModbusFaults((), seed=seed),
+            _BenchStore(self),
+            seed=seed,
             name=name,
             host=host,
             port=port,
+            framer=framer,
+            unit_id=unit_id,
             speed=speed,
             tick_hz=tick_hz,
         )
@@ -116,23 +112,13 @@ class BenchModbusDevice(Device):
     def summary(self) -> str:
         """Protocol and register layout, for the start-up log line."""
         return (
-            f"modbus framer {self.server.framer}, unit {self.server.unit_id}, "
+            f"modbus framer {self.framer}, unit {self.unit_id}, "
             f"{self.points} float32 in holding 0..{2 * self.points - 1}"
         )
-
-    def drop_connections(self) -> int:
-        """Abort every client connection now; return how many were open."""
-        return self.server.drop_connections()
 
     def refresh(self) -> None:
         """Make every value anew (there are no signal faults to apply)."""
         self.words = self.model.words()
-
-    async def _open(self, host: str, port: int) -> int:
-        return await self.server.start(host, port)
-
-    async def _close(self) -> None:
-        await self.server.stop()
 
     def _publish(self, values: dict[str, Value]) -> None:
         # Unused: `refresh` publishes the registers directly.

@@ -5,12 +5,13 @@ from __future__ import annotations
 from ..device_base import Device, Model
 from ..faults import ModbusFaults, Value
 from .codec import BIT_TABLES, Image, RegisterMap
-from .pdu import ILLEGAL_DATA_ADDRESS, ILLEGAL_DATA_VALUE, ModbusError
+from .pdu import ILLEGAL_DATA_ADDRESS, ILLEGAL_DATA_VALUE, ModbusError, Store
 from .server import ModbusServer
 
 
-class ModbusDevice(Device):
-    """A model behind a register map, served by `ModbusServer` for one unit id."""
+class ServedModbusDevice(Device):
+    """A device whose registers a `ModbusServer` serves for one unit id: the part every Modbus
+    device of the plant shares, whatever stands behind its registers."""
 
     protocol = "modbus"
     faults: ModbusFaults
@@ -18,33 +19,26 @@ class ModbusDevice(Device):
     def __init__(
         self,
         model: Model,
-        register_map: RegisterMap,
+        faults: ModbusFaults,
+        store: Store,
         *,
-        seed: int = 0,
-        name: str | None = None,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        framer: str = "socket",
-        unit_id: int = 1,
-        speed: float = 1.0,
-        tick_hz: float = 10.0,
+        seed: int,
+        name: str | None,
+        host: str,
+        port: int,
+        framer: str,
+        unit_id: int,
+        speed: float,
+        tick_hz: float,
     ) -> None:
-        """Wire model, map, faults and server; nothing listens until `start`."""
-        self.register_map = register_map
-        self.image = Image()
+        """Wire model, faults and server; nothing listens until `start`."""
         name = name or self.kind
-        faults = ModbusFaults(register_map.signals(), seed=seed)
         self.server = ModbusServer(
-            _MapStore(self), faults, unit_id=unit_id, framer=framer, name=name, seed=seed
+            store, faults, unit_id=unit_id, framer=framer, name=name, seed=seed
         )
         super().__init__(
             model, faults, name=name, host=host, port=port, speed=speed, tick_hz=tick_hz
         )
-
-    @property
-    def summary(self) -> str:
-        """Protocol, framer and unit id, for the start-up log line."""
-        return f"modbus framer {self.framer}, unit {self.unit_id}"
 
     @property
     def framer(self) -> str:
@@ -65,6 +59,46 @@ class ModbusDevice(Device):
 
     async def _close(self) -> None:
         await self.server.stop()
+
+
+class ModbusDevice(ServedModbusDevice):
+    """A model behind a register map, served by `ModbusServer` for one unit id."""
+
+    def __init__(
+        self,
+        model: Model,
+        register_map: RegisterMap,
+        *,
+        seed: int = 0,
+        name: str | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        framer: str = "socket",
+        unit_id: int = 1,
+        speed: float = 1.0,
+        tick_hz: float = 10.0,
+    ) -> None:
+        """Wire model, map, faults and server; nothing listens until `start`."""
+        self.register_map = register_map
+        self.image = Image()
+        super().__init__(
+            model,
+            ModbusFaults(register_map.signals(), seed=seed),
+            _MapStore(self),
+            seed=seed,
+            name=name,
+            host=host,
+            port=port,
+            framer=framer,
+            unit_id=unit_id,
+            speed=speed,
+            tick_hz=tick_hz,
+        )
+
+    @property
+    def summary(self) -> str:
+        """Protocol, framer and unit id, for the start-up log line."""
+        return f"modbus framer {self.framer}, unit {self.unit_id}"
 
     def _publish(self, values: dict[str, Value]) -> None:
         self.image = self.register_map.build_image(values)

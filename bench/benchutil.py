@@ -1,0 +1,12 @@
+"""Small helpers the benchmarks share (they run as scripts: `python bench/NAME.py`)."""
+
+from __future__ import annotations
+
+import socket
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
