@@ -3,19 +3,20 @@
     .venv/bin/python bench/ingest.py [--points 1000] [--updates 300000] [--batch 500] [--repeats 5]
 
 Twin: `TwinStore.ingest()` of driver-sized batches (every sample a change, deadband 0) → filter,
-rev, in-memory state → writer thread → SQLite (events + coalesced current), timed from the first
-ingest until `flush()` returns, i.e. until every update is committed.
+rev, in-memory state → writer thread → SQLite (one compressed frame per run of batches, see
+`gateway/twin/schema.py`), timed from the first ingest until `flush()` returns, i.e. until every
+update is committed.
 
-Raw: the same rows (same revs, points, values, one timestamp per batch), pre-built, written into
-the same tables on a connection with the same settings, in transactions of `flush_rows` rows,
-with `current` coalesced per transaction as the writer does (coalescing done before the clock
-starts): once with per-row `executemany` (the baseline of the ratio), once with the writer's
-multi-row VALUES statements. No filtering, no thread, no queue: a ceiling, not a competitor.
+Raw: the same rows (same revs, points, values, one timestamp per batch), pre-built, written as
+plain rows (one row per update, rowid = rev, no index: what a row-per-sample store costs at
+the least) on a connection with the store's settings, in transactions of `flush_rows` rows:
+once with per-row `executemany` (the baseline of the ratio), once with multi-row VALUES
+statements. No filtering, no thread, no queue, no compression: a ceiling for storing rows,
+not a competitor.
 
-Every rate is point updates per second (one update = one event/history row plus its share of
-the current upserts), so the ratios compare like with like. Last, one twin run with the
-ingesting thread spinning in Python until everything is committed: the writer's worst case.
-The last line of output is one JSON object with the medians.
+Every rate is point updates per second, so the ratios compare like with like. Last, one twin
+run with the ingesting thread spinning in Python until everything is committed: the writer's
+worst case. The last line of output is one JSON object with the medians.
 """
 
 from __future__ import annotations
@@ -32,15 +33,19 @@ from pathlib import Path
 
 from drivers.contract import Quality, Sample
 from gateway.twin.model import PointDef
-from gateway.twin.schema import connect, migrate
+from gateway.twin.schema import connect
 from gateway.twin.store import TwinStore
-from gateway.twin.writer import (
-    INSERT_TELEMETRY,
-    UPSERT_CURRENT,
-    MultiRowInsert,
-)
+from gateway.twin.writer import MultiRowInsert
 
 FLUSH_ROWS = 5000
+RAW_TABLE = (
+    "CREATE TABLE samples (rev INTEGER PRIMARY KEY, ts REAL NOT NULL, pid INTEGER NOT NULL, "
+    "value, quality INTEGER NOT NULL, source_ts REAL, reason TEXT)"
+)
+RAW_INSERT = (
+    "INSERT INTO samples(rev, ts, pid, value, quality, source_ts, reason) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = [
         ("twin: ingest() calls only (in memory + queued)", f"{ingest_only:,.0f}"),
         ("twin: ingest -> committed (until flush returns)", f"{twin:,.0f}"),
-        ("raw: executemany, same rows + tables, committed", f"{raw:,.0f}"),
-        ("raw: multi-row VALUES (the writer's statements)", f"{multi:,.0f}"),
+        ("raw: executemany of plain rows, committed", f"{raw:,.0f}"),
+        ("raw: multi-row VALUES of plain rows, committed", f"{multi:,.0f}"),
         ("ratio twin / raw executemany", f"{ratio:.2f}"),
         ("ratio twin / raw multi-row", f"{twin / multi:.2f}"),
         ("twin rows per transaction", f"{txn_rows:,.0f}"),
@@ -111,10 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     for label, value in rows:
         print(f"{label:<56} {value:>16}")
     print()
-    print("Every rate is point updates per second: one update = one event/history row plus its")
-    print("share of the per-transaction coalesced `current` upserts, so the ratio compares like")
-    print(f"with like. Raw runs write pre-built rows in transactions of {FLUSH_ROWS} rows on a")
-    print("connection with the store's settings: no filtering, no thread, no queue.")
+    print("Every rate is point updates per second. Raw runs write pre-built plain rows (one per")
+    print(f"update, no index) in transactions of {FLUSH_ROWS} rows on a connection with the")
+    print("store's settings: no filtering, no thread, no queue, no compression.")
     print("The busy run spins the ingesting thread in Python until the writer has caught up: the")
     print("worst case of an event loop that never yields the GIL (see writer.MultiRowInsert).")
     ok = twin >= 100_000 and ratio >= 0.5
@@ -176,11 +180,8 @@ def run_twin(
 def run_raw(path: Path, points: list[PointDef], updates: int, batch: int, multi_row: bool) -> float:
     """The same rows through plain SQLite; return updates/s."""
     conn = connect(path)
-    migrate(conn, path=path)
-    conn.executemany(
-        "INSERT INTO points(id, device, datatype) VALUES (?, ?, ?)",
-        [(p.id, p.device, p.datatype) for p in points],
-    )
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(RAW_TABLE)
     rng = random.Random(7)
     values = [rng.uniform(0, 100) for _ in points]
     rows = []
@@ -189,23 +190,18 @@ def run_raw(path: Path, points: list[PointDef], updates: int, batch: int, multi_
         values[k] += rng.uniform(0.01, 1.0)
         ts = 1.8e9 + (i // batch) * 1e-4
         rows.append((i + 1, ts, k + 1, values[k], 0, 1.7e9 + i * 1e-3, None))
-    chunks = []
-    for i in range(0, len(rows), FLUSH_ROWS):
-        chunk = rows[i : i + FLUSH_ROWS]
-        chunks.append((chunk, list({r[2]: r for r in chunk}.values())))
-    insert, upsert = MultiRowInsert(conn, INSERT_TELEMETRY), MultiRowInsert(conn, UPSERT_CURRENT)
+    chunks = [rows[i : i + FLUSH_ROWS] for i in range(0, len(rows), FLUSH_ROWS)]
+    insert = MultiRowInsert(conn, RAW_INSERT)
     t0 = time.perf_counter()
-    for chunk, current in chunks:
+    for chunk in chunks:
         conn.execute("BEGIN IMMEDIATE")
         if multi_row:
             insert.write(conn, chunk)
-            upsert.write(conn, current)
         else:
-            conn.executemany(INSERT_TELEMETRY, chunk)
-            conn.executemany(UPSERT_CURRENT, current)
+            conn.executemany(RAW_INSERT, chunk)
         conn.execute("COMMIT")
     elapsed = time.perf_counter() - t0
-    count = conn.execute("SELECT count(*) FROM events").fetchone()[0]
+    count = conn.execute("SELECT count(*) FROM samples").fetchone()[0]
     conn.close()
     if count != updates:
         raise SystemExit(f"bench: raw wrote {count} rows, expected {updates}")

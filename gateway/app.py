@@ -40,6 +40,8 @@ class Gateway:
             flush_interval_s=config.storage.flush_interval_ms / 1000,
             history_days=config.storage.history_days,
             events_days=config.storage.events_days,
+            event_log_minutes=config.storage.event_log_minutes,
+            event_log_max_mb=config.storage.event_log_max_mb,
         )
         self.drivers: dict[str, Driver] = build_drivers(config)
         self.opcua_server: TwinOpcuaServer | None = None

@@ -1,7 +1,8 @@
 """The read-only CLI commands over a twin database: current values, history, the event log.
 
 They open the database read-only beside a running gateway (WAL lets readers and the writer
-proceed together) and read the views the schema defines with sqlite-utils.
+proceed together). History and the event log's telemetry are compressed (see
+`gateway/twin/schema.py`), so they are read through the store's own readers, not SQL views.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import sqlite_utils
 
 from gateway.config import load_config
 from gateway.errors import ConfigError, GatewayError, UnknownPointError
-from gateway.twin.history import HistoryReader
-from gateway.twin.schema import fault
+from gateway.twin.history import CursorExpiredError, HistoryReader, decode_value
+from gateway.twin.schema import QUALITIES, SCHEMA_VERSION, fault
+from gateway.twin.store import load_current
 
 __all__ = [
     "UsageError",
@@ -107,7 +109,26 @@ def cmd_twin(args: argparse.Namespace) -> int:
     """Print every point's current value."""
     path = twin_db_path(args.config)
     with _database(path) as db:
-        rows = list(db.query("SELECT * FROM current_values ORDER BY point_id"))
+        current, _ = load_current(db.conn)
+        points = {
+            pid: (point_id, decode_value(datatype))
+            for pid, point_id, datatype in db.conn.execute("SELECT pid, id, datatype FROM points")
+        }
+    rows = []
+    for rev, ts, pid, value, quality, source_ts, reason in current.values():
+        point_id, decode = points[pid]
+        rows.append(
+            {
+                "point_id": point_id,
+                "value": decode(value) if decode else value,
+                "quality": str(QUALITIES[quality]),
+                "source_ts": source_ts,
+                "gateway_ts": ts,
+                "rev": rev,
+                "reason": reason,
+            }
+        )
+    rows.sort(key=lambda row: row["point_id"])
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -181,24 +202,37 @@ def cmd_events(args: argparse.Namespace) -> int:
     """Print the event log, newest last."""
     path = twin_db_path(args.config)
     with _database(path) as db:
-        if args.since is None:
-            sql = "SELECT * FROM (SELECT * FROM event_log ORDER BY rev DESC LIMIT ?) ORDER BY rev"
-            rows = list(db.query(sql, [args.limit]))
-        else:
-            sql = "SELECT * FROM event_log WHERE rev > ? ORDER BY rev LIMIT ?"
-            rows = list(db.query(sql, [args.since, args.limit]))
+        since = args.since
+        if since is None:
+            top = db.conn.execute(
+                "SELECT max(coalesce((SELECT max(rev1) FROM frames), 0), "
+                "coalesce((SELECT max(rev) FROM events), 0))"
+            ).fetchone()[0]
+            start = int(
+                db.conn.execute("SELECT value FROM meta WHERE key = 'log_start_rev'").fetchone()[0]
+            )
+            since = max(top - args.limit, start - 1, 0)
+    reader = HistoryReader(path)
+    try:
+        events = reader.events_since(since, args.limit)
+    except CursorExpiredError as exc:
+        raise UsageError(
+            f"{exc}: `opstwin events --since {exc.log_start_rev - 1}` shows the oldest kept"
+        ) from None
+    finally:
+        reader.close()
     print(
         _table(
             ["rev", "time", "type", "point / asset", "data"],
             (
                 [
-                    r["rev"],
-                    _clock(r["ts"]),
-                    r["type"],
-                    r["point_id"] or r["asset_id"] or "",
-                    r["data"] or "",
+                    e.rev,
+                    _clock(e.ts),
+                    e.type,
+                    e.point_id or e.asset_id or "",
+                    json.dumps(e.data, separators=(",", ":"), default=str),
                 ]
-                for r in rows
+                for e in events
             ),
         )
     )
@@ -233,6 +267,11 @@ def _database(path: Path) -> Iterator[sqlite_utils.Database]:
             conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
             names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
             missing = _TWIN_OBJECTS - names
+            if not missing and "frames" not in names:
+                raise GatewayError(
+                    f"{path}: the twin database has an older schema; start the gateway once "
+                    f"with this version (it migrates the database to schema {SCHEMA_VERSION})"
+                )
             if missing:
                 raise GatewayError(
                     f"{path}: not a twin database (it has no {', '.join(sorted(missing))}); "

@@ -85,3 +85,25 @@ def plant_config(tmp_path: Path, tank_port: int, meter_port: int) -> SiteConfig:
     data["storage"]["path"] = str(tmp_path / "twin.db")
     data["opcua_server"]["enabled"] = False
     return parse_config(yaml.safe_dump(data), source="test")
+
+
+def stored_telemetry(conn: Any) -> list[tuple[Any, ...]]:
+    """Every telemetry row a twin database holds (blocks, then the frames not compacted yet),
+    as `(rev, ts, pid, value, quality, source_ts, reason)` in rev order."""
+    from gateway.twin import codec
+
+    (compacted,) = conn.execute("SELECT value FROM meta WHERE key = 'compacted_rev'").fetchone()
+    rows: list[tuple[Any, ...]] = []
+    for (body,) in conn.execute("SELECT body FROM blocks"):
+        rows += codec.decode(body).rows()
+    for (body,) in conn.execute("SELECT body FROM frames WHERE rev0 > ?", (compacted,)):
+        rows += codec.decode(body).rows()
+    return sorted(rows)
+
+
+def stored_revs(conn: Any) -> list[int]:
+    """Every rev a twin database holds, telemetry and other events, ascending."""
+    return sorted(
+        [row[0] for row in stored_telemetry(conn)]
+        + [rev for (rev,) in conn.execute("SELECT rev FROM events")]
+    )

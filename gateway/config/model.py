@@ -197,7 +197,25 @@ class StorageConfig(_Strict):
         Path("twin.db"), description="SQLite file; a relative path is relative to the config file."
     )
     history_days: float = Field(30.0, gt=0, description="Days of point history kept.")
-    events_days: float = Field(7.0, gt=0, description="Days of event log kept.")
+    events_days: float = Field(
+        7.0,
+        gt=0,
+        description="Days of non-telemetry events kept (device states, refusals, actions).",
+    )
+    event_log_minutes: float = Field(
+        15.0,
+        ge=0,
+        le=7 * 24 * 60,
+        description="Minutes of telemetry changes the event log serves at least (AIW `/diff`, "
+        "SSE resume); a cursor older than that gets 410 Gone and re-reads the twin. A consumer "
+        "that holds a cursor (sync) keeps the log longer, up to `event_log_max_mb`.",
+    )
+    event_log_max_mb: float = Field(
+        512.0,
+        gt=0,
+        description="Most disk the event log's telemetry may take (compressed, ~5 bytes a "
+        "change); beyond it the oldest goes even if a consumer still holds it.",
+    )
     flush_interval_ms: float = Field(
         5.0, gt=0, le=1000, description="Longest time an accepted update waits before commit."
     )

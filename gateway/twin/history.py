@@ -11,11 +11,17 @@ sqlite3 error: the CLI prints it as one line and HTTP answers 503.
 
 Times are the gateway timestamps (epoch seconds). Aggregates take only values of quality GOOD or
 UNCERTAIN: a BAD or STALE row repeats the last value without measuring it.
+
+History is in two places (`schema.py`): per-point blocks for every rev up to meta
+`compacted_rev`, frames above it. Each query reads both in one read transaction, so a compaction
+committing meanwhile can neither hide rows nor show them twice. The event log's telemetry is the
+frames (decoded here into one event per sample); its other events are rows of `events`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import sqlite3
@@ -25,10 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from drivers.contract import Quality
 from gateway.errors import StoreError, UnknownPointError
+from gateway.twin import codec
 from gateway.twin.model import EventRecord, asset_of
-from gateway.twin.schema import QUALITIES, TELEMETRY, connect, fault
+from gateway.twin.schema import CACHE_MIN_KIB, QUALITIES, TELEMETRY, connect, fault
 
 __all__ = [
     "Bucket",
@@ -87,8 +96,9 @@ def decode_value(datatype: str) -> Callable[[Any], Any] | None:
 class HistoryReader:
     """Read-only queries on connections of their own, one per calling thread."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, cache: int = CACHE_MIN_KIB) -> None:
         self.path = Path(path)
+        self._cache = cache
         self._local = threading.local()
         self._lock = threading.Lock()
         self._connections: list[sqlite3.Connection] = []
@@ -106,18 +116,13 @@ class HistoryReader:
         with self._reading():
             conn = self._conn()
             pid, datatype = self._point(conn, point_id)
-            rows = conn.execute(
-                "SELECT rev, ts, value, quality, source_ts, reason FROM events "
-                f"WHERE pid = ? AND type = '{TELEMETRY}' AND ts >= ? AND ts <= ? "
-                "ORDER BY ts, rev LIMIT ?",
-                (pid, start, end, limit),
-            ).fetchall()
+            cols = self._range(conn, pid, start, end, limit)
         decode = decode_value(datatype)
         return [
             HistoryRow(
                 rev, ts, decode(value) if decode else value, QUALITIES[quality], source_ts, reason
             )
-            for rev, ts, value, quality, source_ts, reason in rows
+            for rev, ts, _pid, value, quality, source_ts, reason in cols.rows()
         ]
 
     def aggregate(self, point_id: str, start: float, end: float, bucket_s: float) -> list[Bucket]:
@@ -128,11 +133,8 @@ class HistoryReader:
         with self._reading():
             conn = self._conn()
             pid, _ = self._point(conn, point_id)
-            rows = self._aggregate(conn, pid, start, end, bucket_s)
-        return [
-            Bucket(start + k * bucket_s, start + (k + 1) * bucket_s, n, lo, hi, mean, last)
-            for k, n, lo, hi, mean, last in rows
-        ]
+            cols = self._range(conn, pid, start, end, None)
+        return _buckets(cols, start, bucket_s)
 
     def events_since(self, rev: int, limit: int = 1000) -> list[EventRecord]:
         """Committed events with rev > `rev`, in rev order, at most `limit`."""
@@ -148,14 +150,32 @@ class HistoryReader:
                 )
                 if rev < log_start - 1:
                     raise CursorExpiredError(rev, log_start)
-                rows = conn.execute(
-                    "SELECT rev, ts, type, pid, asset_id, value, quality, source_ts, reason, data "
-                    "FROM events WHERE rev > ? ORDER BY rev LIMIT ?",
+                others = conn.execute(
+                    "SELECT rev, ts, type, pid, asset_id, data FROM events "
+                    "WHERE rev > ? ORDER BY rev LIMIT ?",
                     (rev, limit),
                 ).fetchall()
+                # Telemetry: frames from the one holding rev + 1, until `limit` rows are past rev.
+                telemetry: list[tuple[Any, ...]] = []
+                first = conn.execute(
+                    "SELECT coalesce(max(rev0), 0) FROM frames WHERE rev0 <= ?", (rev + 1,)
+                ).fetchone()[0]
+                frames = conn.execute(
+                    "SELECT body FROM frames WHERE rev0 >= ? ORDER BY rev0", (first,)
+                )
+                for (body,) in frames:
+                    rows = codec.decode(body).rows()
+                    telemetry.extend(row for row in rows if row[0] > rev)
+                    if len(telemetry) >= limit:
+                        break
             finally:
                 conn.execute("COMMIT")
-            return [self._event(conn, row) for row in rows]
+            merged = sorted(
+                [self._telemetry_event(conn, row) for row in telemetry[:limit]]
+                + [self._event(conn, row) for row in others],
+                key=lambda event: event.rev,
+            )
+            return merged[:limit]
 
     def close(self) -> None:
         """Close every connection this reader opened."""
@@ -167,21 +187,44 @@ class HistoryReader:
 
     # -- helpers ----------------------------------------------------------------------------------
 
-    def _aggregate(
-        self, conn: sqlite3.Connection, pid: int, start: float, end: float, bucket_s: float
-    ) -> list[Any]:
-        return conn.execute(
-            "WITH b AS ("
-            "  SELECT CAST((ts - :start) / :size AS INTEGER) AS k, count(*) AS n,"
-            "         min(value) AS lo, max(value) AS hi, avg(value) AS mean, max(rev) AS last_rev"
-            "  FROM events"
-            f"  WHERE pid = :pid AND type = '{TELEMETRY}' AND ts >= :start AND ts <= :end"
-            "    AND quality <= :measured AND value IS NOT NULL"
-            "  GROUP BY k)"
-            " SELECT b.k, b.n, b.lo, b.hi, b.mean, e.value FROM b"
-            " JOIN events e ON e.rev = b.last_rev ORDER BY b.k",
-            {"start": start, "end": end, "size": bucket_s, "pid": pid, "measured": MEASURED},
-        ).fetchall()
+    def _range(
+        self, conn: sqlite3.Connection, pid: int, start: float, end: float, limit: int | None
+    ) -> codec.Columns:
+        """A point's rows with start <= ts <= end in (ts, rev) order, the first `limit` of them."""
+        conn.execute("BEGIN")  # blocks and frames from one snapshot
+        try:
+            compacted = int(
+                conn.execute("SELECT value FROM meta WHERE key = 'compacted_rev'").fetchone()[0]
+            )
+            parts: list[codec.Columns] = []
+            found = 0
+            # Blocks that overlap the range, oldest first; with a limit, stop once the rows
+            # found are more than it and the next block starts after the limit-th of them.
+            blocks = conn.execute(
+                "SELECT t0, body FROM blocks WHERE pid = ? AND t1 >= ? AND t0 <= ? "
+                "AND rev1 <= ? ORDER BY t0, rev0",
+                (pid, start, end, compacted),
+            )
+            for t0, body in blocks:
+                if limit is not None and found >= limit and t0 > _kth_ts(parts, limit):
+                    break
+                part = _within(codec.decode(body), start, end)
+                parts.append(part)
+                found += len(part)
+            frames = conn.execute(
+                "SELECT body FROM frames WHERE rev0 > ? AND t1 >= ? AND t0 <= ? ORDER BY rev0",
+                (compacted, start, end),
+            )
+            for (body,) in frames:
+                cols = codec.decode(body)
+                parts.append(_within(cols.take(cols.pid == pid), start, end))
+        finally:
+            conn.execute("COMMIT")
+        cols = codec.Columns.concat(parts)
+        order = np.lexsort((cols.rev, cols.ts))
+        if limit is not None:
+            order = order[:limit]
+        return cols.take(order)
 
     @contextlib.contextmanager
     def _reading(self) -> Iterator[None]:
@@ -197,7 +240,7 @@ class HistoryReader:
         with self._lock:
             if self._closed:
                 raise StoreError(f"{self.path}: twin store is closed")
-            conn = connect(self.path, read_only=True)
+            conn = connect(self.path, read_only=True, cache=self._cache)
             self._connections.append(conn)
         self._local.conn = conn
         return conn
@@ -216,23 +259,105 @@ class HistoryReader:
         self._by_id = {point_id: (pid, datatype) for pid, point_id, datatype in rows}
         self._by_pid = {pid: (point_id, datatype) for pid, point_id, datatype in rows}
 
+    def _point_of(self, conn: sqlite3.Connection, pid: int | None) -> tuple[Any, Any]:
+        if pid is None:
+            return None, None
+        if pid not in self._by_pid:
+            self._load_points(conn)
+        return self._by_pid.get(pid, (None, None))
+
+    def _telemetry_event(self, conn: sqlite3.Connection, row: tuple[Any, ...]) -> EventRecord:
+        rev, ts, pid, value, quality, source_ts, reason = row
+        point_id, datatype = self._point_of(conn, pid)
+        decode = decode_value(datatype or "")
+        payload = {
+            "value": decode(value) if decode else value,
+            "quality": QUALITIES[quality],
+            "source_ts": source_ts,
+            "reason": reason,
+        }
+        return EventRecord(rev, ts, TELEMETRY, asset_of(point_id or ""), point_id, payload)
+
     def _event(self, conn: sqlite3.Connection, row: tuple[Any, ...]) -> EventRecord:
-        rev, ts, kind, pid, asset_id, value, quality, source_ts, reason, data = row
-        point_id = datatype = None
-        if pid is not None:
-            if pid not in self._by_pid:
-                self._load_points(conn)
-            point_id, datatype = self._by_pid.get(pid, (None, None))
-        if kind == TELEMETRY:
-            decode = decode_value(datatype or "")
-            payload = {
-                "value": decode(value) if decode else value,
-                "quality": QUALITIES[quality],
-                "source_ts": source_ts,
-                "reason": reason,
-            }
-            return EventRecord(rev, ts, kind, asset_of(point_id or ""), point_id, payload)
+        rev, ts, kind, pid, asset_id, data = row
+        point_id, _ = self._point_of(conn, pid)
         return EventRecord(rev, ts, kind, asset_id, point_id, json.loads(data) if data else {})
+
+
+def _within(cols: codec.Columns, start: float, end: float) -> codec.Columns:
+    ts = cols.ts
+    inside = (ts >= start) & (ts <= end)
+    return cols if inside.all() else cols.take(inside)
+
+
+def _kth_ts(parts: list[codec.Columns], k: int) -> float:
+    """The k-th smallest ts among the rows found so far (k <= their number)."""
+    stamps = np.concatenate([part.ts for part in parts])
+    return float(np.partition(stamps, k - 1)[k - 1])
+
+
+def _buckets(cols: codec.Columns, start: float, size: float) -> list[Bucket]:
+    """Count, min, max, mean and last of the measured values per bucket of `size` seconds."""
+    cols = cols.take(cols.quality <= MEASURED)
+    numeric, as_float = cols.numeric()
+    if cols.value_kind != "O":
+        # Numbers only: the rows that are not numbers have no value (None). No Python lists.
+        cols, as_float = cols.take(numeric), as_float[numeric]
+    else:
+        # Text or mixed: rows without a value take no part, not even as "last".
+        keep = np.fromiter((v is not None for v in cols.values), dtype=bool, count=len(cols))
+        if not keep.all():
+            cols, as_float = cols.take(keep), as_float[keep]
+    if not len(cols):
+        return []
+    keys = ((cols.ts - start) // size).astype(np.int64)
+    order = np.argsort(keys, kind="stable")
+    keys = keys[order]
+    bounds = np.concatenate(([0], np.flatnonzero(np.diff(keys)) + 1, [len(keys)]))
+    firsts = bounds[:-1]
+    counts = np.diff(bounds)
+    # The last value of a bucket is its newest rev's.
+    revs = cols.rev[order]
+    newest = np.maximum.reduceat(revs, firsts)
+    last_at = order[np.flatnonzero(np.isin(revs, newest))]
+    if cols.value_kind != "O":
+        ints = cols.value_kind == "i"
+        data = cols.int_values() if ints else as_float
+        ordered = data[order]
+        lows = np.minimum.reduceat(ordered, firsts).tolist()
+        highs = np.maximum.reduceat(ordered, firsts).tolist()
+        means = (np.add.reduceat(as_float[order], firsts) / counts).tolist()
+        lasts = data[last_at].tolist()
+        return [
+            Bucket(start + k * size, start + (k + 1) * size, n, lo, hi, mean, last)
+            for k, n, lo, hi, mean, last in zip(
+                keys[firsts].tolist(), counts.tolist(), lows, highs, means, lasts, strict=True
+            )
+        ]
+    values = cols.values
+    out: list[Bucket] = []
+    for i, (begin, end) in enumerate(itertools.pairwise(bounds)):
+        measured = [values[j] for j in order[begin:end]]
+        k = int(keys[begin])
+        if all(type(v) is int or type(v) is float for v in measured):
+            lo, hi = min(measured), max(measured)
+            mean: float | None = math.fsum(measured) / len(measured)
+        else:  # text: ordered as SQLite orders values (numbers before text), no mean
+            ordered_values = sorted(measured, key=_sqlite_order)
+            lo, hi, mean = ordered_values[0], ordered_values[-1], None
+        last = values[last_at[i]]
+        out.append(
+            Bucket(start + k * size, start + (k + 1) * size, len(measured), lo, hi, mean, last)
+        )
+    return out
+
+
+def _sqlite_order(value: Any) -> tuple[int, Any]:
+    if isinstance(value, (int, float)):
+        return (0, value)
+    if isinstance(value, str):
+        return (1, value)
+    return (2, bytes(value))
 
 
 def _check_range(start: float, end: float) -> None:

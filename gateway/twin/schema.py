@@ -4,31 +4,38 @@ Each migration is a registered function applied in one transaction together with
 `_migrations`, so a crash mid-migration leaves the previous version intact. A database newer
 than this code is refused rather than guessed at.
 
-Schema (version 1), chosen by measurement: 1,000 points, 300,000 updates, 5,000-row
-transactions, raw executemany, SQLite 3.40 (scratch runs behind `bench/ingest.py`):
+Schema version 2 (issue 14), chosen by measurement (`bench/footprint.py`, `bench/codec.py`):
+version 1 kept one `events` row per stored sample with a `(pid, ts)` index for history. Its cost
+grew with the history (each commit dirtied an index leaf page per point: disk writes 30-118x the
+rows written, CPU per million samples doubling within an hour) and took ~82 bytes per sample.
+Version 2 keeps telemetry in two compressed forms (`codec.py`), neither indexed per sample:
 
-    events doubles as history, partial index (pid, ts)   ~187,000 updates/s   24.5 MB
-    events + separate history table, index (pid, ts)      ~151,000 updates/s   36.3 MB
-    events + history WITHOUT ROWID (pid, ts, rev)         ~135,000 updates/s   31.0 MB
-    no history index at all (for scale)                   ~470,000 updates/s   17.9 MB
-
-The (pid, ts) index is most of the cost: each commit dirties one index leaf page per point.
-
+- `frames(rev0, rev1, t0, t1, n, nbytes, body)`: the raw tail. One row per committed run of
+  telemetry (usually one ingested batch), revs `rev0..rev1` without gaps, appended by rowid
+  only, so a commit touches the last pages of one b-tree whatever the history's length. Frames
+  are the telemetry part of the event log (AIW diffs, SSE, sync) and the history not yet
+  compacted. They are deleted once compacted and older than the event-log window (see
+  `writer.py`), so the tail stays a bounded size.
+- `blocks(id, pid, t0, t1, rev0, rev1, n, body)`: the history. The writer compacts frames into
+  one block per point per compaction period (minutes), indexed by `(pid, t1)`: a history query
+  reads the blocks of one point that overlap its range, plus the uncompacted frames.
+- `meta`: `log_start_rev` (the first rev the event log serves: below it, frames are gone),
+  `compacted_rev` (every telemetry rev up to it is in blocks, every one above in frames) and
+  `current_rev` (the `current` table holds every point's value as of that rev; newer values are
+  replayed from the frames at open).
 - `points(pid, id, device, datatype, unit, lo, hi, writable, deadband, description, declared)`:
   every point ever declared; `pid` is a small integer that the hot tables store instead of the
   path. A point dropped from the config keeps its row (`declared = 0`) so old events resolve.
-- `events(rev, ts, type, pid, asset_id, value, quality, source_ts, reason, data)`: the event log,
-  `rev` is the rowid. A `TelemetryChanged` event keeps its payload in typed columns (`value`
-  has no type affinity, so ints, floats and text come back as they went in; `quality` is a code
-  from `qualities`); every other type keeps its payload as JSON in `data`. Telemetry events are
-  also the point history: `events_point_ts` (a partial index on `(pid, ts)`) serves history and
-  aggregates, so one row per accepted update carries both.
-- `current(pid, rev, ts, value, quality, source_ts, reason)`: the last accepted value per point,
-  written in the same transaction as the events that produced it.
-- `meta(key, value)`: `log_start_rev`, the first rev the event log still serves (retention may
-  keep older telemetry rows for history after their events have left the log).
-- `qualities(code, name)` and the views `event_log`, `history`, `current_values` for people and
-  the CLI (paths and quality names instead of codes).
+- `events(rev, ts, type, pid, asset_id, data)`: every non-telemetry event (device states,
+  refusals, backlog drops, later proposals and actions), payload as JSON, kept `events_days`.
+- `current(pid, rev, ts, value, quality, source_ts, reason)`: a snapshot of the last accepted
+  value per point, written when the writer compacts and when it closes, not per commit (per
+  commit it was a page per ~80 points dirtied each time).
+- `log_holds(name, rev, updated)`: cursors of consumers that must not miss an event (sync); the
+  frames after the slowest stay, up to the event log's size bound.
+- `qualities(code, name)`, and the views `event_log` (non-telemetry events with point paths) and
+  `current_values` for people and the CLI. History is compressed: read it with `opstwin history`
+  or the HTTP API, not SQL.
 """
 
 from __future__ import annotations
@@ -38,11 +45,13 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from sqlite_utils import Database
 
 from drivers.contract import Quality
 from gateway.errors import DatabaseFault, StoreError
+from gateway.twin import codec
 
 __all__ = [
     "MIGRATIONS",
@@ -50,6 +59,7 @@ __all__ = [
     "QUALITY_CODE",
     "SCHEMA_VERSION",
     "TELEMETRY",
+    "cache_kib",
     "check_integrity",
     "connect",
     "explain",
@@ -65,10 +75,12 @@ TELEMETRY = "TelemetryChanged"
 QUALITIES: tuple[Quality, ...] = (Quality.GOOD, Quality.UNCERTAIN, Quality.BAD, Quality.STALE)
 QUALITY_CODE: dict[str, int] = {q: i for i, q in enumerate(QUALITIES)}
 
-# The writer touches one index leaf page per point per commit; a cache that holds those pages
-# for a few thousand points keeps commits from re-reading them (measured 10-20 % faster ingest
-# than the 2 MB default at 1,000 points).
-CACHE_KIB = 65536
+# SQLite's page cache per connection. The writer only appends (frames) and compacts (blocks),
+# so it needs little; history reads decode blobs rather than walk index pages. Sized from the
+# point count by `cache_kib`, within these bounds.
+CACHE_MIN_KIB = 2048
+CACHE_MAX_KIB = 32768
+CACHE_KIB_PER_POINT = 1.0
 BUSY_TIMEOUT_MS = 5000
 WAL_LIMIT_BYTES = 64 * 1024 * 1024
 
@@ -86,8 +98,16 @@ def write_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         raise
 
 
-def connect(path: str | Path, *, read_only: bool = False) -> sqlite3.Connection:
-    """Open a connection with the twin's settings; `read_only` ones refuse every write."""
+def cache_kib(points: int) -> int:
+    """The page cache for a twin of `points` points: 2 MiB plus 1 KiB a point, at most 32 MiB."""
+    return int(min(max(CACHE_MIN_KIB + CACHE_KIB_PER_POINT * points, CACHE_MIN_KIB), CACHE_MAX_KIB))
+
+
+def connect(
+    path: str | Path, *, read_only: bool = False, cache: int = CACHE_MIN_KIB
+) -> sqlite3.Connection:
+    """Open a connection with the twin's settings (`cache` KiB of page cache); `read_only` ones
+    refuse every write."""
     try:
         conn = sqlite3.connect(
             str(path), isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000
@@ -95,7 +115,7 @@ def connect(path: str | Path, *, read_only: bool = False) -> sqlite3.Connection:
     except sqlite3.Error as exc:
         raise fault(exc, path, "open") from exc
     try:
-        conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+        conn.execute(f"PRAGMA cache_size=-{int(cache)}")
         conn.execute("PRAGMA temp_store=MEMORY")
         # WAL: readers never block the writer. NORMAL: a commit is safe against a process
         # crash (kill -9) without an fsync; only a power loss can take the last commits.
@@ -293,7 +313,109 @@ _M1_VIEWS = {
         JOIN qualities q ON q.code = c.quality""",
 }
 
+# Rows per block when a version-1 history is converted (the writer's own blocks hold whatever
+# one compaction period brought).
+MIGRATE_BLOCK_ROWS = 4096
+
+
+def _m2_compressed_history(db: Database) -> None:
+    """Version 1 -> 2: history rows into per-point blocks, non-telemetry events into their own
+    table; the event log restarts after the newest rev (nothing consumed it in version 1)."""
+    conn = db.conn
+    for statement in _M2_TABLES:
+        conn.execute(statement)
+    top = conn.execute("SELECT coalesce(max(rev), 0) FROM events").fetchone()[0]
+    top = max(top, conn.execute("SELECT coalesce(max(rev), 0) FROM current").fetchone()[0])
+    rows = conn.execute(
+        "SELECT rev, ts, pid, value, quality, source_ts, reason FROM events "
+        f"WHERE type = '{TELEMETRY}' ORDER BY pid, rev"
+    )
+    block: list[Any] = []
+
+    def put(block: list[Any]) -> None:
+        conn.execute(
+            "INSERT INTO blocks(pid, t0, t1, rev0, rev1, n, body) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                block[0][2],
+                min(r[1] for r in block),
+                max(r[1] for r in block),
+                block[0][0],
+                block[-1][0],
+                len(block),
+                codec.encode_block(block),
+            ),
+        )
+
+    for row in rows:
+        if block and (row[2] != block[0][2] or len(block) >= MIGRATE_BLOCK_ROWS):
+            put(block)
+            block = []
+        block.append(row)
+    if block:
+        put(block)
+    conn.execute(
+        "INSERT INTO events_v2(rev, ts, type, pid, asset_id, data) SELECT rev, ts, type, pid, "
+        f"asset_id, data FROM events WHERE type != '{TELEMETRY}'"
+    )
+    for name in _M1_VIEWS:
+        conn.execute(f"DROP VIEW IF EXISTS {name}")
+    conn.execute("DROP TABLE events")  # its partial index goes with it
+    conn.execute("ALTER TABLE events_v2 RENAME TO events")
+    conn.executemany(
+        "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+        [("log_start_rev", top + 1), ("compacted_rev", top), ("current_rev", top)],
+    )
+    for name, sql in _M2_VIEWS.items():
+        db.create_view(name, sql)
+
+
+_M2_TABLES = (
+    """CREATE TABLE events_v2 (
+        rev INTEGER PRIMARY KEY,
+        ts REAL NOT NULL,
+        type TEXT NOT NULL,
+        pid INTEGER REFERENCES points(pid),
+        asset_id TEXT,
+        data TEXT NOT NULL DEFAULT '{}'
+    )""",
+    """CREATE TABLE frames (
+        rev0 INTEGER PRIMARY KEY,
+        rev1 INTEGER NOT NULL,
+        t0 REAL NOT NULL,
+        t1 REAL NOT NULL,
+        n INTEGER NOT NULL,
+        nbytes INTEGER NOT NULL,
+        body BLOB NOT NULL
+    )""",
+    """CREATE TABLE blocks (
+        id INTEGER PRIMARY KEY,
+        pid INTEGER NOT NULL REFERENCES points(pid),
+        t0 REAL NOT NULL,
+        t1 REAL NOT NULL,
+        rev0 INTEGER NOT NULL,
+        rev1 INTEGER NOT NULL,
+        n INTEGER NOT NULL,
+        body BLOB NOT NULL
+    )""",
+    "CREATE INDEX blocks_pid_t1 ON blocks(pid, t1)",
+    """CREATE TABLE log_holds (
+        name TEXT PRIMARY KEY,
+        rev INTEGER NOT NULL,
+        updated REAL NOT NULL
+    )""",
+)
+
+_M2_VIEWS = {
+    "event_log": """SELECT e.rev, e.ts, e.type,
+            coalesce(e.asset_id, rtrim(rtrim(p.id, replace(p.id, '/', '')), '/')) AS asset_id,
+            p.id AS point_id, e.data
+        FROM events e
+        LEFT JOIN points p ON p.pid = e.pid""",
+    "current_values": _M1_VIEWS["current_values"],
+}
+
 MIGRATIONS: list[tuple[int, str, Callable[[Database], None]]] = [
     (1, "points, events, current, meta, views", _m1_initial),
+    (2, "history in compressed per-point blocks, telemetry log in frames", _m2_compressed_history),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]

@@ -11,6 +11,10 @@ value and can only change the quality. Values outside a point's lo/hi are stored
 driver decides quality. Every accepted change gets the next rev and becomes a `TelemetryChanged`
 event whose data is the point's state after it (value, quality, source_ts, reason).
 
+History is stored compressed (frames, then per-point blocks: see `schema.py`); `current` in the
+database is a snapshot, and open() replays the frames committed after it, so the values loaded
+are the last committed ones however the previous run ended.
+
 Revs are assigned in memory at ingest, in the same order the writer commits them. Until the
 writer commits, `rev` is ahead of `committed_rev`; a crash loses that tail, and the reopened
 store hands the same rev numbers out again. Anything that leaves the process with a rev (an ETag,
@@ -42,6 +46,7 @@ from typing import Any, TypeVar
 from drivers.contract import Quality, Sample
 from gateway import sdnotify
 from gateway.errors import DatabaseFault, StoreError, UnknownPointError
+from gateway.twin import codec
 from gateway.twin.files import StoreLock, check_writable, create_private_dirs, create_private_file
 from gateway.twin.history import Bucket, HistoryReader, HistoryRow, decode_value
 from gateway.twin.model import EventRecord, PointDef, PointValue, asset_of
@@ -49,6 +54,7 @@ from gateway.twin.schema import (
     QUALITIES,
     QUALITY_CODE,
     TELEMETRY,
+    cache_kib,
     check_integrity,
     connect,
     explain,
@@ -72,7 +78,7 @@ from gateway.twin.writer import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ChangeListener", "PruneResult", "StoreStats", "TwinStore"]
+__all__ = ["ChangeListener", "PruneResult", "StoreStats", "TwinStore", "clock_us", "load_current"]
 
 ChangeListener = Callable[[list[PointValue]], None]
 _T = TypeVar("_T")
@@ -83,6 +89,12 @@ CHECK_NOTICE_BYTES = 256 * 1024 * 1024
 # Logged once each, then only counted: a misconfigured device would otherwise flood the log.
 MAX_LOGGED_UNKNOWN = 100
 _INT64 = (-(2**63), 2**63 - 1)
+
+
+def clock_us() -> float:
+    """Wall time rounded to the microsecond: a whole number of microseconds compresses to a
+    byte or two per sample in the history (`codec.py`), any float to about six."""
+    return round(time.time() * 1e6) / 1e6
 
 
 @dataclass(slots=True)
@@ -105,6 +117,12 @@ class StoreStats:
     dropped_rows: int  # history rows dropped at the backlog bound since open
     dropped_events: int  # other events dropped there
     corruption: str | None  # what SQLite said when it first reported corruption
+    frames_written: int  # compressed runs of telemetry committed
+    frame_bytes_written: int
+    uncompacted_rows: int  # committed samples only in frames yet
+    compactions: int
+    blocks_written: int
+    log_bytes: int  # frames kept for the event log and the uncompacted history
 
 
 class TwinStore:
@@ -119,14 +137,18 @@ class TwinStore:
         flush_rows: int = 5000,
         history_days: float = 30,
         events_days: float = 7,
-        clock: Callable[[], float] = time.time,
+        event_log_minutes: float = 15,
+        event_log_max_mb: float = 512,
+        clock: Callable[[], float] = clock_us,
         backlog_rows: int = BACKLOG_ROWS,
         backlog_bytes: int = BACKLOG_BYTES,
     ) -> None:
         if flush_interval_s <= 0 or flush_rows < 1:
             raise ValueError("flush_interval_s must be > 0 and flush_rows >= 1")
-        if history_days <= 0 or events_days <= 0:
-            raise ValueError("history_days and events_days must be > 0")
+        if history_days <= 0 or events_days <= 0 or event_log_minutes < 0 or event_log_max_mb <= 0:
+            raise ValueError(
+                "history_days, events_days and event_log_max_mb must be > 0, event_log_minutes >= 0"
+            )
         if backlog_rows < flush_rows or backlog_bytes < ROW_BYTES * flush_rows:
             raise ValueError("the backlog bound must hold at least flush_rows rows")
         self.path = Path(path)
@@ -139,6 +161,8 @@ class TwinStore:
         self.flush_rows = flush_rows
         self.history_days = history_days
         self.events_days = events_days
+        self.event_log_minutes = event_log_minutes
+        self.event_log_max_mb = event_log_max_mb
         self.backlog_rows = backlog_rows
         self.backlog_bytes = backlog_bytes
         self._clock = clock
@@ -340,8 +364,12 @@ class TwinStore:
         await asyncio.to_thread(self.flush)
 
     def prune(self, now: float | None = None, timeout: float = 600.0) -> PruneResult:
-        """Drop history older than `history_days`, events older than `events_days` (blocking)."""
+        """Drop history older than `history_days`, events older than `events_days` (blocking).
+
+        Compacts first, so that history still in frames is subject to retention too.
+        """
         writer = self._require_writer()
+        writer.compact(timeout)
         result = writer.prune(self._clock() if now is None else now, timeout)
         log.info(
             "%s: pruned %d history rows and %d events; the event log starts at rev %d",
@@ -351,6 +379,23 @@ class TwinStore:
             result.log_start_rev,
         )
         return result
+
+    def compact(self, timeout: float = 600.0) -> int:
+        """Compact every committed frame into blocks now and trim the event log to its window
+        (the writer does both on its own as frames accumulate); return the compacted rev."""
+        self.flush(timeout)
+        return self._require_writer().compact(timeout)
+
+    def hold_log(self, name: str, rev: int) -> None:
+        """Keep the event log after `rev` for consumer `name` (sync: its cursor), within the
+        log's size bound (`event_log_max_mb`); blocking."""
+        if not name:
+            raise StoreError("a log hold needs a name")
+        self._require_writer().hold(name, rev)
+
+    def release_log(self, name: str) -> None:
+        """Drop consumer `name`'s hold on the event log (blocking)."""
+        self._require_writer().hold(name, None)
 
     # -- reads ------------------------------------------------------------------------------------
 
@@ -419,6 +464,12 @@ class TwinStore:
             dropped_rows=writer.dropped_rows if writer else 0,
             dropped_events=writer.dropped_events if writer else 0,
             corruption=None if corruption is None else str(corruption),
+            frames_written=writer.frames_written if writer else 0,
+            frame_bytes_written=writer.frame_bytes_written if writer else 0,
+            uncompacted_rows=writer.uncompacted_rows if writer else 0,
+            compactions=writer.compactions if writer else 0,
+            blocks_written=writer.blocks_written if writer else 0,
+            log_bytes=writer.log_bytes if writer else 0,
         )
 
     def problems(self) -> list[str]:
@@ -466,7 +517,7 @@ class TwinStore:
                 f"STATUS=checking the twin database ({size >> 20} MiB)\n"
                 f"EXTEND_TIMEOUT_USEC={allow_us}"
             )
-        conn = connect(self.path)
+        conn = connect(self.path, cache=cache_kib(len(self.points)))
         try:
             check_integrity(conn, self.path)
             migrate(conn, path=self.path)
@@ -490,12 +541,15 @@ class TwinStore:
             flush_rows=self.flush_rows,
             history_s=self.history_days * DAY_S,
             events_s=self.events_days * DAY_S,
+            log_window_s=self.event_log_minutes * 60,
+            log_max_bytes=int(self.event_log_max_mb * 1024 * 1024),
+            cache_kib=cache_kib(len(self.points)),
             backlog_rows=self.backlog_rows,
             backlog_bytes=self.backlog_bytes,
         )
         writer.start()
         self._writer = writer
-        self._reader = HistoryReader(self.path)
+        self._reader = HistoryReader(self.path, cache=cache_kib(len(self.points)))
 
     def _reading(self, read: Callable[..., _T], *args: Any) -> _T:
         """Run a reader query; remember corruption it finds, for problems()."""
@@ -554,12 +608,7 @@ class TwinStore:
         return dict(conn.execute("SELECT id, pid FROM points WHERE declared = 1").fetchall())
 
     def _load(self, conn: Any, pids: dict[str, int]) -> tuple[int, int]:
-        current = {
-            row[ROW_PID]: row
-            for row in conn.execute(
-                "SELECT rev, ts, pid, value, quality, source_ts, reason FROM current"
-            )
-        }
+        current, top = load_current(conn)
         self._state = {}
         for point_id, point in self.points.items():
             pid = pids[point_id]
@@ -570,13 +619,11 @@ class TwinStore:
                     row = (*row[:ROW_VALUE], decode(row[ROW_VALUE]), *row[ROW_VALUE + 1 :])
             deadband = point.deadband if point.deadband and point.deadband > 0 else 0.0
             self._state[point_id] = _PointState(pid, deadband, row)
-        top_event = conn.execute("SELECT max(rev) FROM events").fetchone()[0] or 0
-        top_current = conn.execute("SELECT max(rev) FROM current").fetchone()[0] or 0
         log_start = int(
             conn.execute("SELECT value FROM meta WHERE key = 'log_start_rev'").fetchone()[0]
         )
         # Retention may have emptied the log; the rev still never goes back.
-        return max(top_event, top_current, log_start - 1), log_start
+        return max(top, log_start - 1), log_start
 
     def _note_unknown(self, key: str) -> None:
         if key not in self._unknown_seen and len(self._unknown_seen) < MAX_LOGGED_UNKNOWN:
@@ -626,3 +673,33 @@ def _coerce(value: Any) -> Any:
     if isinstance(value, bytes):
         return value
     return _INVALID
+
+
+def load_current(conn: sqlite3.Connection) -> tuple[dict[int, TelemetryRow], int]:
+    """Every point's last committed row by pid, and the newest rev the database holds.
+
+    The `current` table is a snapshot as of meta `current_rev`; the frames committed after it
+    are replayed over it (at most one compaction period of them: well under a second to read).
+    """
+    current: dict[int, TelemetryRow] = {
+        row[ROW_PID]: row
+        for row in conn.execute(
+            "SELECT rev, ts, pid, value, quality, source_ts, reason FROM current"
+        )
+    }
+    meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+    since = int(meta.get("current_rev", 0))
+    top = max(
+        since, int(meta.get("compacted_rev", 0)), max((r[0] for r in current.values()), default=0)
+    )
+    # The frame holding rev since + 1 may start at or below it.
+    first = conn.execute(
+        "SELECT coalesce(max(rev0), 0) FROM frames WHERE rev0 <= ?", (since + 1,)
+    ).fetchone()[0]
+    for (body,) in conn.execute("SELECT body FROM frames WHERE rev0 >= ? ORDER BY rev0", (first,)):
+        for row in codec.decode(body).rows():
+            if row[0] > since:
+                current[row[ROW_PID]] = row
+                top = max(top, row[0])
+    top_event = conn.execute("SELECT coalesce(max(rev), 0) FROM events").fetchone()[0]
+    return current, max(top, int(top_event))

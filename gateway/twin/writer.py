@@ -3,8 +3,22 @@
 The store puts whole lists of telemetry rows (one list per ingested batch), single generic-event
 rows and commands on one `queue.SimpleQueue`; `put` never blocks, so the event loop never waits
 on SQLite. The thread gathers rows for `flush_interval_s` or until `flush_rows`, then writes them
-in one transaction: the events with multi-row INSERTs (see `MultiRowInsert`), and `current`
-coalesced to one row per point.
+in one transaction: each run of consecutive telemetry revs as one compressed frame (`codec.py`),
+each other event as a row. A commit appends to the end of one b-tree per table, so its cost does
+not depend on how much history there is (see `schema.py` for the layout and why).
+
+Between commits the thread also does the slower upkeep, each step short so ingest never waits
+long (and only while commits succeed):
+- compaction: once the uncompacted frames hold `compact_rows` samples or the oldest is
+  `compact_s` old, their rows are regrouped into one block per point (read, sorted by point,
+  encoded a few thousand points per step), then written in one transaction with the new
+  `compacted_rev` and a snapshot of every point's current value;
+- the event-log window, in the same transaction: frames already compacted, older than
+  `log_window_s` (in data time: the newest committed ts minus the frame's), and behind every
+  consumer's hold (`log_holds`) are deleted and `log_start_rev` moves past them; a hold that would
+  keep the frames above `log_max_bytes` loses (its consumer's cursor expires, said in the log);
+- retention (`prune`, on request): blocks older than `history_s`, non-telemetry events older
+  than `events_s`, in chunks.
 
 Because the queue holds revs in ascending order, `committed_rev` (set only after COMMIT returns)
 means every rev up to it is in the database. A failing commit (disk full, I/O error, a locked
@@ -37,12 +51,16 @@ import sqlite3
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+import numpy as np
+
 from gateway.errors import StoreError
-from gateway.twin.schema import TELEMETRY, connect, is_corruption, write_transaction
+from gateway.twin import codec
+from gateway.twin.schema import CACHE_MIN_KIB, connect, is_corruption, write_transaction
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +79,7 @@ __all__ = [
     "Writer",
 ]
 
-# (rev, ts, pid, value, quality code, source_ts, reason): bound as-is by INSERT_TELEMETRY.
+# (rev, ts, pid, value, quality code, source_ts, reason): what ingest accepted, one per sample.
 TelemetryRow = tuple[int, float, int, Any, int, "float | None", "str | None"]
 # Positions in a TelemetryRow. The row stays a plain tuple (bound as-is, one allocation per
 # accepted sample on the hot ingest path); these names keep readers off bare indexes.
@@ -72,10 +90,10 @@ ROW_SOURCE_TS: Final = 5
 # (rev, ts, type, pid, asset_id, data JSON)
 EventRow = tuple[int, float, str, "int | None", "str | None", str]
 
-INSERT_TELEMETRY = (
-    "INSERT INTO events(rev, ts, type, pid, value, quality, source_ts, reason) "
-    f"VALUES (?, ?, '{TELEMETRY}', ?, ?, ?, ?, ?)"
+INSERT_FRAME = (
+    "INSERT INTO frames(rev0, rev1, t0, t1, n, nbytes, body) VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
+INSERT_BLOCK = "INSERT INTO blocks(pid, t0, t1, rev0, rev1, n, body) VALUES (?, ?, ?, ?, ?, ?, ?)"
 INSERT_EVENT = "INSERT INTO events(rev, ts, type, pid, asset_id, data) VALUES (?, ?, ?, ?, ?, ?)"
 UPSERT_CURRENT = (
     "INSERT INTO current(rev, ts, pid, value, quality, source_ts, reason) "
@@ -83,8 +101,7 @@ UPSERT_CURRENT = (
     "ts = excluded.ts, value = excluded.value, quality = excluded.quality, "
     "source_ts = excluded.source_ts, reason = excluded.reason"
 )
-DELETE_TELEMETRY = f"DELETE FROM events WHERE rev >= ? AND rev < ? AND type = '{TELEMETRY}'"
-DELETE_OTHER = f"DELETE FROM events WHERE rev >= ? AND rev < ? AND type != '{TELEMETRY}'"
+SET_META = "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)"
 
 RETRY_MIN_S = 0.05
 RETRY_MAX_S = 5.0
@@ -92,6 +109,17 @@ RETRY_MAX_S = 5.0
 ROWS_PER_STATEMENT = (1024, 128, 16, 4, 1)
 # Rows deleted per prune transaction; between chunks the writer commits what was ingested.
 PRUNE_CHUNK = 20_000
+# Compaction: when the oldest uncompacted frame was committed this many seconds ago, or the
+# frames hold this many samples. Seconds: blocks of 300 samples of a point polled every second
+# (bench/codec.py: 8.4 bytes a sample in blocks of 60, 7.3 in 300, 7.0 in 600), and at most
+# this much history that a query decodes frame by frame (~0.07 us a row). Rows: a bound for
+# fast plants (50,000 points/s: a compaction a minute).
+COMPACT_S = 300.0
+COMPACT_ROWS = 3_000_000
+# Samples regrouped per compaction step (a range of points): what one step holds in memory,
+# ~40 bytes a sample while regrouped. Each step writes its blocks in its own transaction;
+# between steps the writer commits what was ingested.
+COMPACT_GROUP_ROWS = 250_000
 # The backlog bound (see the module docstring). 250,000 rows is ~4 minutes of 1,000 points
 # changing every second, hours for the demo plant; 64 MiB caps it when values are long texts.
 BACKLOG_ROWS = 250_000
@@ -164,9 +192,24 @@ class _PruneJob:
     planned: bool = False
     moved_start: bool = False
     log_start: int = 1  # the first rev the log keeps from now on
-    # [lo, hi) rev ranges still to delete, and whether every type goes or only non-telemetry.
-    ranges: list[tuple[int, int, bool]] = field(default_factory=list)
+    # What is left to delete: blocks with id < blocks_below, events with rev < events_below.
+    block_from: int = 0
+    blocks_below: int = 0
+    event_from: int = 0
+    events_below: int = 0
     result: PruneResult = field(default_factory=PruneResult)
+
+
+@dataclass(slots=True)
+class _CompactJob:
+    """One compaction in progress: frames (start, cut] regrouped by point, a pid range a step."""
+
+    start: int  # compacted_rev when it began
+    cut: int  # every frame with start < rev0 <= cut is compacted
+    groups: list[tuple[int, int]]  # [lo, hi) pid ranges, one step each
+    rows: int  # samples in those frames
+    done: int = 0  # groups written
+    blocks: int = 0
 
 
 class Writer:
@@ -182,6 +225,9 @@ class Writer:
         flush_rows: int,
         history_s: float,
         events_s: float,
+        log_window_s: float = 900.0,
+        log_max_bytes: int = 512 * 1024 * 1024,
+        cache_kib: int = CACHE_MIN_KIB,
         backlog_rows: int = BACKLOG_ROWS,
         backlog_bytes: int = BACKLOG_BYTES,
     ) -> None:
@@ -197,12 +243,19 @@ class Writer:
         self.corruption: BaseException | None = None
         self.batches = 0
         self.rows_written = 0
+        self.frames_written = 0
+        self.frame_bytes_written = 0
         self.current_rows_written = 0
+        self.compactions = 0
+        self.blocks_written = 0
         self.failures = 0
         self.dropped_rows = 0  # telemetry rows dropped at the backlog bound since start
         self.dropped_events = 0  # other events dropped there
         self.backlog_rows = backlog_rows
         self.backlog_bytes = backlog_bytes
+        self.log_window_s = log_window_s
+        self.log_max_bytes = log_max_bytes
+        self._cache_kib = cache_kib
         self._flush_interval = flush_interval_s
         self._flush_rows = flush_rows
         self._history_s = history_s
@@ -224,6 +277,17 @@ class Writer:
         self._kept_current: dict[int, TelemetryRow] = {}
         self._loss: _Loss | None = None
         self._prune: _PruneJob | None = None
+        # The frames (read from the database at start, then kept up to date by each commit).
+        self.compacted_rev = 0
+        self._uncompacted_rows = 0
+        self._uncompacted_since = 0.0  # monotonic time the oldest uncompacted frame committed
+        self._frames_top = 0  # rev1 of the newest committed frame
+        self._newest_ts = float("-inf")  # data time: the newest committed frame's t1
+        self.log_bytes = 0  # body bytes of every frame kept
+        # Every point's newest committed row since the last current snapshot.
+        self._changed: dict[int, TelemetryRow] = {}
+        self._compact: _CompactJob | None = None
+        self._compact_waiters: list[_Command] = []
 
     @property
     def pending_rows(self) -> int:
@@ -234,6 +298,11 @@ class Writer:
     def pending_bytes(self) -> int:
         """The backlog's estimated memory."""
         return self._pending_bytes
+
+    @property
+    def uncompacted_rows(self) -> int:
+        """Committed samples still only in frames."""
+        return self._uncompacted_rows
 
     # -- called from other threads ----------------------------------------------------------------
 
@@ -247,7 +316,7 @@ class Writer:
             raise StoreError(f"{self.path}: cannot start the twin writer: {cause}") from cause
 
     def submit_telemetry(self, rows: list[TelemetryRow]) -> None:
-        """Queue one ingested batch (revs ascending, above everything queued before)."""
+        """Queue one ingested batch (revs ascending and consecutive, above everything queued)."""
         self._queue.put(rows)
 
     def submit_event(self, row: EventRow) -> None:
@@ -282,14 +351,16 @@ class Writer:
 
     def prune(self, now: float, timeout: float) -> PruneResult:
         """Run retention on the writer thread and wait for it."""
-        command = _Command("prune", now)
-        self._queue.put(command)
-        if not command.done.wait(timeout):
-            raise StoreError(f"{self.path}: prune did not finish within {timeout:g} s")
-        if command.error is not None:
-            raise StoreError(f"{self.path}: prune failed: {command.error}") from command.error
-        result: PruneResult = command.result
+        result: PruneResult = self._call("prune", now, timeout)
         return result
+
+    def compact(self, timeout: float) -> int:
+        """Compact every committed frame now (and trim the log); return the compacted rev."""
+        return int(self._call("compact", None, timeout))
+
+    def hold(self, name: str, rev: int | None, timeout: float = 10.0) -> None:
+        """Set (or with None, drop) consumer `name`'s hold on the event log after `rev`."""
+        self._call("hold", (name, rev), timeout)
 
     def limit_growth(self, pages: int | None, timeout: float = 10.0) -> int:
         """Let the database grow by at most `pages` pages (None: no limit); return the cap.
@@ -297,18 +368,10 @@ class Writer:
         Commits that need more space fail with SQLite's own SQLITE_FULL, as on a full disk:
         this is how tests fill the disk without root or a small file system.
         """
-        command = _Command("pages", pages)
-        self._queue.put(command)
-        if not command.done.wait(timeout):
-            raise StoreError(f"{self.path}: the writer did not answer within {timeout:g} s")
-        if command.error is not None:
-            raise StoreError(
-                f"{self.path}: cannot limit growth: {command.error}"
-            ) from command.error
-        return int(command.result)
+        return int(self._call("pages", pages, timeout))
 
     def stop(self, timeout: float) -> None:
-        """Commit everything queued, stop the thread and close the connection."""
+        """Commit everything queued, snapshot current values, stop the thread, close."""
         if not self._thread.is_alive():
             return
         command = _Command("stop")
@@ -322,14 +385,25 @@ class Writer:
                 f"{self.committed_rev}: {command.error}"
             ) from command.error
 
+    def _call(self, kind: str, arg: Any, timeout: float) -> Any:
+        command = _Command(kind, arg)
+        self._queue.put(command)
+        if not command.done.wait(timeout):
+            raise StoreError(f"{self.path}: {kind} did not finish within {timeout:g} s")
+        if command.error is not None:
+            raise StoreError(f"{self.path}: {kind} failed: {command.error}") from command.error
+        return command.result
+
     # -- the thread -------------------------------------------------------------------------------
 
     def _run(self) -> None:
         try:
-            self._conn = connect(self.path)
+            self._conn = connect(self.path, cache=self._cache_kib)
             self._max_pages = int(self._conn.execute("PRAGMA max_page_count").fetchone()[0])
-            self._insert_telemetry = MultiRowInsert(self._conn, INSERT_TELEMETRY)
             self._upsert_current = MultiRowInsert(self._conn, UPSERT_CURRENT)
+            self._insert_blocks = MultiRowInsert(self._conn, INSERT_BLOCK)
+            self._read_frames_state()
+            self._drop_unfinished_blocks()
         except BaseException as exc:
             self._start_error = exc
             self._started.set()
@@ -346,10 +420,29 @@ class Writer:
                 exc_info=True,
             )
             self.error = exc
+            for waiter in self._compact_waiters:
+                waiter.error = exc
+                waiter.done.set()
         finally:
             self._conn.close()
             with self._cond:
                 self._cond.notify_all()
+
+    def _read_frames_state(self) -> None:
+        conn = self._conn
+        assert conn is not None
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        self.compacted_rev = int(meta.get("compacted_rev", 0))
+        n, nbytes, top, newest = conn.execute(
+            "SELECT coalesce(sum(CASE WHEN rev0 > ? THEN n END), 0), coalesce(sum(nbytes), 0), "
+            "coalesce(max(rev1), 0), max(t1) FROM frames",
+            (self.compacted_rev,),
+        ).fetchone()
+        self._uncompacted_rows = int(n)
+        self._uncompacted_since = time.monotonic()
+        self.log_bytes = int(nbytes)
+        self._frames_top = int(top)
+        self._newest_ts = float(newest) if newest is not None else float("-inf")
 
     def _loop(self) -> None:
         get = self._queue.get
@@ -360,12 +453,13 @@ class Writer:
         stop: _Command | None = None
         while True:
             force = False
-            if self._prune is not None and not self.error:
-                wait: float | None = 0.0
-            elif self._pending_rows or self._loss:
-                wait = max((retry_at if self.error else deadline) - monotonic(), 0.0)
+            if self._pending_rows or self._loss:
+                wait: float | None = max((retry_at if self.error else deadline) - monotonic(), 0.0)
+            elif (self._prune is not None or self._compact_due()) and not self.error:
+                wait = 0.0  # upkeep to do: take what is queued, then do a step
             else:
-                wait = None
+                # Idle: wake up for a compaction that comes due by age.
+                wait = COMPACT_S if self._uncompacted_rows else None
             try:
                 item = get(timeout=wait) if wait is not None else get()
             except queue.Empty:
@@ -407,8 +501,12 @@ class Writer:
                         stop = item
                     elif item.kind == "prune":
                         self._request_prune(item)
+                    elif item.kind == "compact":
+                        self._compact_waiters.append(item)
                     elif item.kind == "pages":
                         self._limit_pages(item)
+                    elif item.kind == "hold":
+                        self._hold(item)
             if (self._pending_rows or self._loss) and (
                 force
                 or monotonic() >= (retry_at if self.error else deadline)
@@ -419,11 +517,18 @@ class Writer:
                 else:
                     retry_at = monotonic() + retry_delay
                     retry_delay = min(retry_delay * 2, RETRY_MAX_S)
-            if self._prune is not None and not self._pending_rows and not self.error:
-                self._prune_step()
+            if not self._pending_rows and not self.error:
+                if self._compact is not None or self._compact_due():
+                    self._compact_step()
+                elif self._prune is not None:
+                    self._prune_step()
             if stop is not None:
                 if self._prune is not None:
                     self._finish_prune(StoreError("the store closed during prune"))
+                if not self._pending_rows and not self.error:
+                    # A clean stop leaves a fresh current snapshot: the next open replays nothing.
+                    self._snapshot_current()
+                self._answer_compact_waiters(StoreError("the store closed during compaction"))
                 if self._pending_rows or self._loss:
                     stop.error = self.error
                     log.error(
@@ -442,19 +547,22 @@ class Writer:
     def _commit(self) -> bool:
         conn = self._conn
         assert conn is not None
-        telemetry, events, loss = self._telemetry, self._events, self._loss
+        telemetry, events, loss, kept = (
+            self._telemetry,
+            self._events,
+            self._loss,
+            self._kept_current,
+        )
+        frames = [_frame(run) for run in _runs(telemetry)]
         try:
             with write_transaction(conn):
-                latest = self._kept_current
-                if telemetry:
-                    rows = list(itertools.chain.from_iterable(telemetry))
-                    self._insert_telemetry.write(conn, rows)
-                    # One current row per point per transaction, the newest (revs ascend).
-                    newest = {row[2]: row for row in rows}
-                    latest = {**latest, **newest} if latest else newest
-                if latest:
-                    self._upsert_current.write(conn, list(latest.values()))
-                    self.current_rows_written += len(latest)
+                if frames:
+                    conn.executemany(INSERT_FRAME, frames)
+                if kept:
+                    # Rows dropped at the backlog bound: their revs are gone, but every point's
+                    # newest value of them is not (see the module docstring).
+                    self._upsert_current.write(conn, list(kept.values()))
+                    self.current_rows_written += len(kept)
                 if events:
                     conn.executemany(INSERT_EVENT, events)
                 if loss is not None:
@@ -466,6 +574,20 @@ class Writer:
             return False
         self.batches += 1
         self.rows_written += self._pending_rows + (loss is not None)
+        if frames:
+            if not self._uncompacted_rows:
+                self._uncompacted_since = time.monotonic()
+            changed = self._changed
+            for batch in telemetry:
+                for row in batch:
+                    changed[row[2]] = row
+            for frame in frames:
+                self._uncompacted_rows += frame[4]
+                self.log_bytes += frame[5]
+                self.frame_bytes_written += frame[5]
+                self._newest_ts = max(self._newest_ts, frame[3])
+            self._frames_top = frames[-1][1]
+            self.frames_written += len(frames)
         self._telemetry, self._events = deque(), deque()
         self._pending_rows = self._pending_bytes = 0
         self._kept_current, self._loss = {}, None
@@ -562,6 +684,23 @@ class Writer:
             ROW_BYTES + len(event[5]) for event in self._events
         )
 
+    def _hold(self, command: _Command) -> None:
+        conn = self._conn
+        assert conn is not None
+        name, rev = command.arg
+        try:
+            with write_transaction(conn):
+                if rev is None:
+                    conn.execute("DELETE FROM log_holds WHERE name = ?", (name,))
+                else:
+                    conn.execute(
+                        "INSERT OR REPLACE INTO log_holds(name, rev, updated) VALUES (?, ?, ?)",
+                        (name, int(rev), time.time()),
+                    )
+        except Exception as exc:
+            command.error = exc
+        command.done.set()
+
     def _limit_pages(self, command: _Command) -> None:
         conn = self._conn
         assert conn is not None
@@ -574,6 +713,205 @@ class Writer:
         except Exception as exc:
             command.error = exc
         command.done.set()
+
+    # -- compaction and the event-log window ------------------------------------------------------
+
+    def _compact_due(self) -> bool:
+        if self._compact is not None:
+            return True
+        if not self._uncompacted_rows:
+            return bool(self._compact_waiters)
+        return (
+            bool(self._compact_waiters)
+            or self._uncompacted_rows >= COMPACT_ROWS
+            or time.monotonic() - self._uncompacted_since >= COMPACT_S
+        )
+
+    def _compact_step(self) -> None:
+        """Plan, write the blocks of one pid range, or (last step) move the watermark."""
+        try:
+            job = self._compact
+            if job is None:
+                job = self._compact = self._plan_compaction()
+            elif job.done < len(job.groups):
+                job.blocks += self._write_blocks(job, *job.groups[job.done])
+                job.done += 1
+            else:
+                self._finish_compaction(job)
+        except Exception as exc:
+            self._compact = None
+            if isinstance(exc, sqlite3.Error):
+                self._fail(exc, "compaction")
+            else:
+                log.exception("%s: compaction failed", self.path)
+            self._answer_compact_waiters(exc)
+            # Try again a period later, not in a tight loop.
+            self._uncompacted_since = time.monotonic()
+            return
+        if self._compact is None:
+            self._answer_compact_waiters(None)
+
+    def _frames_to_compact(self, job: _CompactJob) -> Iterator[codec.Columns]:
+        assert self._conn is not None
+        for (body,) in self._conn.execute(
+            "SELECT body FROM frames WHERE rev0 > ? AND rev0 <= ? ORDER BY rev0",
+            (job.start, job.cut),
+        ):
+            yield codec.decode(body)
+
+    def _plan_compaction(self) -> _CompactJob:
+        """Count each point's samples in the frames, and cut the pids into groups."""
+        job = _CompactJob(self.compacted_rev, self._frames_top, [], 0)
+        counts = np.zeros(1, dtype=np.int64)
+        for cols in self._frames_to_compact(job):
+            found = np.bincount(cols.pid)
+            if len(found) > len(counts):
+                counts = np.pad(counts, (0, len(found) - len(counts)))
+            counts[: len(found)] += found
+        job.rows = int(counts.sum())
+        lo, held = 0, 0
+        for pid in np.flatnonzero(counts):
+            if held and held + counts[pid] > COMPACT_GROUP_ROWS:
+                job.groups.append((lo, int(pid)))
+                lo, held = int(pid), 0
+            held += int(counts[pid])
+        if held:
+            job.groups.append((lo, len(counts)))
+        return job
+
+    def _write_blocks(self, job: _CompactJob, lo: int, hi: int) -> int:
+        """Encode and write the blocks of points lo <= pid < hi; return how many."""
+        parts = []
+        for cols in self._frames_to_compact(job):
+            pid = cols.pid
+            parts.append(cols.take((pid >= lo) & (pid < hi)))
+        cols = codec.Columns.concat(parts)
+        order = np.argsort(cols.pid, kind="stable")  # rev order within a point
+        pids = cols.pid[order]
+        bounds = np.concatenate(([0], np.flatnonzero(np.diff(pids)) + 1, [len(pids)]))
+        blocks = []
+        for begin, end in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+            part = cols.take(order[begin:end])
+            ts = part.ts
+            blocks.append(
+                (
+                    int(part.pid[0]),
+                    float(ts.min()),
+                    float(ts.max()),
+                    int(part.rev[0]),
+                    int(part.rev[-1]),
+                    len(part),
+                    codec.encode_block_columns(part),
+                )
+            )
+        conn = self._conn
+        assert conn is not None
+        # Readers take blocks up to compacted_rev only: these count once the last step commits.
+        with write_transaction(conn):
+            self._insert_blocks.write(conn, blocks)
+        return len(blocks)
+
+    def _finish_compaction(self, job: _CompactJob) -> None:
+        conn = self._conn
+        assert conn is not None
+        with write_transaction(conn):
+            conn.execute(SET_META, ("compacted_rev", job.cut))
+            self._write_current(conn)
+            trimmed = self._trim_log(conn, job.cut)
+        self._compact = None
+        self.compactions += 1
+        self.blocks_written += job.blocks
+        self.compacted_rev = job.cut
+        self._uncompacted_rows -= job.rows
+        self._uncompacted_since = time.monotonic()
+        self._changed = {}
+        if trimmed is not None:
+            self.log_start_rev, freed = trimmed
+            self.log_bytes -= freed
+
+    def _drop_unfinished_blocks(self) -> None:
+        """Delete blocks an interrupted compaction wrote past the watermark (newest ids)."""
+        conn = self._conn
+        assert conn is not None
+        orphans = []
+        for block_id, rev1 in conn.execute("SELECT id, rev1 FROM blocks ORDER BY id DESC"):
+            if rev1 <= self.compacted_rev:
+                break
+            orphans.append(block_id)
+        if orphans:
+            with write_transaction(conn):
+                conn.executemany("DELETE FROM blocks WHERE id = ?", [(i,) for i in orphans])
+            log.info(
+                "%s: removed %d blocks of a compaction that did not finish (its frames are "
+                "kept and compacted again)",
+                self.path,
+                len(orphans),
+            )
+
+    def _write_current(self, conn: sqlite3.Connection) -> None:
+        """Every point's newest committed value, and the rev it is complete to."""
+        if self._changed:
+            self._upsert_current.write(conn, list(self._changed.values()))
+            self.current_rows_written += len(self._changed)
+        conn.execute(SET_META, ("current_rev", self.committed_rev))
+
+    def _snapshot_current(self) -> None:
+        conn = self._conn
+        assert conn is not None
+        if not self._changed:
+            return
+        try:
+            with write_transaction(conn):
+                self._write_current(conn)
+        except Exception as exc:
+            # Not a loss: the frames hold every value, the next open replays them.
+            log.warning("%s: could not snapshot current values at close: %s", self.path, exc)
+            return
+        self._changed = {}
+
+    def _trim_log(self, conn: sqlite3.Connection, compacted: int) -> tuple[int, int] | None:
+        """Delete the frames the event log no longer serves; return (new log start, bytes freed).
+
+        A frame goes when it is compacted, older than the window (data time) and behind every
+        hold; or, whatever the holds, when the frames beyond it exceed `log_max_bytes`.
+        """
+        window_cut = self._newest_ts - self.log_window_s
+        hold = conn.execute("SELECT min(rev) FROM log_holds").fetchone()[0]
+        rows = conn.execute(
+            "SELECT rev1, t1, nbytes FROM frames WHERE rev0 <= ? ORDER BY rev0", (compacted,)
+        ).fetchall()
+        kept = self.log_bytes
+        last = None  # the newest frame that goes
+        freed = 0
+        for rev1, t1, nbytes in rows:
+            over = kept > self.log_max_bytes
+            if not over and (t1 >= window_cut or (hold is not None and rev1 > hold)):
+                break
+            if over and hold is not None and rev1 > hold:
+                log.warning(
+                    "%s: the event log is at its bound (storage.event_log_max_mb); frames up "
+                    "to rev %d go although a consumer holds rev %d: its cursor will expire",
+                    self.path,
+                    rev1,
+                    hold,
+                )
+                hold = None
+            last = rev1
+            kept -= nbytes
+            freed += nbytes
+        if last is None:
+            return None
+        conn.execute("DELETE FROM frames WHERE rev0 <= ?", (last,))
+        start = max(self.log_start_rev, last + 1)
+        conn.execute(SET_META, ("log_start_rev", start))
+        return start, freed
+
+    def _answer_compact_waiters(self, error: BaseException | None) -> None:
+        waiters, self._compact_waiters = self._compact_waiters, []
+        for waiter in waiters:
+            waiter.error = error
+            waiter.result = self.compacted_rev
+            waiter.done.set()
 
     # -- retention --------------------------------------------------------------------------------
 
@@ -590,29 +928,35 @@ class Writer:
         conn = self._conn
         assert conn is not None
         now = float(job.command.arg)
-        top = self.committed_rev
-        first = conn.execute("SELECT min(rev) FROM events").fetchone()[0] or top + 1
-        events_cut = now - self._events_s
-        # Telemetry rows are history too: they stay while either retention still wants them.
-        rows_cut = min(events_cut, now - self._history_s)
-        old_start = max(self.log_start_rev, first)
-        log_start = max(self._first_rev_at(old_start, events_cut, top), self.log_start_rev)
-        delete_below = min(self._first_rev_at(first, rows_cut, top), log_start)
-        job.log_start = log_start
-        job.result.log_start_rev = log_start
-        # Below `delete_below` every row goes; from there to the new log start only the
-        # non-telemetry events (already gone below the old start).
-        job.ranges = [(first, delete_below, True), (max(old_start, delete_below), log_start, False)]
+        history_cut, events_cut = now - self._history_s, now - self._events_s
+        # Blocks and events are appended in time order, so what retention drops is a prefix of
+        # each table: found by walking from the start (only over what goes), deleted by id.
+        # Walking, not an index on time: a clock step backwards cannot punch holes into them.
+        job.block_from = conn.execute("SELECT coalesce(min(id), 0) FROM blocks").fetchone()[0]
+        job.blocks_below = self._first_at(
+            "SELECT id FROM blocks WHERE t1 >= ? ORDER BY id LIMIT 1",
+            history_cut,
+            "SELECT coalesce(max(id), 0) + 1 FROM blocks",
+        )
+        job.event_from = conn.execute("SELECT coalesce(min(rev), 0) FROM events").fetchone()[0]
+        job.events_below = self._first_at(
+            "SELECT rev FROM events WHERE ts >= ? ORDER BY rev LIMIT 1",
+            events_cut,
+            "SELECT coalesce(max(rev), 0) + 1 FROM events",
+        )
+        # The log is a contiguous suffix: it cannot serve a rev whose event is gone.
+        job.log_start = self.log_start_rev
+        if job.events_below > job.event_from:
+            job.log_start = max(job.log_start, job.events_below)
+        job.result.log_start_rev = job.log_start
         job.planned = True
 
-    def _first_rev_at(self, start: int, cut: float, top: int) -> int:
-        # The log is kept as a contiguous suffix: everything before the first event at or after
-        # `cut` goes, so a clock step backwards cannot punch holes into it.
+    def _first_at(self, sql: str, cut: float, otherwise: str) -> int:
         assert self._conn is not None
-        row = self._conn.execute(
-            "SELECT rev FROM events WHERE rev >= ? AND ts >= ? ORDER BY rev LIMIT 1", (start, cut)
-        ).fetchone()
-        return int(row[0]) if row else top + 1
+        row = self._conn.execute(sql, (cut,)).fetchone()
+        if row is not None:
+            return int(row[0])
+        return int(self._conn.execute(otherwise).fetchone()[0])
 
     def _prune_step(self) -> None:
         job = self._prune
@@ -621,31 +965,32 @@ class Writer:
         try:
             if not job.planned:
                 self._plan_prune(job)
-            while job.ranges and job.ranges[0][0] >= job.ranges[0][1]:
-                job.ranges.pop(0)
             with write_transaction(conn):
                 if not job.moved_start:
                     # The log start moves first, so a reader never sees a half-deleted log:
                     # a cursor below it gets "expired", never a gap.
-                    conn.execute(
-                        "UPDATE meta SET value = ? WHERE key = 'log_start_rev'", (job.log_start,)
-                    )
-                if job.ranges:
-                    lo, hi, every_type = job.ranges[0]
-                    upto = min(lo + PRUNE_CHUNK, hi)
-                    if every_type:
-                        job.result.history_rows += conn.execute(
-                            DELETE_TELEMETRY, (lo, upto)
-                        ).rowcount
-                    job.result.events += conn.execute(DELETE_OTHER, (lo, upto)).rowcount
-                    job.ranges[0] = (upto, hi, every_type)
+                    conn.execute(SET_META, ("log_start_rev", job.log_start))
+                if job.block_from < job.blocks_below:
+                    upto = min(job.block_from + PRUNE_CHUNK, job.blocks_below)
+                    deleted = conn.execute(
+                        "DELETE FROM blocks WHERE id >= ? AND id < ? RETURNING n",
+                        (job.block_from, upto),
+                    ).fetchall()
+                    job.result.history_rows += sum(n for (n,) in deleted)
+                    job.block_from = upto
+                elif job.event_from < job.events_below:
+                    upto = min(job.event_from + PRUNE_CHUNK, job.events_below)
+                    job.result.events += conn.execute(
+                        "DELETE FROM events WHERE rev >= ? AND rev < ?", (job.event_from, upto)
+                    ).rowcount
+                    job.event_from = upto
         except Exception as exc:
             self._finish_prune(exc)
             return
         if not job.moved_start:
             job.moved_start = True
             self.log_start_rev = job.log_start
-        if not any(lo < hi for lo, hi, _ in job.ranges):
+        if job.block_from >= job.blocks_below and job.event_from >= job.events_below:
             self._finish_prune(None)
 
     def _finish_prune(self, error: BaseException | None) -> None:
@@ -654,6 +999,29 @@ class Writer:
         job.command.error = error
         job.command.result = job.result
         job.command.done.set()
+
+
+def _runs(batches: deque[list[TelemetryRow]]) -> list[list[TelemetryRow]]:
+    """The batches joined into runs of consecutive revs (a generic event's rev splits them)."""
+    runs: list[list[TelemetryRow]] = []
+    for batch in batches:
+        if runs and runs[-1][-1][0] + 1 == batch[0][0]:
+            runs[-1] = runs[-1] + batch
+        else:
+            runs.append(batch)
+    return runs
+
+
+def _frame(rows: list[TelemetryRow]) -> tuple[Any, ...]:
+    """The frames row of one run: (rev0, rev1, t0, t1, n, nbytes, body)."""
+    body = codec.encode_frame(rows)
+    first, last = rows[0][1], rows[-1][1]
+    if first == last:  # one ingest batch: one ts
+        t0 = t1 = first
+    else:
+        stamps = [row[1] for row in rows]
+        t0, t1 = min(stamps), max(stamps)
+    return (rows[0][0], rows[-1][0], t0, t1, len(rows), len(body), body)
 
 
 class MultiRowInsert:

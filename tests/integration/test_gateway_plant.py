@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -14,7 +16,8 @@ from drivers.contract import Quality
 from gateway.app import Gateway
 from gateway.errors import DeviceError, StoreError
 from gateway.http import create_app
-from gateway.twin.store import TwinStore
+from gateway.twin.history import HistoryReader
+from gateway.twin.store import TwinStore, load_current
 from plantsim import MeterDevice, TankDevice
 
 LEVEL = "utilities/cooling/tank1/level"
@@ -75,23 +78,24 @@ async def test_twin_follows_the_plant_and_sqlite_holds_it(gateway, tank, meter):
     )
     await gateway.store.aflush()
 
-    db = sqlite3.connect(gateway.config.storage.path)
-    (stored,) = db.execute(
-        "SELECT value FROM current_values WHERE point_id = ?", (LEVEL,)
-    ).fetchone()
-    assert stored == pytest.approx(moved, rel=1e-6)
-    history = [
-        v
-        for (v,) in db.execute(
-            "SELECT value FROM history WHERE point_id = ? ORDER BY rev", (LEVEL,)
-        )
-    ]
+    # Read back from the file, as another process would: current values, history, the log.
+    path = gateway.config.storage.path
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        current, _ = load_current(db)
+        (level_pid,) = db.execute("SELECT pid FROM points WHERE id = ?", (LEVEL,)).fetchone()
+    assert current[level_pid][3] == pytest.approx(moved, rel=1e-6)
+    reader = HistoryReader(path)
+    try:
+        history = [r.value for r in reader.history(LEVEL, 0, time.time() + 60, limit=100_000)]
+        log = reader.events_since(0, limit=1_000_000)
+    finally:
+        reader.close()
     assert history[0] == pytest.approx(level, rel=1e-6)
     assert history[-1] == pytest.approx(moved, rel=1e-6)
-    revs = [r for (r,) in db.execute("SELECT rev FROM events ORDER BY rev")]
-    assert revs == list(range(revs[0], revs[0] + len(revs))), "revs must be contiguous"
-    states = db.execute("SELECT data FROM event_log WHERE type = 'DeviceStateChanged'").fetchall()
-    assert any("CONNECTED" in d for (d,) in states)
+    revs = [e.rev for e in log]
+    assert revs == list(range(1, len(revs) + 1)), "revs must be contiguous"
+    states = [e.data for e in log if e.type == "DeviceStateChanged"]
+    assert any(d.get("state") == "CONNECTED" for d in states)
 
 
 async def test_setpoint_written_to_the_valve_is_read_back(gateway, tank):

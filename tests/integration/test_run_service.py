@@ -18,6 +18,7 @@ import yaml
 from tests_support import free_port
 
 from gateway.demo import write_demo_config
+from gateway.twin.store import load_current
 from plantsim import Plant
 
 # Each test starts `opstwin run` as a process (imports, plant, gateway): several seconds.
@@ -70,7 +71,7 @@ async def test_run_reports_ready_serves_and_flushes_on_sigterm(tmp_path: Path, u
     db_path = yaml.safe_load(config.read_text())["storage"]["path"]
     db = sqlite3.connect(tmp_path / db_path)
     assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-    (max_rev,) = db.execute("SELECT max(rev) FROM events").fetchone()
+    _, max_rev = load_current(db)
     assert max_rev >= rev_served, "SIGTERM must flush everything the twin had accepted"
 
 

@@ -10,11 +10,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
-from tests_support import import_file
+from tests_support import import_file, stored_revs, stored_telemetry
 
-from gateway.twin.store import TwinStore
+from gateway.twin.store import TwinStore, load_current
 
 CHILD = Path(__file__).with_name("twin_crash_child.py")
 CYCLES = 5
@@ -37,12 +38,11 @@ def test_kill_9_mid_burst_leaves_a_consistent_database(tmp_path: Path) -> None:
         assert store.rev == _max_rev(path)
         _, values = store.snapshot()
         with sqlite3.connect(path) as conn:
-            current = dict(
-                conn.execute(
-                    "SELECT p.id, c.value FROM current c JOIN points p ON p.pid = c.pid"
-                ).fetchall()
-            )
-        assert {pid: v.value for pid, v in values.items() if v.rev} == current
+            current, _ = load_current(conn)
+            ids = dict(conn.execute("SELECT pid, id FROM points").fetchall())
+        assert {pid: v.value for pid, v in values.items() if v.rev} == {
+            ids[pid]: row[3] for pid, row in current.items()
+        }
 
 
 def _run_and_kill(path: Path) -> tuple[int, int]:
@@ -82,30 +82,20 @@ def _run_and_kill(path: Path) -> tuple[int, int]:
 
 def _max_rev(path: Path) -> int:
     with sqlite3.connect(path) as conn:
-        return int(conn.execute("SELECT max(rev) FROM events").fetchone()[0])
+        return load_current(conn)[1]
 
 
 def _check_consistent(path: Path, reported: int) -> None:
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
-        count, first, last = conn.execute(
-            "SELECT count(*), min(rev), max(rev) FROM events"
-        ).fetchone()
-        assert (first, count) == (1, last), "event revs must be exactly 1..max, no gaps"
-        assert last >= reported
-        # current holds, for every point with telemetry, exactly its newest telemetry event.
-        mismatched = conn.execute(
-            """SELECT c.pid, c.rev, e.rev FROM current c
-               LEFT JOIN (SELECT pid, max(rev) AS rev FROM events
-                          WHERE type = 'TelemetryChanged' GROUP BY pid) newest
-                      ON newest.pid = c.pid
-               LEFT JOIN events e ON e.rev = newest.rev
-               WHERE e.rev IS NULL OR c.rev != e.rev OR c.ts != e.ts
-                  OR c.value IS NOT e.value OR c.quality != e.quality
-                  OR c.source_ts IS NOT e.source_ts OR c.reason IS NOT e.reason"""
-        ).fetchall()
-        assert mismatched == []
-        points_with_telemetry = conn.execute(
-            "SELECT count(DISTINCT pid) FROM events WHERE type = 'TelemetryChanged'"
-        ).fetchone()[0]
-        assert conn.execute("SELECT count(*) FROM current").fetchone()[0] == points_with_telemetry
+        telemetry = stored_telemetry(conn)
+        revs = stored_revs(conn)
+        assert revs == list(range(1, len(revs) + 1)), "revs must be exactly 1..max, no gaps"
+        assert revs[-1] >= reported
+        # The current values loaded are, for every point with telemetry, its newest row.
+        newest: dict[int, tuple[Any, ...]] = {}
+        for row in telemetry:
+            newest[row[2]] = row
+        current, top = load_current(conn)
+        assert top == revs[-1]
+        assert current == newest

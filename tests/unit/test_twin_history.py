@@ -5,6 +5,7 @@ Every expected value is computed here from what the test fed in, not read back f
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import threading
@@ -47,11 +48,25 @@ def store(tmp_path: Path, fake_clock: FakeClock) -> Iterator[TwinStore]:
     twin.close()
 
 
-def feed(store: TwinStore, clock: FakeClock, n: int, seed: int = 1) -> dict[str, list[Fed]]:
+# Where the history is when it is read: all still in frames, all compacted into blocks, or
+# compacted every so often (blocks, then frames) as the writer does on its own.
+LAYOUTS = ["frames", "blocks", "mixed"]
+
+
+@pytest.fixture(params=LAYOUTS)
+def layout(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def feed(
+    store: TwinStore, clock: FakeClock, n: int, seed: int = 1, layout: str = "frames"
+) -> dict[str, list[Fed]]:
     """Ingest n irregularly spaced changes of both points, some of them not GOOD."""
     rng = random.Random(seed)
     fed: dict[str, list[Fed]] = {FLOW: [], PRESSURE: []}
-    for _ in range(n):
+    for i in range(n):
+        if layout == "mixed" and i % 97 == 96:
+            store.compact()
         clock.now += rng.uniform(0.05, 2.0)
         point = FLOW if rng.random() < 0.7 else PRESSURE
         value = round(rng.uniform(-50, 150), 3)
@@ -59,11 +74,15 @@ def feed(store: TwinStore, clock: FakeClock, n: int, seed: int = 1) -> dict[str,
         if store.ingest([Sample(point, value, quality, clock.now - 0.01)]):
             fed[point].append(Fed(store.rev, clock.now, value, quality))
     store.flush()
+    if layout == "blocks":
+        store.compact()
     return fed
 
 
-def test_history_returns_the_range_oldest_first(store: TwinStore, fake_clock: FakeClock) -> None:
-    fed = feed(store, fake_clock, 600)
+def test_history_returns_the_range_oldest_first(
+    store: TwinStore, fake_clock: FakeClock, layout: str
+) -> None:
+    fed = feed(store, fake_clock, 600, layout=layout)
     flows = fed[FLOW]
     start, end = flows[100].ts, flows[300].ts
     expected = [f for f in flows if start <= f.ts <= end]
@@ -92,9 +111,9 @@ def test_history_checks_its_arguments(store: TwinStore) -> None:
 
 @pytest.mark.parametrize("bucket_s", [1.0, 17.5, 60.0, 3600.0])
 def test_aggregates_match_an_independent_computation(
-    store: TwinStore, fake_clock: FakeClock, bucket_s: float
+    store: TwinStore, fake_clock: FakeClock, bucket_s: float, layout: str
 ) -> None:
-    fed = feed(store, fake_clock, 800, seed=3)
+    fed = feed(store, fake_clock, 800, seed=3, layout=layout)
     flows = fed[FLOW]
     start, end = flows[20].ts - 0.3, flows[-30].ts + 0.2
     groups: dict[int, list[Fed]] = {}
@@ -117,7 +136,7 @@ def test_aggregates_match_an_independent_computation(
 
 
 def test_events_since_pages_through_the_log(store: TwinStore, fake_clock: FakeClock) -> None:
-    feed(store, fake_clock, 250)
+    feed(store, fake_clock, 250, layout="mixed")  # the window keeps every frame: 10 minutes
     store.append_event("DeviceStateChanged", {"device": "pump1", "state": "CONNECTED"})
     store.flush()
     seen, cursor = [], 0
@@ -146,7 +165,8 @@ def test_prune_drops_old_history_and_events_and_moves_the_log_start(
     path = tmp_path / "twin.db"
     twin = TwinStore(path, POINTS, clock=fake_clock, history_days=30, events_days=7)
     twin.open()
-    # One change of each kind per day for 40 days.
+    # One change of each kind per day for 40 days, compacted daily (the writer compacts every
+    # few minutes on its own): one block a day.
     day_revs: list[tuple[float, int, int]] = []
     for day in range(40):
         fake_clock.now = T0 + day * DAY
@@ -154,12 +174,16 @@ def test_prune_drops_old_history_and_events_and_moves_the_log_start(
         telemetry = twin.rev
         other = twin.append_event("DeviceStateChanged", {"day": day})
         day_revs.append((fake_clock.now, telemetry, other))
+        twin.compact()
+    # The event log kept the telemetry of its window only (15 minutes: the last day's sample),
+    # so it starts right after the last frame that left it: day 38's device event.
+    assert twin.log_start_rev == day_revs[-2][2]
     now = T0 + 39.5 * DAY
     result = twin.prune(now)
 
     history_cut, events_cut = now - 30 * DAY, now - 7 * DAY
     kept_history = [t for ts, t, _ in day_revs if ts >= history_cut]
-    log_start = min(t for ts, t, _ in day_revs if ts >= events_cut)
+    log_start = day_revs[-2][2]
     assert result.log_start_rev == log_start == twin.log_start_rev
     assert result.history_rows == 40 - len(kept_history)
     assert result.events == sum(1 for ts, _, _ in day_revs if ts < events_cut)
@@ -191,10 +215,13 @@ def test_prune_of_everything_never_lets_the_rev_go_back(
         twin.append_event("DeviceStateChanged", {})
         result = twin.prune(T0 + 10 * DAY)
         assert result.log_start_rev == 3
+        assert result.history_rows == 1
         assert twin.events_since(2) == []
+        assert twin.history(FLOW, 0, T0 + 10 * DAY) == []
         assert twin.get(FLOW).value == 1.0  # the current value is not history
     with TwinStore(path, POINTS, clock=fake_clock) as reopened:
         assert reopened.rev == 2
+        assert reopened.get(FLOW).value == 1.0
         assert reopened.ingest([Sample(FLOW, 2.0, Quality.GOOD)]) == 1
         assert reopened.rev == 3
         reopened.flush()
@@ -204,15 +231,17 @@ def test_prune_of_everything_never_lets_the_rev_go_back(
 def test_prune_deletes_in_chunks_while_ingest_continues(
     tmp_path: Path, fake_clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(writer_module, "PRUNE_CHUNK", 1000)
+    monkeypatch.setattr(writer_module, "PRUNE_CHUNK", 3)  # blocks per delete transaction
     with TwinStore(
         tmp_path / "twin.db", POINTS, clock=fake_clock, history_days=1, events_days=1
     ) as twin:
         for i in range(30_000):
             fake_clock.now = T0 + i
             twin.ingest([Sample(FLOW, float(i), Quality.GOOD)])
+            if i % 1000 == 999:
+                twin.compact()  # blocks of 1,000 samples
         twin.flush()
-        fake_clock.now = T0 + DAY + 10_000  # revs 1..10_000 are older than a day
+        fake_clock.now = T0 + DAY + 10_000  # blocks of revs 1..10_000 are older than a day
         stop = threading.Event()
 
         def keep_ingesting() -> None:
@@ -229,12 +258,68 @@ def test_prune_deletes_in_chunks_while_ingest_continues(
             stop.set()
             thread.join()
         twin.flush()
-        assert result.log_start_rev == 10_001
         assert result.history_rows == 10_000
-        log = twin.events_since(10_000, limit=10_000_000)
-        assert [e.rev for e in log] == list(range(10_001, twin.rev + 1))
-        assert twin.rev > 30_000
         assert twin.history(FLOW, 0, fake_clock.now)[0].value == 10_000.0
+        assert len(twin.history(FLOW, 0, fake_clock.now, limit=100_000)) == 20_000
+        log = twin.events_since(twin.log_start_rev - 1, limit=10_000_000)
+        assert [e.rev for e in log] == list(range(twin.log_start_rev, twin.rev + 1))
+        assert twin.rev > 30_000
+
+
+def test_the_event_log_keeps_its_window_and_what_a_consumer_holds(
+    tmp_path: Path, fake_clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    with TwinStore(tmp_path / "twin.db", POINTS, clock=fake_clock, event_log_minutes=10) as twin:
+
+        def minute(m: int) -> int:
+            fake_clock.now = T0 + 60 * m
+            twin.ingest([Sample(FLOW, float(m), Quality.GOOD)])
+            twin.flush()  # a commit (a frame) a minute, as minutes apart would give
+            return twin.rev
+
+        revs = [minute(m) for m in range(30)]
+        twin.compact()
+        # Minutes 19..29 are within 10 minutes of the newest sample; the log starts there.
+        assert twin.log_start_rev == revs[19]
+        twin.hold_log("sync", revs[22])
+        revs += [minute(m) for m in range(30, 60)]
+        twin.compact()
+        # The window alone would start at minute 49; the consumer's cursor keeps 23 onwards.
+        assert twin.log_start_rev == revs[23]
+        log = twin.events_since(revs[22], limit=1000)
+        assert [e.rev for e in log] == revs[23:]
+        assert [e.data["value"] for e in log] == [float(m) for m in range(23, 60)]
+        twin.release_log("sync")
+        twin.compact()
+        assert twin.log_start_rev == revs[49]
+        # History is whole whatever the log kept.
+        assert [r.value for r in twin.history(FLOW, 0, fake_clock.now)] == [
+            float(m) for m in range(60)
+        ]
+
+
+def test_a_hold_gives_way_at_the_log_size_bound(
+    tmp_path: Path, fake_clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    with TwinStore(
+        tmp_path / "twin.db",
+        POINTS,
+        clock=fake_clock,
+        event_log_minutes=0,
+        event_log_max_mb=0.001,  # ~1 kB of frames
+    ) as twin:
+        twin.hold_log("sync", 0)
+        for i in range(200):
+            fake_clock.now = T0 + i
+            twin.ingest([Sample(FLOW, i * 1.5, Quality.GOOD)])
+            twin.flush()  # a frame per sample
+        with caplog.at_level(logging.WARNING, logger="gateway.twin"):
+            twin.compact()
+        assert twin.stats.log_bytes <= 1024
+        assert twin.log_start_rev > 1
+        assert any("cursor will expire" in r.getMessage() for r in caplog.records)
+        with pytest.raises(CursorExpiredError):
+            twin.events_since(0)
 
 
 def test_a_reader_on_its_own_sees_what_the_store_committed(store: TwinStore, fake_clock: FakeClock):

@@ -307,10 +307,10 @@ def test_a_file_that_is_not_a_database_is_refused(tmp_path: Path) -> None:
 
 
 def _break_writes(path: Path) -> None:
-    """Make every insert into the event log fail, as a full disk would."""
+    """Make every telemetry commit fail, as a full disk would."""
     with sqlite3.connect(path) as conn:
         conn.execute(
-            "CREATE TRIGGER disk_full BEFORE INSERT ON events "
+            "CREATE TRIGGER disk_full BEFORE INSERT ON frames "
             "BEGIN SELECT RAISE(ABORT, 'database or disk is full (simulated)'); END"
         )
 
