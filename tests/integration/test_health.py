@@ -119,6 +119,7 @@ async def test_reads_of_a_corrupted_database_answer_503_and_health_says_corrupt(
     with TwinStore(config.storage.path, points) as store:  # history from an earlier run
         for i in range(3000):
             store.ingest([Sample(LEVEL, float(i), Quality.GOOD)])
+            store.flush()  # a frame each: pages of history not compacted yet
     gw = Gateway(config)
     client = await aiohttp_client(create_app(gw))
     _overwrite_pages(config.storage.path)
@@ -139,7 +140,7 @@ async def test_reads_of_a_corrupted_database_answer_503_and_health_says_corrupt(
 
 
 def _overwrite_pages(path: Path) -> None:
-    """Garbage over the older leaf pages of the events table (its history), in the main file.
+    """Garbage over the older leaf pages of the frames table (recent history), in the main file.
 
     Only old leaves: the running writer appends at the right edge of the tree and never reads
     them, so the damage stays where a history read finds it and shutdown still commits cleanly.
@@ -147,7 +148,7 @@ def _overwrite_pages(path: Path) -> None:
     with sqlite3.connect(path) as conn:
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # every page into the main file
         (root,) = conn.execute(
-            "SELECT rootpage FROM sqlite_master WHERE name = 'events'"
+            "SELECT rootpage FROM sqlite_master WHERE name = 'frames'"
         ).fetchone()
     data = path.read_bytes()
     size = int.from_bytes(data[16:18], "big")
