@@ -73,6 +73,7 @@ async def health(request: web.Request) -> web.Response:
             "rev": gateway.store.rev,
             "uptime_s": round(time.time() - (gateway.started_at or time.time()), 3),
             "devices": devices,
+            "storage": gateway.store.storage_info(),
         }
     )
 

@@ -177,6 +177,36 @@ class HistoryReader:
             )
             return merged[:limit]
 
+    def footprint(self) -> dict[str, int]:
+        """How much history is stored and in how many bytes: blocks, and frames not compacted."""
+        with self._reading():
+            conn = self._conn()
+            conn.execute("BEGIN")
+            try:
+                (compacted,) = conn.execute(
+                    "SELECT value FROM meta WHERE key = 'compacted_rev'"
+                ).fetchone()
+                blocks, block_samples, block_bytes = conn.execute(
+                    "SELECT count(*), coalesce(sum(n), 0), coalesce(sum(length(body)), 0) "
+                    "FROM blocks WHERE rev1 <= ?",
+                    (compacted,),
+                ).fetchone()
+                frames, frame_samples, frame_bytes = conn.execute(
+                    "SELECT count(*), coalesce(sum(n), 0), coalesce(sum(nbytes), 0) "
+                    "FROM frames WHERE rev0 > ?",
+                    (compacted,),
+                ).fetchone()
+            finally:
+                conn.execute("COMMIT")
+        return {
+            "blocks": blocks,
+            "block_samples": block_samples,
+            "block_bytes": block_bytes,
+            "uncompacted_frames": frames,
+            "frame_samples": frame_samples,
+            "frame_bytes": frame_bytes,
+        }
+
     def close(self) -> None:
         """Close every connection this reader opened."""
         with self._lock:

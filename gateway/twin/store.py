@@ -442,6 +442,27 @@ class TwinStore:
         """Committed events after `rev`, in rev order (blocking)."""
         return self._reading(self._require_reader().events_since, rev, limit)
 
+    def history_footprint(self) -> dict[str, int]:
+        """Samples and bytes of the stored history, compacted and not (blocking)."""
+        return self._reading(self._require_reader().footprint)
+
+    def storage_info(self) -> dict[str, int]:
+        """Where the log and the history stand, and the files' size, for /health (no I/O but
+        two stat calls)."""
+        writer = self._require_writer()
+        size = 0
+        for suffix in ("", "-wal"):
+            with contextlib.suppress(OSError):
+                size += Path(f"{self.path}{suffix}").stat().st_size
+        return {
+            "committed_rev": writer.committed_rev,
+            "log_start_rev": writer.log_start_rev,
+            "compacted_rev": writer.compacted_rev,
+            "uncompacted_samples": writer.uncompacted_rows,
+            "event_log_bytes": writer.log_bytes,
+            "database_bytes": size,
+        }
+
     @property
     def stats(self) -> StoreStats:
         """Ingest and writer counters."""

@@ -6,6 +6,7 @@ database through `limit_database_growth`, garbage written over pages of the open
 
 from __future__ import annotations
 
+import asyncio
 import random
 import sqlite3
 from collections.abc import AsyncIterator
@@ -64,6 +65,16 @@ async def test_health_is_degraded_while_the_twin_cannot_commit(tmp_path, plant, 
     body = await health(client)
     assert body["status"] == "ok", body["reasons"]
     assert body["reasons"] == []
+    # Where the log and the history stand: everything committed, nothing compacted yet.
+    storage = body["storage"]
+    assert storage["committed_rev"] == gw.store.committed_rev >= storage["uncompacted_samples"] > 0
+    assert storage["compacted_rev"] == 0 and storage["log_start_rev"] == 1
+    assert storage["event_log_bytes"] > 0
+    assert storage["database_bytes"] >= gw.store.path.stat().st_size
+    await asyncio.to_thread(gw.store.compact)
+    storage = (await health(client))["storage"]
+    assert storage["compacted_rev"] > 0
+    assert storage["uncompacted_samples"] < gw.store.committed_rev
 
 
 async def test_health_is_degraded_when_every_point_of_a_connected_device_is_bad(
