@@ -8,9 +8,8 @@ samples without importing the machinery that produces them (`drivers.base`).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = ["ConnectionState", "Quality", "Sample", "StateListener"]
 
@@ -34,12 +33,14 @@ class ConnectionState(StrEnum):
     CLOSED = "CLOSED"
 
 
-@dataclass(slots=True, frozen=True)
-class Sample:
+class Sample(NamedTuple):
     """One reading of one point.
 
     `value` None with a non-GOOD quality means "no new value": the consumer keeps the last one
     and only changes its quality (a lost connection, a point the device refused).
+
+    A NamedTuple rather than a frozen dataclass: as immutable, and built in about half the time
+    (0.6 against 1.2 us), which is most of what a changed Modbus value costs (issue 14).
     """
 
     key: str

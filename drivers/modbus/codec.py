@@ -30,6 +30,7 @@ __all__ = [
     "parse_address",
     "register_count",
     "set_bit",
+    "struct_code",
     "tolerance",
 ]
 
@@ -231,6 +232,11 @@ def set_bit(word: int, bit: int, value: bool) -> int:
     """Return `word` with `bit` set to `value` (the modify step of a read-modify-write)."""
     word = _word(word)
     return word | (1 << bit) if value else word & ~(1 << bit) & 0xFFFF
+
+
+def struct_code(datatype: DataType) -> str | None:
+    """Return the `struct` format character of a number's raw value (None for bool, string)."""
+    return _STRUCT.get(datatype)
 
 
 def tolerance(fmt: Format, value: float) -> float:

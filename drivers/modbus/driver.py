@@ -6,7 +6,8 @@ with garbage or stops answering for a while only marks the affected points BAD. 
 the connection (the device is there: a reconnect would only flap its state); silence makes the
 driver reconnect by itself after `failures_before_reconnect` silent polls. A poll reads its
 blocks with up to `max_in_flight` requests outstanding (Modbus TCP) and applies the answers in
-plan order.
+plan order. It hands over only the points whose value changed since it last reported them,
+and every BAD one (see `decoder`); after a reconnect, a split plan or dropped batches, all.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,7 @@ from drivers.errors import (
 from drivers.limits import limit_violation
 from drivers.modbus.bus import Bus, BusSettings, MalformedResponse, get_bus, parse_endpoint
 from drivers.modbus.codec import DataType, Format, Table, decode, encode, set_bit, tolerance
+from drivers.modbus.decoder import BlockDecoder
 from drivers.modbus.options import ModbusOptions
 from drivers.modbus.plan import Block, plan_reads, split_block
 from drivers.modbus.point import ModbusPoint
@@ -147,6 +149,10 @@ class ModbusDriver(Driver):
             max_in_flight=self.max_in_flight,
         )
         self._bus: Bus = get_bus(self.endpoint, settings)
+        # One decoder per planned block, built once; each remembers what it last reported, so
+        # a poll hands over only the points that changed (issue 14).
+        self._decoders = [BlockDecoder(b, self._formats) for b in self._plan]
+        self._dropped_seen = 0
         self._overrides: dict[int, _Override] = {}
         self._split_seen: set[Block] = set()
         self._silent_polls = 0
@@ -201,11 +207,17 @@ class ModbusDriver(Driver):
         log.info("%s: wrote %r to %s (%s)", self.name, actual, point.address, key)
         quality, reason = assess(actual, point.lo, point.hi)
         self._emit([Sample(key, actual, quality, ts, reason)])
+        # The next poll must report the point even if its registers read as before the write:
+        # the consumer now holds the value written, and the device may have changed it back.
+        for decoder in self._all_decoders():
+            decoder.forget(key)
         return actual
 
     # -- supervisor hooks -----------------------------------------------------------------------
 
     async def _connect(self) -> None:
+        # The points went STALE (or never had a value): the first poll reports every one.
+        self._reset_decoders()
         await self._bus.attach(self, self._on_link_lost)
         self._silent_polls = 0
 
@@ -228,24 +240,33 @@ class ModbusDriver(Driver):
         cycle = _Cycle()
         now = time.monotonic()
         started = asyncio.get_running_loop().time()
+        if self.dropped_batches != self._dropped_seen:
+            # A batch the consumer never got may have held changes no later poll repeats.
+            self._dropped_seen = self.dropped_batches
+            self._reset_decoders()
         # One list per planned block, joined in plan order whatever order the answers come in.
         outs: list[list[Sample]] = [[] for _ in self._plan]
 
         async def read(index: int) -> None:
-            block, out = self._plan[index], outs[index]
+            block, decoder, out = self._plan[index], self._decoders[index], outs[index]
             override = self._overrides.get(index)
             if override is not None and override.until <= now:
                 del self._overrides[index]
                 override = None
             if override is not None:
-                for sub in override.blocks:
-                    await self._read_block(sub, cycle, out)
+                for sub, sub_decoder in zip(override.blocks, override.decoders, strict=True):
+                    await self._read_block(sub, sub_decoder, cycle, out)
                 return
-            split, bad = await self._read_block(block, cycle, out)
+            split, bad = await self._read_block(block, decoder, cycle, out)
             if split:
                 self._overrides[index] = self._split_plan(block, bad, now)
 
-        await _run_limited(read, len(self._plan), self.max_in_flight)
+        try:
+            await _run_limited(read, len(self._plan), self.max_in_flight)
+        except BaseException:
+            # What the finished reads decoded is never handed over: forget it was.
+            self._reset_decoders()
+            raise
         samples = [s for out in outs for s in out]
         self._log_transitions(samples)
         self._emit(samples)
@@ -266,15 +287,18 @@ class ModbusDriver(Driver):
                 raise cause
 
     async def _read_block(
-        self, block: Block, cycle: _Cycle, out: list[Sample]
+        self, block: Block, decoder: BlockDecoder, cycle: _Cycle, out: list[Sample]
     ) -> tuple[bool, set[str]]:
         """Read one block into `out`; return (had to split, keys refused on their own).
 
-        A merged block the device refuses is split into one read per point, so only the points
-        the device really refuses go BAD; `_poll` then keeps that split plan for a while.
+        `out` gets the samples of the points that changed since `decoder` last reported them
+        (and of every BAD one). A merged block the device refuses is split into one read per
+        point, so only the points the device really refuses go BAD; `_poll` then keeps that
+        split plan for a while.
         """
         if cycle.failed >= 2 and not cycle.answered:
             # Two requests in a row unanswered: don't spend a timeout on each remaining block.
+            decoder.reset()
             _bad(out, block.points, None, f"not read: {cycle.last_failure}")
             return False, set()
         try:
@@ -283,16 +307,20 @@ class ModbusDriver(Driver):
             # The device answers, only not sensibly: the link is fine, a reconnect would not
             # help and would only add DISCONNECTED/CONNECTED transitions per poll.
             cycle.answered += 1
+            decoder.reset()
             _bad(out, block.points, time.time(), exc.text)
             return False, set()
         except _Refused as exc:
             cycle.answered += 1
+            # Whatever comes next reports these points outside this decoder.
+            decoder.reset()
             parts = split_block(block)
             per_address = exc.code not in _DEVICE_STATE_CODES
             if per_address and len(parts) > 1:
                 bad: set[str] = set()
                 for part in parts:
-                    _, part_bad = await self._read_block(part, cycle, out)
+                    part_decoder = BlockDecoder(part, self._formats)
+                    _, part_bad = await self._read_block(part, part_decoder, cycle, out)
                     bad |= part_bad
                 return True, bad
             _bad(out, block.points, time.time(), exc.text)
@@ -300,20 +328,11 @@ class ModbusDriver(Driver):
         except _NoAnswer as exc:
             cycle.failed += 1
             cycle.last_failure = exc.text
+            decoder.reset()
             _bad(out, block.points, None, exc.text)
             return False, set()
         cycle.answered += 1
-        for p in block.points:
-            try:
-                value = decode(self._formats[p.key], data[block.window(p)])
-            except ValueError as exc:
-                out.append(
-                    Sample(p.key, None, Quality.BAD, ts, f"cannot decode {p.address}: {exc}")
-                )
-                continue
-            quality, reason = assess(value, p.lo, p.hi)
-            shown = None if quality is Quality.BAD else value
-            out.append(Sample(p.key, shown, quality, ts, reason))
+        decoder.samples(data, ts, out)
         return False, set()
 
     async def _read_raw(self, block: Block, *, held: bool = False) -> tuple[list[Any], float]:
@@ -370,7 +389,20 @@ class ModbusDriver(Driver):
             len(blocks),
             self._merge_retry_s,
         )
-        return _Override(now + self._merge_retry_s, blocks)
+        return _Override(
+            now + self._merge_retry_s, blocks, [BlockDecoder(b, self._formats) for b in blocks]
+        )
+
+    def _all_decoders(self) -> Iterator[BlockDecoder]:
+        """The decoders of the plan and of every split plan in force."""
+        yield from self._decoders
+        for override in self._overrides.values():
+            yield from override.decoders
+
+    def _reset_decoders(self) -> None:
+        """Make the next poll report every point."""
+        for decoder in self._all_decoders():
+            decoder.reset()
 
     # -- writing --------------------------------------------------------------------------------
 
@@ -491,6 +523,7 @@ class _Garbled(_NoAnswer):
 class _Override:
     until: float
     blocks: list[Block]
+    decoders: list[BlockDecoder]
 
 
 @dataclass(slots=True)

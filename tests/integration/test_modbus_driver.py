@@ -406,12 +406,18 @@ async def test_unmapped_address_marks_only_its_point_bad(
         assert rec.latest["h20"].value is None
         assert (rec.latest["h19"].value, rec.latest["h21"].value) == (19, 21)
         # Later polls keep it that way: the split plan is reused, and the merged read is tried
-        # again after merge_retry_s (a device may have been reconfigured meanwhile).
+        # again after merge_retry_s (a device may have been reconfigured meanwhile). The BAD
+        # point is in every poll's batch; the GOOD ones, which do not change, only when the
+        # plan is made again (each retry), and never other than GOOD.
         seen = len(rec.batches)
         await rec.until(lambda _: len(rec.batches) >= seen + 12)
+        later = rec.batches[seen:]
         assert all(
-            [s.quality for s in batch].count(Quality.GOOD) == 3 for batch in rec.batches[seen:]
+            [(s.key, s.quality) for s in batch].count(("h20", Quality.BAD)) == 1 for batch in later
         )
+        good = [s for batch in later for s in batch if s.key != "h20"]
+        assert {s.key for s in good} == {"h19", "h21", "h22"}
+        assert {s.quality for s in good} == {Quality.GOOD}
         assert driver.connected
         retries = [r.levelno for r in caplog.records if "refused as a whole" in r.getMessage()]
         assert retries[0] == logging.INFO and len(retries) >= 2
@@ -500,6 +506,142 @@ async def test_server_restart_goes_stale_then_recovers_by_itself(plant: Plant) -
         await rec.all(Quality.GOOD, ["temp", "pump", "level"])
         assert driver.connected and rec.states[-1] is ConnectionState.CONNECTED
         assert rec.latest["temp"].value == 21.5
+
+
+class Watch:
+    """A device action that counts holding-register reads and lets a test set registers."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+        self._memory: tuple[int, list[int]] | None = None
+
+    async def action(
+        self,
+        function_code: int,
+        start_address: int,
+        address: int,
+        count: int,
+        registers: list[int],
+        set_values: list[int] | list[bool] | None,
+    ) -> ExcCodes | None:
+        if function_code == 3:
+            self.reads += 1
+            self._memory = (start_address, registers)
+        return None
+
+    def set(self, address: int, values: list[int]) -> None:
+        """Change holding registers inside the device, as its own program would."""
+        assert self._memory is not None, "the device has not been read yet"
+        start, registers = self._memory
+        registers[address - start : address - start + len(values)] = values
+
+    async def polls(self, count: int, within: float = 5.0) -> None:
+        """Wait until the device has been read `count` more times."""
+        target, deadline = self.reads + count, time.monotonic() + within
+        while self.reads < target:
+            assert time.monotonic() < deadline, f"{self.reads} reads, waiting for {target}"
+            await asyncio.sleep(0.01)
+
+
+# One block (holding 0..13): one holding read per poll.
+HOLDING_POINTS = [p for p in POINTS if p.address.table == "holding"]
+
+
+@pytest.fixture
+async def watched() -> AsyncIterator[tuple[Plant, Watch]]:
+    watch = Watch()
+    plant = Plant(action=watch.action)
+    await plant.start()
+    yield plant, watch
+    await plant.stop()
+
+
+async def test_a_poll_hands_over_only_the_points_that_changed(
+    watched: tuple[Plant, Watch],
+) -> None:
+    plant, watch = watched
+    async with running(plant, HOLDING_POINTS) as (_, rec):
+        await rec.until(lambda latest: len(latest) == len(HOLDING_POINTS))
+        await watch.polls(3)
+        assert len(rec.batches) == 1  # the first poll; the registers have not changed since
+
+        watch.set(2, words("f", 30.25))
+        await rec.until(lambda latest: latest["temp"].value == 30.25)
+        await watch.polls(3)
+        assert [[s.key for s in b] for b in rec.batches[1:]] == [["temp"]]
+
+        watch.set(0, [2000])  # setpoint 200.0, above its limit of 100
+        await rec.until(lambda latest: latest["setpoint"].quality is Quality.UNCERTAIN)
+        await watch.polls(3)
+        assert rec.batches[2:] == [[rec.latest["setpoint"]]]
+        assert rec.latest["setpoint"].value == pytest.approx(200.0)
+        assert rec.latest["setpoint"].reason == "200 outside engineering range [0, 100]"
+
+        # A BAD point is handed over in every poll, as before; the others still are not.
+        watch.set(2, words("f", math.nan))
+        await rec.until(lambda latest: latest["temp"].quality is Quality.BAD)
+        seen = len(rec.batches)
+        await watch.polls(3)
+        assert len(rec.batches) >= seen + 2
+        assert {(s.key, s.quality, s.reason) for b in rec.batches[3:] for s in b} == {
+            ("temp", Quality.BAD, "value not finite (nan)")
+        }
+
+
+async def test_after_a_reconnect_every_point_is_handed_over_again(
+    watched: tuple[Plant, Watch],
+) -> None:
+    plant, watch = watched
+    async with running(plant, HOLDING_POINTS) as (_, rec):
+        await rec.all(Quality.GOOD)
+        await watch.polls(2)
+        await plant.stop()
+        await rec.all(Quality.STALE)
+        seen = len(rec.batches)
+        await plant.start()  # the same registers as before
+        await rec.all(Quality.GOOD)
+        again = [s for batch in rec.batches[seen:] for s in batch]
+        assert sorted(s.key for s in again) == sorted(p.key for p in HOLDING_POINTS)
+
+
+async def test_a_value_the_device_puts_back_after_a_write_is_handed_over(
+    watched: tuple[Plant, Watch],
+) -> None:
+    plant, watch = watched
+    async with running(plant, HOLDING_POINTS) as (driver, rec):
+        await rec.all(Quality.GOOD)
+        assert await driver.write("setpoint", 42.5) == pytest.approx(42.5)
+        assert rec.latest["setpoint"].value == pytest.approx(50.0)  # not consumed yet
+        # The device's own program restores the old setpoint before the next poll: its
+        # registers read as they did before the write, but the write reported 42.5.
+        watch.set(0, [500])
+        await rec.until(lambda latest: latest["setpoint"].value == pytest.approx(42.5))
+        await rec.until(lambda latest: latest["setpoint"].value == pytest.approx(50.0))
+
+
+async def test_batches_dropped_for_a_slow_consumer_lose_no_point(
+    watched: tuple[Plant, Watch],
+) -> None:
+    plant, watch = watched
+    driver = ModbusDriver(
+        "tank", plant.endpoint, FAST, HOLDING_POINTS, backoff=Backoff(0.05, 0.5), queue_size=1
+    )
+    await driver.start()
+    rec: Recorder | None = None
+    try:
+        await watch.polls(2)  # the first poll's batch waits in the queue, nobody takes it
+        watch.set(2, words("f", 30.25))
+        # The batch with only the change pushes out the one with every point's first value.
+        await watch.polls(3)
+        assert driver.dropped_batches >= 1
+        rec = Recorder(driver)
+        await rec.until(
+            lambda latest: len(latest) == len(HOLDING_POINTS) and latest["temp"].value == 30.25
+        )
+    finally:
+        await driver.close()
+        if rec is not None:
+            await rec.stop()
 
 
 async def test_rtu_framer_over_tcp() -> None:
