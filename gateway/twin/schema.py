@@ -41,6 +41,7 @@ Version 2 keeps telemetry in two compressed forms (`codec.py`), neither indexed 
 from __future__ import annotations
 
 import contextlib
+import logging
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -52,6 +53,8 @@ from sqlite_utils import Database
 from drivers.contract import Quality
 from gateway.errors import DatabaseFault, StoreError
 from gateway.twin import codec
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "MIGRATIONS",
@@ -226,10 +229,17 @@ def migrate(conn: sqlite3.Connection, *, path: str | Path = "") -> int:
     for version, name, apply in MIGRATIONS:
         if version in applied:
             continue
+        started = time.monotonic()
+        if applied:  # an existing database, not a new one: say what takes the time
+            log.info("%s: migrating the twin database to schema %d (%s)", path, version, name)
         with db.atomic():
             apply(db)
             db.table("_migrations").insert(
                 {"version": version, "name": name, "applied_at": time.time()}
+            )
+        if applied:
+            log.info(
+                "%s: schema %d in place after %.1f s", path, version, time.monotonic() - started
             )
     return SCHEMA_VERSION
 
