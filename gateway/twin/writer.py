@@ -43,6 +43,7 @@ would walk the backlog again at every drop and leave holes across the whole outa
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import logging
@@ -53,6 +54,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Final
 
@@ -119,7 +121,8 @@ COMPACT_ROWS = 3_000_000
 # Samples regrouped per compaction step (a range of points): what one step holds in memory,
 # ~40 bytes a sample while regrouped. Each step writes its blocks in its own transaction;
 # between steps the writer commits what was ingested.
-COMPACT_GROUP_ROWS = 250_000
+COMPACT_GROUP_ROWS = 500_000
+PID_END = 2**62  # above every pid: the last group of a compaction ends here
 # The backlog bound (see the module docstring). 250,000 rows is ~4 minutes of 1,000 points
 # changing every second, hours for the demo plant; 64 MiB caps it when values are long texts.
 BACKLOG_ROWS = 250_000
@@ -207,9 +210,10 @@ class _CompactJob:
     start: int  # compacted_rev when it began
     cut: int  # every frame with start < rev0 <= cut is compacted
     groups: list[tuple[int, int]]  # [lo, hi) pid ranges, one step each
-    rows: int  # samples in those frames
+    rows: int  # samples in those frames, as counted when planning
     done: int = 0  # groups written
     blocks: int = 0
+    written: int = 0  # samples written into blocks
 
 
 class Writer:
@@ -286,6 +290,10 @@ class Writer:
         self.log_bytes = 0  # body bytes of every frame kept
         # Every point's newest committed row since the last current snapshot.
         self._changed: dict[int, TelemetryRow] = {}
+        # Samples per pid in the uncompacted frames, counted as they commit, so that planning a
+        # compaction need not decode every frame an extra time; None when not known (frames
+        # left by the previous run).
+        self._pid_counts: collections.Counter[int] | None = None
         self._compact: _CompactJob | None = None
         self._compact_waiters: list[_Command] = []
 
@@ -439,6 +447,7 @@ class Writer:
             (self.compacted_rev,),
         ).fetchone()
         self._uncompacted_rows = int(n)
+        self._pid_counts = collections.Counter() if not n else None
         self._uncompacted_since = time.monotonic()
         self.log_bytes = int(nbytes)
         self._frames_top = int(top)
@@ -577,10 +586,12 @@ class Writer:
         if frames:
             if not self._uncompacted_rows:
                 self._uncompacted_since = time.monotonic()
-            changed = self._changed
+            changed, counts = self._changed, self._pid_counts
             for batch in telemetry:
                 for row in batch:
                     changed[row[2]] = row
+                if counts is not None:
+                    counts.update(map(itemgetter(2), batch))
             for frame in frames:
                 self._uncompacted_rows += frame[4]
                 self.log_bytes += frame[5]
@@ -734,12 +745,15 @@ class Writer:
             if job is None:
                 job = self._compact = self._plan_compaction()
             elif job.done < len(job.groups):
-                job.blocks += self._write_blocks(job, *job.groups[job.done])
+                blocks, rows = self._write_blocks(job, *job.groups[job.done])
+                job.blocks += blocks
+                job.written += rows
                 job.done += 1
             else:
                 self._finish_compaction(job)
         except Exception as exc:
             self._compact = None
+            self._pid_counts = None  # the next plan counts from the frames themselves
             if isinstance(exc, sqlite3.Error):
                 self._fail(exc, "compaction")
             else:
@@ -761,13 +775,23 @@ class Writer:
 
     def _plan_compaction(self) -> _CompactJob:
         """Count each point's samples in the frames, and cut the pids into groups."""
+        # A compaction that failed part-way left blocks past the watermark; this one's cut
+        # covers their revs, so they must go first or those rows would be read twice.
+        self._drop_unfinished_blocks()
         job = _CompactJob(self.compacted_rev, self._frames_top, [], 0)
         counts = np.zeros(1, dtype=np.int64)
-        for cols in self._frames_to_compact(job):
-            found = np.bincount(cols.pid)
-            if len(found) > len(counts):
-                counts = np.pad(counts, (0, len(found) - len(counts)))
-            counts[: len(found)] += found
+        if self._pid_counts is not None:
+            # Counted at commit: everything up to _frames_top, which is this job's cut.
+            known, self._pid_counts = self._pid_counts, collections.Counter()
+            if known:
+                counts = np.zeros(max(known) + 1, dtype=np.int64)
+                counts[list(known)] = list(known.values())
+        else:
+            for cols in self._frames_to_compact(job):
+                found = np.bincount(cols.pid)
+                if len(found) > len(counts):
+                    counts = np.pad(counts, (0, len(found) - len(counts)))
+                counts[: len(found)] += found
         job.rows = int(counts.sum())
         lo, held = 0, 0
         for pid in np.flatnonzero(counts):
@@ -775,17 +799,20 @@ class Writer:
                 job.groups.append((lo, int(pid)))
                 lo, held = int(pid), 0
             held += int(counts[pid])
-        if held:
-            job.groups.append((lo, len(counts)))
+        if held or not job.groups:
+            # Open-ended: a pid the counts missed is still compacted, never skipped.
+            job.groups.append((lo, PID_END))
         return job
 
-    def _write_blocks(self, job: _CompactJob, lo: int, hi: int) -> int:
-        """Encode and write the blocks of points lo <= pid < hi; return how many."""
+    def _write_blocks(self, job: _CompactJob, lo: int, hi: int) -> tuple[int, int]:
+        """Encode and write the blocks of points lo <= pid < hi; return (blocks, samples)."""
         parts = []
         for cols in self._frames_to_compact(job):
             pid = cols.pid
             parts.append(cols.take((pid >= lo) & (pid < hi)))
         cols = codec.Columns.concat(parts)
+        if not len(cols):
+            return 0, 0
         order = np.argsort(cols.pid, kind="stable")  # rev order within a point
         pids = cols.pid[order]
         bounds = np.concatenate(([0], np.flatnonzero(np.diff(pids)) + 1, [len(pids)]))
@@ -809,7 +836,7 @@ class Writer:
         # Readers take blocks up to compacted_rev only: these count once the last step commits.
         with write_transaction(conn):
             self._insert_blocks.write(conn, blocks)
-        return len(blocks)
+        return len(blocks), len(cols)
 
     def _finish_compaction(self, job: _CompactJob) -> None:
         conn = self._conn
@@ -819,10 +846,12 @@ class Writer:
             self._write_current(conn)
             trimmed = self._trim_log(conn, job.cut)
         self._compact = None
+        if self._pid_counts is None and self._frames_top == job.cut:
+            self._pid_counts = collections.Counter()  # nothing uncompacted: count from here
         self.compactions += 1
         self.blocks_written += job.blocks
         self.compacted_rev = job.cut
-        self._uncompacted_rows -= job.rows
+        self._uncompacted_rows -= job.written
         self._uncompacted_since = time.monotonic()
         self._changed = {}
         if trimmed is not None:
@@ -830,7 +859,8 @@ class Writer:
             self.log_bytes -= freed
 
     def _drop_unfinished_blocks(self) -> None:
-        """Delete blocks an interrupted compaction wrote past the watermark (newest ids)."""
+        """Delete blocks an interrupted or failed compaction wrote past the watermark (they
+        have the newest ids, so the walk stops at the first block below it)."""
         conn = self._conn
         assert conn is not None
         orphans = []
