@@ -243,7 +243,7 @@ def test_prune_deletes_in_chunks_while_ingest_continues(
         twin.flush()
         fake_clock.now = T0 + DAY + 10_000  # blocks of revs 1..10_000 are older than a day
         stop, running = threading.Event(), threading.Event()
-        ingested = []
+        ingested: list[float] = []
 
         def keep_ingesting() -> None:
             while not stop.wait(0.0005):  # a driver's pace, not a spin
