@@ -81,8 +81,9 @@ __all__ = [
     "Writer",
 ]
 
-# (rev, ts, pid, value, quality code, source_ts, reason): what ingest accepted, one per sample.
-TelemetryRow = tuple[int, float, int, Any, int, "float | None", "str | None"]
+# (rev, ts, pid, value, quality code, source_ts, reason): what ingest accepted, one per sample;
+# the codec's type, so that frames and blocks take the rows as they are.
+TelemetryRow = codec.TelemetryRow
 # Positions in a TelemetryRow. The row stays a plain tuple (bound as-is, one allocation per
 # accepted sample on the hot ingest path); these names keep readers off bare indexes.
 ROW_PID: Final = 2
