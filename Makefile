@@ -24,6 +24,8 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/codec.py
+	$(BIN)/python bench/modbus_decode.py
 	$(BIN)/python bench/opcua.py
 	$(BIN)/python bench/sim.py
 	$(BIN)/python bench/footprint.py --quick
