@@ -563,8 +563,11 @@ class Writer:
             self._loss,
             self._kept_current,
         )
-        frames = [_frame(run) for run in _runs(telemetry)]
         try:
+            # Encoded inside the try: a row the codec cannot take fails this commit like a
+            # database error would (reported, retried, shed at the backlog bound), rather than
+            # ending the thread.
+            frames = [_frame(run) for run in _runs(telemetry)]
             with write_transaction(conn):
                 if frames:
                     conn.executemany(INSERT_FRAME, frames)

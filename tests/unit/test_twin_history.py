@@ -368,3 +368,28 @@ def test_a_failed_compaction_loses_nothing_and_the_next_one_does_it_all(
         for point in (FLOW, PRESSURE):
             expected = [f.rev for f in fed[point] + more[point]]
             assert [r.rev for r in twin.history(point, 0, fake_clock.now, limit=10_000)] == expected
+
+
+def test_a_frame_that_cannot_be_encoded_fails_the_commit_not_the_writer(
+    store: TwinStore, fake_clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway.twin import codec
+
+    real = codec.encode_frame
+    broken = True
+
+    def encode(rows: list[writer_module.TelemetryRow]) -> bytes:
+        if broken:
+            raise ValueError("codec bug")
+        return real(rows)
+
+    monkeypatch.setattr(codec, "encode_frame", encode)
+    store.ingest([Sample(FLOW, 1.0, Quality.GOOD)])
+    with pytest.raises(StoreError, match="codec bug"):
+        store.flush(timeout=5)
+    assert store.problems(), "reported, as a failing commit is"
+    broken = False
+    store.ingest([Sample(FLOW, 2.0, Quality.GOOD)])
+    store.flush(timeout=10)  # the retry commits both
+    assert store.problems() == []
+    assert [r.value for r in store.history(FLOW, 0, fake_clock.now)] == [1.0, 2.0]
