@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import random
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -157,7 +158,16 @@ def _overwrite_pages(path: Path) -> None:
     them, so the damage stays where a history read finds it and shutdown still commits cleanly.
     """
     with sqlite3.connect(path) as conn:
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # every page into the main file
+        # Every page into the main file. The running gateway may hold the WAL for a moment (a
+        # device state event committing): a checkpoint that could not finish leaves the newest
+        # copies of the pages in the WAL, where reads would find them undamaged.
+        for _ in range(100):
+            busy, wal_pages, copied = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            if busy == 0 and wal_pages in (0, copied):
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("could not checkpoint the WAL into the main file")
         (root,) = conn.execute(
             "SELECT rootpage FROM sqlite_master WHERE name = 'frames'"
         ).fetchone()

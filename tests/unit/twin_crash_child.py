@@ -18,15 +18,15 @@ from gateway.twin import writer
 from gateway.twin.model import PointDef
 from gateway.twin.store import TwinStore
 
-# Compact every few bursts and keep no event-log window, so kills land in compactions and trims
-# too: both must leave every rev exactly once (in a block or a frame) and the current values.
-writer.COMPACT_ROWS = 3000
-
 POINTS = [PointDef(f"crash/line{i % 4}/asset{i}/value", "dev", "float32") for i in range(200)]
 
 
 def main(path: str) -> int:
     """Ingest forever; the parent ends this with SIGKILL."""
+    # Compact every few bursts and keep no event-log window, so kills land in compactions and
+    # trims too: both must leave every rev exactly once (in a block or a frame) and the current
+    # values. Set here, not at import: the test imports this module for POINTS.
+    writer.COMPACT_ROWS = 3000
     store = TwinStore(path, POINTS, flush_interval_s=0.002, flush_rows=2000, event_log_minutes=0)
     store.open()
     print(f"open {store.rev}", flush=True)
