@@ -230,8 +230,8 @@ class Writer:
         flush_rows: int,
         history_s: float,
         events_s: float,
-        log_window_s: float = 900.0,
-        log_max_bytes: int = 512 * 1024 * 1024,
+        log_window_s: float,
+        log_max_bytes: int,
         cache_kib: int = CACHE_MIN_KIB,
         backlog_rows: int = BACKLOG_ROWS,
         backlog_bytes: int = BACKLOG_BYTES,
@@ -411,8 +411,9 @@ class Writer:
             self._max_pages = int(self._conn.execute("PRAGMA max_page_count").fetchone()[0])
             self._upsert_current = MultiRowInsert(self._conn, UPSERT_CURRENT)
             self._insert_blocks = MultiRowInsert(self._conn, INSERT_BLOCK)
+            # Blocks a compaction left unfinished are ignored by readers (past the watermark)
+            # and dropped when the next compaction plans (_plan_compaction).
             self._read_frames_state()
-            self._drop_unfinished_blocks()
         except BaseException as exc:
             self._start_error = exc
             self._started.set()
