@@ -18,7 +18,7 @@ HEADER = os.path.join(HERE, "opstwin_sim.h")
 SOURCES = ["opstwin_sim.c"]
 MODULE = "gateway._simkernel"
 SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
-BASE_FLAGS = ["-std=c99", "-O2", "-Wall", "-Wextra"]
+BASE_FLAGS = ["-std=c99", "-O3", "-ffp-contract=off", "-fno-math-errno", "-Wall", "-Wextra"]
 
 
 def _cdef() -> str:

@@ -1,20 +1,22 @@
 /* OpsTwin what-if Monte Carlo kernel: the public C API.
  *
  * Implements native/SPEC.md (the model contract shared with gateway/sim/reference.py).
- * C99 + libm + pthreads. Every entry point validates its input and returns a negative
- * OPSTWIN_E_* code on bad input or allocation failure; nothing asserts or aborts.
+ * C99 + libm + pthreads (AVX2 code paths chosen at run time on x86-64 with GCC or Clang).
+ * Every entry point validates its input and returns a negative OPSTWIN_E_* code on bad input
+ * or allocation failure; nothing asserts or aborts.
  *
- * Layout conventions
+ * Layout conventions (o = model output, 0..n_out-1; every output is summarised in one pass)
  *   - All matrices are row-major and compact: A is n*n, B is n*m, C is p*n.
- *   - percentiles[k*6 + j]      step k, j over OPSTWIN_PERCENTILES (5,25,50,75,95,99).
+ *   - percentiles[(o*n_steps + k)*6 + j]  step k, j over OPSTWIN_PERCENTILES (5,25,50,75,95,99).
  *   - first_violation[c*4 + j]  constraint c, j = p5, p50, p95, mean of t_{k+1} (NaN if none).
- *   - kpi[i*5 + j]              i = final, max, min, mean; j = mean, std (ddof 0), p5, p50, p95.
- *   - raw_paths[i*n_steps + k]  optional debug copy of every path's recorded output.
+ *   - kpi[o*20 + i*5 + j]       i = final, max, min, mean; j = mean, std (ddof 0), p5, p50, p95.
+ *   - kpi_rse[o*4 + i]
+ *   - raw_paths[(i*n_steps + k)*n_out + o]  optional debug copy of every path's outputs.
  *
- * Random numbers: xoshiro256++ seeded by splitmix64(seed); path block b (paths 64b..64b+63)
- * uses the generator state after b jump()s, paths of a block consume it in order, so the
- * result depends on the seed only, never on the thread count. Adaptive batches are rounded
- * up to a multiple of 64 so a block never straddles two batches.
+ * Random numbers (SPEC.md, "Random numbers"): every 64-path block has its own nine xoshiro256++
+ * streams (eight noise lanes and one auxiliary stream), seeded from (seed, block) alone, so a
+ * result depends on the seed only, never on the thread count, the tile size or the CPU's
+ * vector unit. Adaptive batches are rounded up to a multiple of 64 paths.
  */
 #ifndef OPSTWIN_SIM_H
 #define OPSTWIN_SIM_H
@@ -24,10 +26,10 @@
 #define OPSTWIN_MAX_STATES 8
 #define OPSTWIN_MAX_INPUTS 4
 #define OPSTWIN_MAX_OUTPUTS 4
-#define OPSTWIN_MAX_PARAMS 4
+#define OPSTWIN_MAX_PARAMS 6
 #define OPSTWIN_MAX_STEPS 1000000
 #define OPSTWIN_MAX_CONSTRAINTS 64
-#define OPSTWIN_MAX_VALUES 134217728 /* paths * steps held in memory (1 GiB of doubles) */
+#define OPSTWIN_MAX_VALUES 268435456 /* paths * steps * outputs (2 GiB of doubles, as models.py) */
 #define OPSTWIN_BLOCK_PATHS 64
 #define OPSTWIN_N_PERCENTILES 6
 
@@ -60,9 +62,9 @@
 #define OPSTWIN_DIST_LOGNORMAL 4  /* mu a, sigma b of the underlying normal */
 
 /* Model kinds and the meaning of params[]. */
-#define OPSTWIN_MODEL_FOPDT 1      /* params: K, tau > 0, theta >= 0; y0; inputs[0]; sigma_w, sigma_v */
+#define OPSTWIN_MODEL_FOPDT 1      /* params: K, tau > 0, theta >= 0, sigma_w >= 0, sigma_v >= 0; y0; inputs[0] */
 #define OPSTWIN_MODEL_STATESPACE 2 /* n, m, p, A, B, C, x0, q[n], r[p]; inputs[0..m-1] */
-#define OPSTWIN_MODEL_TANK 3       /* params: area > 0, c_in >= 0, c_out >= 0, h_max > 0; y0 = h0; inputs[0] (%) */
+#define OPSTWIN_MODEL_TANK 3       /* params: area > 0, c_in >= 0, c_out >= 0, h_max > 0, sigma_w >= 0, sigma_v >= 0; y0 = h0; inputs[0] (%) */
 #define OPSTWIN_MODEL_WEIBULL 4    /* params: beta > 0, eta > 0, a0 >= 0 */
 
 /* Input profiles u(t). */
@@ -87,8 +89,6 @@ typedef struct {
     int kind; /* OPSTWIN_MODEL_* */
     opstwin_param params[OPSTWIN_MAX_PARAMS];
     double y0;      /* FOPDT initial output, tank initial level */
-    double sigma_w; /* process noise sd (FOPDT, tank) */
-    double sigma_v; /* measurement noise sd (FOPDT, tank) */
     int n, m, p;    /* state-space dimensions */
     double A[OPSTWIN_MAX_STATES * OPSTWIN_MAX_STATES];
     double B[OPSTWIN_MAX_STATES * OPSTWIN_MAX_INPUTS];
@@ -112,23 +112,25 @@ typedef struct {
     uint64_t seed;
     int64_t n_paths;   /* fixed mode: paths to run */
     int threads;       /* 0 = number of online CPUs; capped at 64 */
-    int output_index;  /* output summarised by percentiles / KPIs (state-space), else 0 */
+    int portable;      /* nonzero: never use the AVX2 code (same numbers, for tests) */
     int n_constraints;
     const opstwin_constraint *constraints;
     int adaptive;      /* nonzero: batches until rse_target or max_paths */
     int64_t batch;     /* rounded up to a multiple of 64 */
     int64_t max_paths;
     double rse_target;
+    int driving_kpi;    /* adaptive without constraints: KPI (0 final .. 3 mean) whose mean's */
+    int driving_output; /* RSE is targeted, of this output */
 } opstwin_scenario;
 
 typedef struct {
-    double *percentiles;     int64_t percentiles_len;     /* >= n_steps * 6 */
+    double *percentiles;     int64_t percentiles_len;     /* >= n_out * n_steps * 6 */
     double *violation_prob;  int64_t violation_prob_len;  /* >= n_constraints */
     double *violation_rse;   int64_t violation_rse_len;   /* >= n_constraints */
     double *first_violation; int64_t first_violation_len; /* >= n_constraints * 4 */
-    double *kpi;             int64_t kpi_len;             /* >= 20 */
-    double *kpi_rse;         int64_t kpi_rse_len;         /* >= 4 */
-    double *raw_paths;       int64_t raw_paths_len;       /* optional; >= paths * n_steps (max_paths if adaptive) */
+    double *kpi;             int64_t kpi_len;             /* >= n_out * 20 */
+    double *kpi_rse;         int64_t kpi_rse_len;         /* >= n_out * 4 */
+    double *raw_paths;       int64_t raw_paths_len;       /* optional; >= paths * n_steps * n_out (paths rounded up to 64 if adaptive) */
     /* written by the kernel */
     int64_t n_paths_run;
     int error_param;         /* parameter index for OPSTWIN_E_DOMAIN / E_DIST, else -1 */
@@ -140,8 +142,16 @@ int opstwin_sim_run(const opstwin_model *model, const opstwin_scenario *scenario
 /* Static message for a return code (never NULL). */
 const char *opstwin_sim_strerror(int code);
 
-/* Benchmark floor: n standard normals drawn exactly as the kernel does (blocks of 64 * 1024
- * numbers, block b on the state after b jumps); returns their sum, NaN on bad arguments. */
+/* Benchmark floor: n standard normals drawn exactly as the kernel draws its noise (block b's
+ * noise lanes, 65,536 normals per block); returns their sum, NaN on bad arguments. */
 double opstwin_rng_floor(uint64_t seed, int64_t n, int threads);
+
+/* The first n normals (n a multiple of 8) of block `block`'s noise stream, in the order the
+ * kernel consumes them, into out[0..n); nonzero `portable` forces the non-AVX2 code.
+ * Returns OPSTWIN_OK or a negative code. For tests of the two code paths. */
+int opstwin_rng_normals(uint64_t seed, int64_t block, int64_t n, double *out, int portable);
+
+/* 1 if this build and CPU run the AVX2 code paths, else 0. */
+int opstwin_simd_level(void);
 
 #endif

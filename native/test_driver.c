@@ -20,20 +20,22 @@ static int failures = 0;
         }                                                                  \
     } while (0)
 
-static double pct[STEPS * 6], vp[4], vr[4], fv[16], kpi[20], krse[4];
-static double raw[PATHS * STEPS];
+#define RAW_PATHS 320 /* PATHS rounded up to whole 64-path blocks (adaptive mode) */
+#define OUTS 4
+static double pct[OUTS * STEPS * 6], vp[4], vr[4], fv[16], kpi[OUTS * 20], krse[OUTS * 4];
+static double raw[RAW_PATHS * STEPS * OUTS];
 
 static opstwin_output outputs(int with_raw)
 {
     opstwin_output o;
     memset(&o, 0, sizeof o);
-    o.percentiles = pct; o.percentiles_len = STEPS * 6;
+    o.percentiles = pct; o.percentiles_len = OUTS * STEPS * 6;
     o.violation_prob = vp; o.violation_prob_len = 4;
     o.violation_rse = vr; o.violation_rse_len = 4;
     o.first_violation = fv; o.first_violation_len = 16;
-    o.kpi = kpi; o.kpi_len = 20;
-    o.kpi_rse = krse; o.kpi_rse_len = 4;
-    if (with_raw) { o.raw_paths = raw; o.raw_paths_len = PATHS * STEPS; }
+    o.kpi = kpi; o.kpi_len = OUTS * 20;
+    o.kpi_rse = krse; o.kpi_rse_len = OUTS * 4;
+    if (with_raw) { o.raw_paths = raw; o.raw_paths_len = RAW_PATHS * STEPS * OUTS; }
     return o;
 }
 
@@ -51,17 +53,24 @@ static void set_param(opstwin_param *p, int kind, double a, double b, double c)
     p->kind = kind; p->a = a; p->b = b; p->c = c;
 }
 
+/* Every thread count, and the portable code beside the vector code: the same numbers. */
 static void run_all_threads(const opstwin_model *m, const opstwin_constraint *c, int nc)
 {
-    double first[STEPS * 6];
-    for (int t = 0; t <= 3; t++) {
-        opstwin_scenario s = scenario(t, c, nc);
+    static double first[OUTS * STEPS * 6], first_kpi[OUTS * 20];
+    for (int t = 0; t <= 4; t++) {
+        opstwin_scenario s = scenario(t < 4 ? t : 2, c, nc);
+        s.portable = t == 4;
         opstwin_output o = outputs(t == 2);
         int rc = opstwin_sim_run(m, &s, &o);
         CHECK(rc == OPSTWIN_OK);
         CHECK(o.n_paths_run == PATHS);
-        if (t == 0) memcpy(first, pct, sizeof first);
-        else CHECK(memcmp(first, pct, sizeof first) == 0);
+        if (t == 0) {
+            memcpy(first, pct, sizeof first);
+            memcpy(first_kpi, kpi, sizeof first_kpi);
+        } else {
+            CHECK(memcmp(first, pct, sizeof first) == 0);
+            CHECK(memcmp(first_kpi, kpi, sizeof first_kpi) == 0);
+        }
     }
 }
 
@@ -76,7 +85,9 @@ int main(void)
     set_param(&m.params[0], OPSTWIN_DIST_NORMAL, 2.0, 0.3, 0);
     set_param(&m.params[1], OPSTWIN_DIST_LOGNORMAL, log(10.0), 0.3, 0);
     set_param(&m.params[2], OPSTWIN_DIST_TRIANGULAR, 0, 2, 5);
-    m.y0 = 50; m.sigma_w = 0.05; m.sigma_v = 0.2;
+    set_param(&m.params[3], OPSTWIN_DIST_FIXED, 0.05, 0, 0);            /* sigma_w */
+    set_param(&m.params[4], OPSTWIN_DIST_UNIFORM, 0.1, 0.3, 0);         /* sigma_v */
+    m.y0 = 50;
     m.n_inputs = 1; m.inputs[0] = (opstwin_input){OPSTWIN_INPUT_RAMP, 1, 3, 5, 20};
     run_all_threads(&m, cons, 2);
 
@@ -87,7 +98,9 @@ int main(void)
     set_param(&m.params[1], OPSTWIN_DIST_FIXED, 0.05, 0, 0);
     set_param(&m.params[2], OPSTWIN_DIST_NORMAL, 0.02, 0.002, 0);
     set_param(&m.params[3], OPSTWIN_DIST_FIXED, 3.0, 0, 0);
-    m.y0 = 0.5; m.sigma_w = 0.001; m.sigma_v = 0.01;
+    set_param(&m.params[4], OPSTWIN_DIST_FIXED, 0.001, 0, 0);
+    set_param(&m.params[5], OPSTWIN_DIST_FIXED, 0.01, 0, 0);
+    m.y0 = 0.5;
     m.n_inputs = 1; m.inputs[0] = (opstwin_input){OPSTWIN_INPUT_STEP, 40, 80, 10, 0};
     opstwin_constraint tc = {0, OPSTWIN_UPPER, 2.0};
     run_all_threads(&m, &tc, 1);
@@ -130,8 +143,11 @@ int main(void)
         s.rse_target = 0.5;
         CHECK(opstwin_sim_run(&m, &s, &o) == OPSTWIN_OK);
         CHECK(o.n_paths_run == 128);
-        s.n_constraints = 0; /* drives on the first KPI mean */
+        s.n_constraints = 0; /* drives on a KPI mean */
+        s.driving_kpi = 3;
         CHECK(opstwin_sim_run(&m, &s, &o) == OPSTWIN_OK);
+        s.driving_kpi = 4;
+        CHECK(opstwin_sim_run(&m, &s, &o) == OPSTWIN_E_ADAPTIVE);
     }
 
     /* error paths */
@@ -166,6 +182,14 @@ int main(void)
     double f1 = opstwin_rng_floor(3, 200000, 1), f3 = opstwin_rng_floor(3, 200000, 3);
     CHECK(f1 == f3);
     CHECK(isnan(opstwin_rng_floor(3, -1, 1)));
+    {
+        static double a[40000], b[40000];
+        CHECK(opstwin_rng_normals(9, 5, 40000, a, 0) == OPSTWIN_OK);
+        CHECK(opstwin_rng_normals(9, 5, 40000, b, 1) == OPSTWIN_OK);
+        CHECK(memcmp(a, b, sizeof a) == 0);
+        CHECK(opstwin_rng_normals(9, 5, 7, a, 0) == OPSTWIN_E_PATHS);
+        CHECK(opstwin_rng_normals(9, 5, 8, NULL, 0) == OPSTWIN_E_NULL);
+    }
 
     if (failures) {
         fprintf(stderr, "%d check(s) failed\n", failures);

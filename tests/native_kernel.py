@@ -42,10 +42,17 @@ class Kernel:
         self.ffi, self.lib = mod.ffi, mod.lib
 
     def model(self, kind: str, **kw: Any) -> Any:
+        """A model struct; `sigma_w` / `sigma_v` (FOPDT, tank) fill the noise parameters, which
+        follow the model's own in params[] (fixed 0 when not given)."""
         ffi, lib = self.ffi, self.lib
         m = ffi.new("opstwin_model *")
         m.kind = getattr(lib, "OPSTWIN_MODEL_" + kind.upper())
-        for i, p in enumerate(kw.pop("params", [])):
+        params = list(kw.pop("params", []))
+        if kind in ("fopdt", "tank"):
+            own = 3 if kind == "fopdt" else 4
+            params += [0.0] * (own - len(params))
+            params += [kw.pop("sigma_w", 0.0), kw.pop("sigma_v", 0.0)]
+        for i, p in enumerate(params):
             if isinstance(p, (int, float)):
                 p = ("fixed", p)
             m.params[i].kind = getattr(lib, "OPSTWIN_DIST_" + p[0].upper())
@@ -76,17 +83,25 @@ class Kernel:
         threads: int = 1,
         constraints: Sequence[tuple[int, str, float]] = (),
         raw: bool = False,
-        output_index: int = 0,
         adaptive: bool = False,
         batch: int = 1000,
         max_paths: int = 100_000,
         rse_target: float = 0.01,
+        driving_kpi: int = 0,
+        driving_output: int = 0,
+        portable: bool = False,
     ) -> tuple[int, dict[str, Any]]:
+        """Run; results of a one-output model have no output axis (percentiles (steps, 6),
+        kpi (4, 5), raw (paths, steps)); with p outputs they lead with it ((p, steps, 6), (p, 4,
+        5), (p, 4)) and raw is (paths, steps, p)."""
         ffi, lib = self.ffi, self.lib
+        n_out = model.p if model.kind == lib.OPSTWIN_MODEL_STATESPACE else 1
+        n_out = max(n_out, 1)
         s = ffi.new("opstwin_scenario *")
         s.dt, s.n_steps, s.seed, s.n_paths, s.threads = dt, n_steps, seed, n_paths, threads
-        s.output_index = output_index
+        s.portable = int(portable)
         s.adaptive, s.batch, s.max_paths, s.rse_target = int(adaptive), batch, max_paths, rse_target
+        s.driving_kpi, s.driving_output = driving_kpi, driving_output
         nc = len(constraints)
         cons = ffi.new("opstwin_constraint[]", max(nc, 1))
         for i, (o, kind, lim) in enumerate(constraints):
@@ -95,15 +110,15 @@ class Kernel:
             cons[i].limit = lim
         s.n_constraints, s.constraints = nc, cons
         res = {
-            "percentiles": np.full((n_steps, 6), np.nan),
+            "percentiles": np.full((n_out, n_steps, 6), np.nan),
             "violation_prob": np.full(max(nc, 1), np.nan),
             "violation_rse": np.full(max(nc, 1), np.nan),
             "first_violation": np.full((max(nc, 1), 4), np.nan),
-            "kpi": np.full((4, 5), np.nan),
-            "kpi_rse": np.full(4, np.nan),
+            "kpi": np.full((n_out, 4, 5), np.nan),
+            "kpi_rse": np.full((n_out, 4), np.nan),
         }
-        total = (max_paths if adaptive else n_paths) if raw else 0
-        raw_arr = np.full(max(total, 1) * n_steps, np.nan)
+        total = (-(-max_paths // 64) * 64 if adaptive else n_paths) if raw else 0
+        raw_arr = np.full(max(total, 1) * n_steps * n_out, np.nan)
         o = ffi.new("opstwin_output *")
         keep = []
         for name, arr in res.items():
@@ -119,7 +134,14 @@ class Kernel:
         res["n_paths_run"] = o.n_paths_run
         res["error_param"] = o.error_param
         if raw:
-            res["raw"] = raw_arr[: o.n_paths_run * n_steps].reshape(o.n_paths_run, n_steps)
+            res["raw"] = raw_arr[: o.n_paths_run * n_steps * n_out].reshape(
+                o.n_paths_run, n_steps, n_out
+            )
+        if n_out == 1:
+            for key in ("percentiles", "kpi", "kpi_rse"):
+                res[key] = res[key][0]
+            if raw:
+                res["raw"] = res["raw"][:, :, 0]
         return rc, res
 
     def strerror(self, rc: int) -> str:

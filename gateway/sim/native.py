@@ -32,7 +32,15 @@ from gateway.sim.models import (
 from gateway.sim.results import ConstraintResult, KpiResult, SimResult
 
 PERCENTILE_COUNT = 6
+BLOCK_PATHS = 64  # paths per RNG block: adaptive batches are rounded up to it
 KPI_ORDER = ("final", "max", "min", "mean")
+# The kernel's params[] of each scalar model, in order (opstwin_sim.h); a distribution is
+# allowed for every one of them, noise levels included, as in the NumPy reference.
+_PARAM_NAMES: dict[str, tuple[str, ...]] = {
+    "fopdt": ("gain", "tau", "theta", "sigma_w", "sigma_v"),
+    "tank": ("area", "c_in", "c_out", "h_max", "sigma_w", "sigma_v"),
+    "weibull": ("beta", "eta", "a0"),
+}
 _FIRST = ("p5", "p50", "p95", "mean")
 
 
@@ -53,59 +61,52 @@ def simulate(
     *,
     threads: int = 0,
     keep_paths: bool = False,
+    portable: bool = False,
     kernel: ModuleType | None = None,
 ) -> SimResult:
-    """Run a scenario on the C kernel (blocking; the GIL is released while C runs)."""
+    """Run a scenario on the C kernel (blocking; the GIL is released while C runs).
+
+    Every output of the model is summarised in the one call. `portable` turns the AVX2 code
+    off (the numbers are the same; tests compare the two).
+    """
     kernel = kernel or load_kernel()
     ffi, lib = kernel.ffi, kernel.lib
     model = _model(ffi, scenario)
     n_steps = scenario.n_steps
-    outputs = sorted(
-        {0, *(c.output for c in scenario.constraints), *(k.output for k in scenario.kpis)}
-    )
-    n_outputs = model.p if scenario.model.kind == "state_space" else 1
-    percentiles = np.full((n_outputs, PERCENTILE_COUNT, n_steps), np.nan)
-    constraints: list[ConstraintResult] = []
-    kpis: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    paths_run = 0
-    raw: np.ndarray | None = None
-    # One call per output summarised; the kernel summarises one output index per call, and the
-    # same seed gives the same paths on every call.
-    for out_index in range(n_outputs) if n_outputs > 1 else outputs:
-        mine = [c for c in scenario.constraints if c.output == out_index]
-        result = _call(
-            ffi, lib, model, scenario, out_index, mine, threads, keep_paths and out_index == 0
-        )
-        percentiles[out_index] = result["percentiles"].reshape(n_steps, PERCENTILE_COUNT).T
-        paths_run = result["paths_run"]
-        kpis[out_index] = (result["kpi"].reshape(4, 5), result["kpi_rse"])
-        for i, c in enumerate(mine):
-            first = result["first_violation"][i * 4 : i * 4 + 4]
-            constraints.append(
-                ConstraintResult(
-                    constraint=c,
-                    violation_probability=float(result["violation_prob"][i]),
-                    rse=float(result["violation_rse"][i]),
-                    first_violation=None
-                    if math.isnan(first[0])
-                    else dict(zip(_FIRST, map(float, first), strict=True)),
-                )
+    n_outputs = scenario.model.n_outputs
+    result = _call(ffi, lib, model, scenario, threads, keep_paths, portable)
+    paths_run = result["paths_run"]
+    percentiles = result["percentiles"].reshape(n_outputs, n_steps, PERCENTILE_COUNT)
+    kpis = result["kpi"].reshape(n_outputs, 4, 5)
+    kpi_rse = result["kpi_rse"].reshape(n_outputs, 4)
+    constraints = []
+    for i, c in enumerate(scenario.constraints):
+        first = result["first_violation"][i * 4 : i * 4 + 4]
+        constraints.append(
+            ConstraintResult(
+                constraint=c,
+                violation_probability=float(result["violation_prob"][i]),
+                rse=float(result["violation_rse"][i]),
+                first_violation=None
+                if math.isnan(first[0])
+                else dict(zip(_FIRST, map(float, first), strict=True)),
             )
-        if result["raw"] is not None:
-            raw = result["raw"][: paths_run * n_steps].reshape(paths_run, n_steps)
-    order = {id(c): i for i, c in enumerate(scenario.constraints)}
-    constraints.sort(key=lambda r: order[id(r.constraint)])
+        )
     kpi_results = []
     for k in scenario.kpis:
-        stats, rse = kpis[k.output]
         row = KPI_ORDER.index(k.kind)
-        mean, std, p5, p50, p95 = map(float, stats[row])
-        kpi_results.append(
-            KpiResult(kpi=k, mean=mean, std=std, p5=p5, p50=p50, p95=p95, rse=float(rse[row]))
+        mean, std, p5, p50, p95 = map(float, kpis[k.output, row])
+        rse = float(kpi_rse[k.output, row])
+        kpi_results.append(KpiResult(kpi=k, mean=mean, std=std, p5=p5, p50=p50, p95=p95, rse=rse))
+    raw: np.ndarray | None = None
+    if result["raw"] is not None:
+        raw = result["raw"][: paths_run * n_steps * n_outputs].reshape(
+            paths_run, n_steps, n_outputs
         )
+        raw = raw[:, :, 0] if n_outputs == 1 else raw
     return SimResult(
         times=scenario.dt_s * np.arange(1, n_steps + 1),
-        output_percentiles=percentiles,
+        output_percentiles=np.ascontiguousarray(percentiles.transpose(0, 2, 1)),
         constraints=constraints,
         kpis=kpi_results,
         paths_run=paths_run,
@@ -126,6 +127,28 @@ def rng_floor(seed: int, n: int, threads: int = 1, kernel: ModuleType | None = N
     return float(kernel.lib.opstwin_rng_floor(seed, n, threads))
 
 
+def rng_normals(
+    seed: int, block: int, n: int, *, portable: bool = False, kernel: ModuleType | None = None
+) -> np.ndarray:
+    """The first n normals (n a multiple of 8) of one block's noise stream, as the kernel
+    consumes them; `portable` forces the non-AVX2 code (for tests of the two paths)."""
+    kernel = kernel or load_kernel()
+    out = np.empty(n)
+    code = kernel.lib.opstwin_rng_normals(
+        seed, block, n, kernel.ffi.cast("double *", kernel.ffi.from_buffer(out)), int(portable)
+    )
+    if code != 0:
+        message = kernel.ffi.string(kernel.lib.opstwin_sim_strerror(code)).decode()
+        raise SimulationError(f"rng_normals({seed}, {block}, {n}): {message}")
+    return out
+
+
+def simd_level(kernel: ModuleType | None = None) -> int:
+    """1 if the kernel runs its AVX2 code on this CPU, else 0."""
+    kernel = kernel or load_kernel()
+    return int(kernel.lib.opstwin_simd_level())
+
+
 # -- scenario → C ------------------------------------------------------------------------------
 
 
@@ -134,12 +157,13 @@ def _call(
     lib: Any,
     model: Any,
     scenario: Scenario,
-    out_index: int,
-    constraints: list,
     threads: int,
     keep: bool,
+    portable: bool,
 ) -> dict[str, Any]:
     n_steps = scenario.n_steps
+    n_outputs = scenario.model.n_outputs
+    constraints = scenario.constraints
     cons = ffi.new("opstwin_constraint[]", max(len(constraints), 1))
     for i, c in enumerate(constraints):
         cons[i].output = c.output
@@ -151,7 +175,7 @@ def _call(
     sc.seed = scenario.seed
     sc.n_paths = scenario.paths
     sc.threads = threads
-    sc.output_index = out_index
+    sc.portable = int(portable)
     sc.n_constraints = len(constraints)
     sc.constraints = cons
     max_paths = scenario.paths
@@ -160,16 +184,19 @@ def _call(
         sc.batch = scenario.adaptive.batch
         sc.max_paths = scenario.adaptive.max_paths
         sc.rse_target = scenario.adaptive.rse_target
-        max_paths = scenario.adaptive.max_paths + 63  # batches are rounded up to 64 paths
+        if scenario.kpis:  # what the RSE targets when there is no constraint
+            sc.driving_kpi = KPI_ORDER.index(scenario.kpis[0].kind)
+            sc.driving_output = scenario.kpis[0].output
+        max_paths = -(-scenario.adaptive.max_paths // BLOCK_PATHS) * BLOCK_PATHS
     arrays = {
-        "percentiles": np.empty(n_steps * PERCENTILE_COUNT),
+        "percentiles": np.empty(n_outputs * n_steps * PERCENTILE_COUNT),
         "violation_prob": np.empty(max(len(constraints), 1)),
         "violation_rse": np.empty(max(len(constraints), 1)),
         "first_violation": np.empty(max(len(constraints), 1) * 4),
-        "kpi": np.empty(20),
-        "kpi_rse": np.empty(4),
+        "kpi": np.empty(n_outputs * 20),
+        "kpi_rse": np.empty(n_outputs * 4),
     }
-    raw = np.empty(max_paths * n_steps) if keep else None
+    raw = np.empty(max_paths * n_steps * n_outputs) if keep else None
     out = ffi.new("opstwin_output *")
     keepalive = []
     for name, array in arrays.items():
@@ -184,7 +211,12 @@ def _call(
     if code != 0:
         message = ffi.string(lib.opstwin_sim_strerror(code)).decode()
         param = out.error_param
-        where = f" (parameter {param})" if param >= 0 else ""
+        names = _PARAM_NAMES.get(scenario.model.kind, ())
+        where = ""
+        if 0 <= param < len(names):
+            where = f" (parameter {names[param]!r})"
+        elif param >= 0:
+            where = f" (parameter {param})"
         raise SimulationError(f"C kernel refused the scenario: {message}{where} [code {code}]")
     return {**arrays, "raw": raw, "paths_run": int(out.n_paths_run)}
 
@@ -194,16 +226,12 @@ def _model(ffi: Any, scenario: Scenario) -> Any:
     cm = ffi.new("opstwin_model *")
     lib_kind = {"fopdt": 1, "state_space": 2, "tank": 3, "weibull": 4}[m.kind]
     cm.kind = lib_kind
-    if isinstance(m, FopdtModel):
-        _params(cm, [m.gain, m.tau, m.theta])
-        cm.y0 = _fixed("y0", scenario.y0)
-        cm.sigma_w, cm.sigma_v = _fixed("sigma_w", m.sigma_w), _fixed("sigma_v", m.sigma_v)
-    elif isinstance(m, TankModel):
-        _params(cm, [m.area, m.c_in, m.c_out, m.h_max])
-        cm.y0 = _fixed("h0", scenario.h0)
-        cm.sigma_w, cm.sigma_v = _fixed("sigma_w", m.sigma_w), _fixed("sigma_v", m.sigma_v)
-    elif isinstance(m, WeibullModel):
-        _params(cm, [m.beta, m.eta, m.a0])
+    if isinstance(m, FopdtModel | TankModel | WeibullModel):
+        _params(cm, [getattr(m, name) for name in _PARAM_NAMES[m.kind]])
+        if isinstance(m, FopdtModel):
+            cm.y0 = float(scenario.y0)  # type: ignore[arg-type]  # required by the scenario
+        elif isinstance(m, TankModel):
+            cm.y0 = float(scenario.h0)  # type: ignore[arg-type]
     elif isinstance(m, StateSpaceModel):
         n, k, p = m.n_states, m.n_inputs, m.n_outputs
         cm.n, cm.m, cm.p = n, k, p
@@ -247,11 +275,3 @@ def _input(ci: Any, plan: Any) -> None:
         ci.kind, ci.u0, ci.u1, ci.t0 = 1, plan.u0, plan.u1, plan.t_step
     elif isinstance(plan, RampInput):
         ci.kind, ci.u0, ci.u1, ci.t0, ci.t1 = 2, plan.u0, plan.u1, plan.t0, plan.t1
-
-
-def _fixed(name: str, value: Any) -> float:
-    if value is None:
-        return 0.0
-    if not isinstance(value, (int, float)):
-        raise SimulationError(f"{name}: the C kernel takes a fixed value here, not a distribution")
-    return float(value)

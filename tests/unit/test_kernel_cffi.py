@@ -8,6 +8,7 @@ tested in test_sim_native_backend.py.
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 import time
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 from native_kernel import NATIVE, PCTS, Kernel, load_build_script
+from tests_support import import_file
 
 
 @pytest.fixture
@@ -95,10 +97,12 @@ def test_state_space_matches_hand_recursion(k: Kernel) -> None:
         rows.append(C @ x)
     ys = np.array(rows)
     m = k.model("statespace", n=n, m=mi, p=p, A=A, B=B, C=C, x0=x0, inputs=inputs)
+    rc, r = k.run(m, dt=dt, n_steps=steps, n_paths=2, raw=True)  # every output in one call
+    assert rc == 0
     for oi in range(p):
-        rc, r = k.run(m, dt=dt, n_steps=steps, n_paths=2, raw=True, output_index=oi)
-        assert rc == 0
-        np.testing.assert_allclose(r["raw"][1], ys[:, oi], atol=1e-9)
+        np.testing.assert_allclose(r["raw"][1][:, oi], ys[:, oi], atol=1e-9)
+        np.testing.assert_allclose(r["percentiles"][oi][:, 2], ys[:, oi], atol=1e-9)
+        assert r["kpi"][oi][1][0] == pytest.approx(ys[:, oi].max(), abs=1e-9)
 
 
 def test_normals_are_standard_normal(k: Kernel) -> None:
@@ -343,13 +347,13 @@ def test_bad_inputs_return_error_codes(k: Kernel) -> None:
             rc_of(k.model("fopdt", params=[1.0, 3.0, 0.0], y0=nan, inputs=[("hold", 0, 0, 0, 0)])),
             lib.OPSTWIN_E_NONFINITE,
         ),
-        "noise negative": (
+        "noise negative": (  # a noise level is a parameter like any other (index 4)
             rc_of(
                 k.model(
                     "fopdt", params=[1.0, 3.0, 0.0], sigma_v=-1.0, inputs=[("hold", 0, 0, 0, 0)]
                 )
             ),
-            lib.OPSTWIN_E_NOISE,
+            lib.OPSTWIN_E_DOMAIN,
         ),
         "input nan": (
             rc_of(k.model("fopdt", params=[1.0, 3.0, 0.0], inputs=[("hold", nan, 0, 0, 0)])),
@@ -394,7 +398,10 @@ def test_bad_inputs_return_error_codes(k: Kernel) -> None:
         ),
         "constraint output": (rc_of(constraints=[(1, "upper", 1.0)]), lib.OPSTWIN_E_CONSTRAINT),
         "constraint nan": (rc_of(constraints=[(0, "upper", nan)]), lib.OPSTWIN_E_NONFINITE),
-        "output index": (rc_of(output_index=1), lib.OPSTWIN_E_CONSTRAINT),
+        "adaptive kpi output": (
+            rc_of(adaptive=True, driving_output=1), lib.OPSTWIN_E_ADAPTIVE
+        ),
+        "adaptive kpi kind": (rc_of(adaptive=True, driving_kpi=4), lib.OPSTWIN_E_ADAPTIVE),
         "adaptive batch": (rc_of(adaptive=True, batch=0), lib.OPSTWIN_E_ADAPTIVE),
         "adaptive target": (rc_of(adaptive=True, rse_target=nan), lib.OPSTWIN_E_ADAPTIVE),
         "diverged": (
@@ -491,3 +498,169 @@ def test_the_package_build_adds_sanitizers_only_when_asked(
     assert "-Wall" in ext.extra_compile_args
     assert ("-fsanitize=address,undefined" in ext.extra_compile_args) is sanitize
     assert ("-fsanitize=address,undefined" in ext.extra_link_args) is sanitize
+
+
+# -- kernel v2 (issue 15): vector and portable paths, all outputs in one pass, noise as params ---
+
+
+def _normals(k: Kernel, seed: int, block: int, n: int, portable: bool) -> np.ndarray:
+    out = np.empty(n)
+    rc = k.lib.opstwin_rng_normals(seed, block, n, k.ffi.from_buffer("double[]", out), portable)
+    assert rc == 0
+    return out
+
+
+def test_vector_and_portable_normal_streams_are_identical(k: Kernel) -> None:
+    if not k.lib.opstwin_simd_level():
+        pytest.skip("this CPU has no AVX2: only the portable code runs here")
+    for seed, block in ((0, 0), (1, 7), (2**64 - 1, 123_456)):
+        fast = _normals(k, seed, block, 200_000, portable=False)
+        slow = _normals(k, seed, block, 200_000, portable=True)
+        assert fast.tobytes() == slow.tobytes()
+    # the prefix of a longer draw is the shorter draw: buffers never change the stream
+    assert _normals(k, 5, 3, 64, False).tobytes() == _normals(k, 5, 3, 4096, False)[:64].tobytes()
+
+
+def test_noise_stream_is_standard_normal_and_blocks_differ(k: Kernel) -> None:
+    z = _normals(k, 11, 0, 1_000_000, portable=False)
+    n = z.size
+    assert abs(z.mean()) < 5 / math.sqrt(n)
+    assert abs(z.var() - 1) < 5 * math.sqrt(2 / n)
+    for c in (0.5, 1.0, 2.0, 3.0, 3.6, 4.0):  # 3.65 is where the ziggurat's tail begins
+        p = math.erfc(c / math.sqrt(2))
+        assert abs(np.mean(np.abs(z) > c) - p) < 5 * math.sqrt(p * (1 - p) / n) + 1e-6
+    lanes = z[: 8 * 10_000].reshape(-1, 8)  # the eight lanes are independent streams
+    corr = np.corrcoef(lanes.T)
+    assert np.abs(corr - np.eye(8)).max() < 5 / math.sqrt(10_000)
+    other = _normals(k, 11, 1, 4096, portable=False)
+    assert not np.array_equal(other, z[:4096])
+    rc = k.lib.opstwin_rng_normals(1, 0, 12, k.ffi.from_buffer("double[]", np.empty(12)), 0)
+    assert rc == k.lib.OPSTWIN_E_PATHS  # not a multiple of the eight lanes
+
+
+@pytest.mark.parametrize("model", ["fopdt", "tank", "statespace", "weibull"])
+def test_vector_and_portable_runs_are_bit_identical(k: Kernel, model: str) -> None:
+    if not k.lib.opstwin_simd_level():
+        pytest.skip("this CPU has no AVX2: only the portable code runs here")
+    models = {
+        "fopdt": uncertain_fopdt(k),
+        "tank": k.model(
+            "tank",
+            params=[("uniform", 1.5, 2.5), 0.05, 0.02, 4.0],
+            y0=0.5,
+            sigma_w=("uniform", 0.0, 0.01),
+            sigma_v=0.02,
+            inputs=[("step", 40, 80, 10, 0)],
+        ),
+        "statespace": k.model(
+            "statespace",
+            n=2,
+            m=1,
+            p=2,
+            A=[0.9, 0.05, -0.1, 0.8],
+            B=[0.1, 0.2],
+            C=[1.0, 0.0, 0.5, 1.0],
+            x0=[1.0, 0.0],
+            q=[0.01, 0.0],
+            r=[0.04, 0.01],
+            inputs=[("ramp", 0, 1, 2, 9)],
+        ),
+        "weibull": k.model("weibull", params=[("uniform", 1.5, 2.5), 100.0, 20.0]),
+    }
+    kw: dict[str, Any] = dict(
+        dt=0.5, n_steps=70, n_paths=1000, constraints=[(0, "upper", 1.0)], raw=True, threads=2
+    )
+    rc1, a = k.run(models[model], portable=False, **kw)
+    rc2, b = k.run(models[model], portable=True, **kw)
+    assert rc1 == rc2 == 0
+    for key in ("raw", "percentiles", "violation_prob", "first_violation", "kpi", "kpi_rse"):
+        assert a[key].tobytes() == b[key].tobytes(), key
+
+
+def test_every_output_is_summarised_in_one_pass(k: Kernel) -> None:
+    m = k.model(
+        "statespace",
+        n=3,
+        m=2,
+        p=3,
+        A=[0.9, 0.1, 0.0, 0.0, 0.8, 0.1, 0.05, 0.0, 0.7],
+        B=[0.1, 0.0, 0.0, 0.2, 0.3, 0.1],
+        C=[1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.3, 0.3, 0.3],
+        x0=[1.0, -1.0, 0.5],
+        q=[0.01, 0.02, 0.0],
+        r=[0.05, 0.0, 0.1],
+        inputs=[("step", 0, 1, 3, 0), ("hold", 2, 0, 0, 0)],
+    )
+    cons = [(2, "upper", 0.9), (1, "lower", -0.5)]
+    rc, r = k.run(m, dt=0.5, n_steps=40, n_paths=3001, raw=True, constraints=cons, threads=3)
+    assert rc == 0
+    Y = r["raw"]  # (paths, steps, outputs)
+    for o in range(3):
+        yo = Y[:, :, o]
+        np.testing.assert_allclose(r["percentiles"][o], np.percentile(yo, PCTS, axis=0).T, atol=0)
+        for i, v in enumerate([yo[:, -1], yo.max(axis=1), yo.min(axis=1), yo.mean(axis=1)]):
+            want = [v.mean(), v.std(), *np.percentile(v, [5, 50, 95])]
+            np.testing.assert_allclose(r["kpi"][o][i], want, rtol=1e-12, atol=1e-12)
+    for c, (o, kind, lim) in enumerate(cons):
+        viol = Y[:, :, o] > lim if kind == "upper" else Y[:, :, o] < lim
+        assert r["violation_prob"][c] == pytest.approx(viol.any(axis=1).mean())
+
+
+def test_noise_levels_may_be_distributions(k: Kernel) -> None:
+    # K = 0: y = y0 + sigma_v * v with sigma_v ~ uniform(0.5, 1.5) per path, so
+    # var(y) = E[sigma_v^2] = (0.5^2 + 0.5 * 1.5 + 1.5^2) / 3, and per path the spread of y
+    # over steps is that path's own sigma_v
+    m = k.model(
+        "fopdt",
+        params=[0.0, 5.0, 0.0],
+        y0=10.0,
+        sigma_v=("uniform", 0.5, 1.5),
+        inputs=[("hold", 0, 0, 0, 0)],
+    )
+    rc, r = k.run(m, n_steps=400, n_paths=2000, raw=True, seed=3)
+    assert rc == 0
+    y = r["raw"]
+    assert y.var() == pytest.approx((0.25 + 0.75 + 2.25) / 3, rel=0.03)
+    per_path = y.std(axis=1)
+    assert per_path.min() > 0.45 and per_path.max() < 1.6
+    assert np.std(per_path) == pytest.approx(1 / math.sqrt(12), rel=0.1)  # uniform(0.5, 1.5)
+    # a distribution that never reaches the domain names the noise parameter
+    bad = k.model(
+        "fopdt",
+        params=[0.0, 5.0, 0.0],
+        sigma_w=("uniform", -2.0, -1.0),
+        inputs=[("hold", 0, 0, 0, 0)],
+    )
+    rc, r = k.run(bad, n_steps=5, n_paths=100)
+    assert rc == k.lib.OPSTWIN_E_DOMAIN and r["error_param"] == 3
+
+
+def test_adaptive_can_target_a_kpi_of_any_output(k: Kernel) -> None:
+    m = k.model(
+        "statespace",
+        n=1,
+        m=1,
+        p=2,
+        A=[0.5],
+        B=[1.0],
+        C=[1.0, 2.0],
+        x0=[0.0],
+        r=[0.01, 25.0],  # output 1 is noisy: its max needs many more paths for the same RSE
+        inputs=[("hold", 1, 0, 0, 0)],
+    )
+    kw: dict[str, Any] = dict(
+        n_steps=20, adaptive=True, batch=64, max_paths=200_000, rse_target=0.002, driving_kpi=1
+    )
+    rc, quiet = k.run(m, driving_output=0, **kw)
+    rc2, noisy = k.run(m, driving_output=1, **kw)
+    assert rc == rc2 == 0
+    assert quiet["kpi_rse"][0][1] <= 0.002 and noisy["kpi_rse"][1][1] <= 0.002
+    assert noisy["n_paths_run"] > 4 * quiet["n_paths_run"]
+
+
+def test_ziggurat_tables_are_the_generated_constants() -> None:
+    generator = import_file(NATIVE / "gen_ziggurat.py")
+    assert (NATIVE / "ziggurat_tables.h").read_text() == generator.render()
+    zx, zf = generator.tables()
+    assert zx[1] == pytest.approx(3.6541528853610088) and zx[-1] == 0.0 and zf[-1] == 1.0
+    assert all(a > b for a, b in itertools.pairwise(zx[1:]))  # layers shrink upwards

@@ -78,7 +78,25 @@ def weibull() -> Scenario:
     )
 
 
-@pytest.mark.parametrize("make", [oven, tank, weibull], ids=["fopdt", "tank", "weibull"])
+def oven_uncertain_noise() -> Scenario:
+    """The oven with noise levels that are themselves uncertain (drawn once per path)."""
+    return oven(
+        model={
+            "kind": "fopdt",
+            "gain": {"dist": "normal", "mean": 1.2, "sd": 0.1},
+            "tau": {"dist": "uniform", "lo": 80, "hi": 140},
+            "theta": 10.0,
+            "sigma_w": {"dist": "uniform", "lo": 0.0, "hi": 0.3},
+            "sigma_v": {"dist": "lognormal", "mu": math.log(0.5), "sigma": 0.6},
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    "make",
+    [oven, tank, weibull, oven_uncertain_noise],
+    ids=["fopdt", "tank", "weibull", "fopdt-uncertain-noise"],
+)
 def test_c_and_numpy_agree_statistically(simkernel, make):
     scenario = make()
     c = native.simulate(scenario, kernel=simkernel, threads=2)
@@ -164,17 +182,27 @@ def test_state_space_outputs_each_summarised(simkernel):
     assert abs(c.constraints[0].violation_probability - p) <= tol
 
 
-def test_a_distribution_on_noise_is_refused_with_a_clear_error(simkernel):
+def test_a_noise_distribution_outside_its_domain_names_the_noise(simkernel):
     scenario = oven(
         model={
             "kind": "fopdt",
             "gain": 1.0,
             "tau": 100.0,
-            "sigma_v": {"dist": "uniform", "lo": 0.1, "hi": 0.2},
+            "sigma_w": {"dist": "normal", "mean": -5.0, "sd": 0.1},  # never >= 0
         }
     )
-    with pytest.raises(SimulationError, match="sigma_v: the C kernel takes a fixed value"):
+    with pytest.raises(SimulationError, match="parameter 'sigma_w'"):
         native.simulate(scenario, kernel=simkernel)
+    with pytest.raises(SimulationError, match="sigma_w"):
+        reference.simulate(scenario)
+
+
+def test_portable_code_gives_the_same_result(simkernel):
+    scenario = oven(paths=1500)
+    fast = native.simulate(scenario, kernel=simkernel, threads=2)
+    slow = native.simulate(scenario, kernel=simkernel, threads=1, portable=True)
+    assert fast.output_percentiles.tobytes() == slow.output_percentiles.tobytes()
+    assert fast.summary() == slow.summary()
 
 
 async def test_async_wrapper_keeps_the_loop_serving(simkernel):
