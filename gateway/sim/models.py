@@ -12,7 +12,12 @@ from gateway.errors import GatewayError
 # Hard bounds checked at validation time, so a bad scenario fails before any array is allocated.
 MAX_STEPS = 1_000_000
 MAX_PATHS = 10_000_000
-MAX_BYTES = 2 * 1024**3  # output array paths x steps x outputs x 8 bytes
+# Outputs a run may produce, paths x steps x outputs (2 GiB as doubles): the NumPy reference
+# holds them all, the C kernel checks the same bound (OPSTWIN_MAX_VALUES, a test keeps the two
+# equal), so a scenario fails the same way whichever backend runs it.
+MAX_VALUES = 2**28
+MAX_BYTES = MAX_VALUES * 8
+BLOCK_PATHS = 64  # the C kernel runs paths in blocks of 64: adaptive batches round up to it
 MAX_STATES, MAX_INPUTS, MAX_OUTPUTS = 8, 4, 4
 
 
@@ -351,12 +356,13 @@ class Scenario(_Strict):
                 f"horizon_s/dt_s gives {steps} steps, above the limit {MAX_STEPS}; "
                 "raise dt_s or shorten horizon_s"
             )
-        paths = self.adaptive.max_paths if self.adaptive else self.paths
-        need = paths * steps * p * 8
-        if need > MAX_BYTES:
+        paths = self.paths
+        if self.adaptive:  # the last batch may run up to the next whole block
+            paths = -(-self.adaptive.max_paths // BLOCK_PATHS) * BLOCK_PATHS
+        if paths * steps * p > MAX_VALUES:
             raise ValueError(
                 f"{paths} paths x {steps} steps x {p} output(s) x 8 bytes "
-                f"= {need / 2**30:.1f} GiB, "
+                f"= {paths * steps * p * 8 / 2**30:.1f} GiB, "
                 f"above the {MAX_BYTES / 2**30:.0f} GiB bound; use fewer paths or steps"
             )
         return self

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from gateway.sim.models import (
+    BLOCK_PATHS,
     FopdtModel,
     HoldInput,
     Lognormal,
@@ -32,7 +33,6 @@ from gateway.sim.models import (
 from gateway.sim.results import ConstraintResult, KpiResult, SimResult
 
 PERCENTILE_COUNT = 6
-BLOCK_PATHS = 64  # paths per RNG block: adaptive batches are rounded up to it
 KPI_ORDER = ("final", "max", "min", "mean")
 # The kernel's params[] of each scalar model, in order (opstwin_sim.h); a distribution is
 # allowed for every one of them, noise levels included, as in the NumPy reference.

@@ -398,9 +398,7 @@ def test_bad_inputs_return_error_codes(k: Kernel) -> None:
         ),
         "constraint output": (rc_of(constraints=[(1, "upper", 1.0)]), lib.OPSTWIN_E_CONSTRAINT),
         "constraint nan": (rc_of(constraints=[(0, "upper", nan)]), lib.OPSTWIN_E_NONFINITE),
-        "adaptive kpi output": (
-            rc_of(adaptive=True, driving_output=1), lib.OPSTWIN_E_ADAPTIVE
-        ),
+        "adaptive kpi output": (rc_of(adaptive=True, driving_output=1), lib.OPSTWIN_E_ADAPTIVE),
         "adaptive kpi kind": (rc_of(adaptive=True, driving_kpi=4), lib.OPSTWIN_E_ADAPTIVE),
         "adaptive batch": (rc_of(adaptive=True, batch=0), lib.OPSTWIN_E_ADAPTIVE),
         "adaptive target": (rc_of(adaptive=True, rse_target=nan), lib.OPSTWIN_E_ADAPTIVE),
@@ -664,3 +662,28 @@ def test_ziggurat_tables_are_the_generated_constants() -> None:
     zx, zf = generator.tables()
     assert zx[1] == pytest.approx(3.6541528853610088) and zx[-1] == 0.0 and zf[-1] == 1.0
     assert all(a > b for a, b in itertools.pairwise(zx[1:]))  # layers shrink upwards
+
+
+def test_memory_bound_is_the_one_python_validates(k: Kernel) -> None:
+    from gateway.sim.models import BLOCK_PATHS, MAX_VALUES, Scenario
+
+    assert k.lib.OPSTWIN_MAX_VALUES == MAX_VALUES and k.lib.OPSTWIN_BLOCK_PATHS == BLOCK_PATHS
+    steps = 1_000_000
+    most = MAX_VALUES // steps  # paths at the bound with one output
+    spec = {
+        "model": {"kind": "fopdt", "gain": 1.0, "tau": 5.0},
+        "y0": 0.0,
+        "horizon_s": float(steps),
+        "dt_s": 1.0,
+    }
+    Scenario.model_validate({**spec, "paths": most})
+    with pytest.raises(ValueError, match="GiB bound"):
+        Scenario.model_validate({**spec, "paths": most + 1})
+    m = k.model("fopdt", params=[1.0, 5.0, 0.0], inputs=[("hold", 0, 0, 0, 0)])
+    assert k.run(m, n_steps=steps, n_paths=most + 1)[0] == k.lib.OPSTWIN_E_TOO_LARGE
+    # adaptive: both count max_paths rounded up to whole blocks of 64
+    ad = {"rse_target": 0.01, "batch": 64, "max_paths": most}  # 268 runs as 320
+    with pytest.raises(ValueError, match="GiB bound"):
+        Scenario.model_validate({**spec, "paths": 1, "adaptive": ad, "kpis": ["max"]})
+    rc, _ = k.run(m, n_steps=steps, adaptive=True, batch=64, max_paths=most)
+    assert rc == k.lib.OPSTWIN_E_TOO_LARGE
