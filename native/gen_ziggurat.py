@@ -46,6 +46,7 @@ def tables() -> tuple[list[float], list[float]]:
 
 def render() -> str:
     zx, zf = tables()
+    pairs = [v for i in range(LAYERS) for v in (zx[i], zx[i + 1])]
 
     def rows(values: list[float]) -> str:
         cells = [f"{v.hex()}" if v else "0x0.0p+0" for v in values]
@@ -58,7 +59,12 @@ def render() -> str:
         "#ifndef OPSTWIN_ZIGGURAT_TABLES_H\n#define OPSTWIN_ZIGGURAT_TABLES_H\n\n"
         f"#define ZIG_LAYERS {LAYERS}\n#define ZIG_R {float(R).hex()} /* {R} */\n\n"
         f"static const double ZIG_X[{LAYERS + 1}] = {{\n{rows(zx)}\n}};\n\n"
-        f"static const double ZIG_F[{LAYERS + 1}] = {{\n{rows(zf)}\n}};\n\n#endif\n"
+        f"static const double ZIG_F[{LAYERS + 1}] = {{\n{rows(zf)}\n}};\n\n"
+        "/* ZIG_X[i] and ZIG_X[i + 1] side by side: one 16-byte load gives a layer's width and\n"
+        " * its inner rectangle's edge. */\n"
+        "#if defined(__GNUC__) || defined(__clang__)\n#define ZIG_ALIGN __attribute__((aligned(64)))\n"
+        "#else\n#define ZIG_ALIGN\n#endif\n"
+        f"static const double ZIG_XX[{2 * LAYERS}] ZIG_ALIGN = {{\n{rows(pairs)}\n}};\n\n#endif\n"
     )
 
 

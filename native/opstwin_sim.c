@@ -41,9 +41,12 @@
 #define LANES 8                /* noise lanes per block (two AVX2 registers of four) */
 #define FLOOR_BLOCK 65536
 #define FLOOR_CHUNK 4096
-#define TILE_BYTES (256 * 1024) /* one tile buffer: outputs x steps x paths x 8 bytes */
+#ifndef TILE_BYTES
+#define TILE_BYTES (1024 * 1024) /* one tile buffer: outputs x steps x paths x 8 bytes */
+#endif
 #define MAX_TILE 64
 #define N_TARGETS (2 * OPSTWIN_N_PERCENTILES)
+#define CHUNK_BLOCKS 4 /* blocks a thread takes at a time within a tile */
 
 static const double PCTS[OPSTWIN_N_PERCENTILES] = {5, 25, 50, 75, 95, 99};
 
@@ -260,26 +263,75 @@ static void lane_words_portable(uint64_t s[4][LANES], uint64_t *words, int64_t c
     lane_words(s, words, count);
 }
 
-/* First tries of words[0..m) into out[0..m); misses appended to rej (index base + j). Scalar
- * on purpose: the two table loads per number would be vector gathers, which microcode
- * mitigations (Intel GDS) made several times slower than plain loads on the CPUs we run on. */
-static void first_tries(const uint64_t *restrict words, double *restrict out, int64_t m,
-                        int64_t base, rejects_t *restrict rej)
+/* First tries of words[0..m) into out[0..m); misses appended to rej (index base + j). */
+INLINE void first_tries_body(const uint64_t *restrict words, double *restrict out, int64_t m,
+                             int64_t base, rejects_t *restrict rej)
 {
     int64_t nr = rej->n;
     int64_t *restrict ri = rej->idx;
     uint64_t *restrict rw = rej->word;
     for (int64_t j = 0; j < m; j++) {
         uint64_t u = words[j];
-        double x = zig_x(u);
+        const double *xx = ZIG_XX + 2 * (u & ZIG_MASK);
+        uint64_t bits = (u >> 12) | 0x3ff0000000000000ULL;
+        double f;
+        memcpy(&f, &bits, sizeof f);
+        double x = (f - 1.0) * xx[0];
         out[j] = with_sign(x, u);
-        if (__builtin_expect(!zig_inside(u, x), 0)) {
+        if (__builtin_expect(!(x < xx[1]), 0)) {
             ri[nr] = base + j;
             rw[nr++] = u;
         }
     }
     rej->n = nr;
 }
+
+static void first_tries_portable(const uint64_t *words, double *out, int64_t m, int64_t base,
+                                 rejects_t *rej)
+{
+    first_tries_body(words, out, m, base, rej);
+}
+
+#if HAVE_AVX2
+/* first_tries_body four words at a time (m a multiple of 4). The two table values of each
+ * word come from one 16-byte load of ZIG_XX each, not from vector gathers: microcode
+ * mitigations (Intel GDS) made gathers several times slower than plain loads. */
+AVX2_FN static void first_tries_avx2(const uint64_t *words, double *out, int64_t m, int64_t base,
+                                     rejects_t *rej)
+{
+    const __m256i one_bits = _mm256_set1_epi64x(0x3ff0000000000000LL);
+    const __m256i signb = _mm256_set1_epi64x((long long)ZIG_SIGN);
+    const __m256d one = _mm256_set1_pd(1.0);
+    int64_t nr = rej->n;
+    for (int64_t j = 0; j < m; j += 4) {
+        __m256i u = _mm256_loadu_si256((const __m256i *)(words + j));
+        const double *p0 = ZIG_XX + 2 * (words[j] & ZIG_MASK);
+        const double *p1 = ZIG_XX + 2 * (words[j + 1] & ZIG_MASK);
+        const double *p2 = ZIG_XX + 2 * (words[j + 2] & ZIG_MASK);
+        const double *p3 = ZIG_XX + 2 * (words[j + 3] & ZIG_MASK);
+        __m256d a = _mm256_castpd128_pd256(_mm_loadu_pd(p0));
+        __m256d b = _mm256_castpd128_pd256(_mm_loadu_pd(p1));
+        a = _mm256_insertf128_pd(a, _mm_loadu_pd(p2), 1); /* X[i0] X[i0+1] X[i2] X[i2+1] */
+        b = _mm256_insertf128_pd(b, _mm_loadu_pd(p3), 1);
+        __m256d xi = _mm256_unpacklo_pd(a, b);  /* X[i0] X[i1] X[i2] X[i3] */
+        __m256d xi1 = _mm256_unpackhi_pd(a, b); /* X[i0+1] ... */
+        __m256d f = _mm256_sub_pd(
+            _mm256_castsi256_pd(_mm256_or_si256(_mm256_srli_epi64(u, 12), one_bits)), one);
+        __m256d x = _mm256_mul_pd(f, xi);
+        __m256d sign = _mm256_castsi256_pd(_mm256_slli_epi64(_mm256_and_si256(u, signb), 55));
+        _mm256_storeu_pd(out + j, _mm256_xor_pd(x, sign));
+        int in = _mm256_movemask_pd(_mm256_cmp_pd(x, xi1, _CMP_LT_OQ));
+        if (__builtin_expect(in != 0xF, 0)) {
+            for (int l = 0; l < 4; l++)
+                if (!(in >> l & 1)) {
+                    rej->idx[nr] = base + j + l;
+                    rej->word[nr++] = words[j + l];
+                }
+        }
+    }
+    rej->n = nr;
+}
+#endif
 
 static int cpu_has_avx2(void)
 {
@@ -309,7 +361,12 @@ static void block_normals(block_rng_t *br, double *out, int64_t count, rejects_t
         (void)avx2;
         lane_words_portable(br->s, words, m);
 #endif
-        first_tries(words, out + q, m, q, rej);
+#if HAVE_AVX2
+        if (avx2) first_tries_avx2(words, out + q, m, q, rej);
+        else first_tries_portable(words, out + q, m, q, rej);
+#else
+        first_tries_portable(words, out + q, m, q, rej);
+#endif
     }
     for (int64_t j = 0; j < rej->n; j++) {
         uint64_t u = rej->word[j];
@@ -370,7 +427,10 @@ static int all_finite(const double *v, int n)
     return 1;
 }
 
-static int n_outputs_of(const opstwin_model *m) { return m->kind == OPSTWIN_MODEL_STATESPACE ? m->p : 1; }
+static int n_outputs_of(const opstwin_model *m)
+{
+    return m->kind == OPSTWIN_MODEL_STATESPACE ? m->p : 1;
+}
 
 static int validate(const opstwin_model *m, const opstwin_scenario *s, opstwin_output *o)
 {
@@ -500,7 +560,7 @@ typedef struct {
     int comp_r[OPSTWIN_MAX_OUTPUTS];      /* ... of output o's noise, or -1 */
     double sq[OPSTWIN_MAX_STATES], sr[OPSTWIN_MAX_OUTPUTS];
     int64_t npad, n_blocks;
-    double *u;      /* FOPDT: u[ns + k - d] is u(t_{k-d}) (u0 before 0); tank: u[k]; SS: bu[k*n + a] */
+    double *u; /* FOPDT: u[ns + k - d] is u(t_{k-d}) (u0 before 0); tank: u[k]; SS: bu[k*n + a] */
     double *slot[N_SLOTS];
     int32_t *delay; /* FOPDT: ns - d per path */
     double *acc;    /* acc[(o*4 + K_*)*npad + i] */
@@ -510,10 +570,14 @@ typedef struct {
     int tile;       /* steps per tile */
     int64_t ystride; /* paths per column of a tile buffer */
     double *ybuf[2];
+    double *brange[2]; /* per tile column and block: min, max, 1 if all finite (counted paths) */
     int64_t n;      /* paths summarised */
     double *pct_out, *raw;
     pthread_barrier_t bar;
     int abort;
+    int64_t run_lo, run_hi;   /* blocks of the current run_blocks call */
+    int64_t *sim_next;        /* per tile: next chunk of blocks to simulate */
+    int64_t *pct_next;        /* per tile: next column to summarise */
 } run_t;
 
 /* Draws block b's parameters (auxiliary stream, path by path, parameters in order) and sets
@@ -530,7 +594,11 @@ static int block_init(run_t *r, int64_t b, int *bad_param, int64_t *bad_path)
         for (int j = 0; j < np; j++) {
             int tries = 0;
             do {
-                if (tries++ >= MAX_REDRAWS) { *bad_param = j; *bad_path = i; return OPSTWIN_E_DOMAIN; }
+                if (tries++ >= MAX_REDRAWS) {
+                    *bad_param = j;
+                    *bad_path = i;
+                    return OPSTWIN_E_DOMAIN;
+                }
                 pv[j] = draw(&m->params[j], aux);
             } while (!param_ok(m->kind, j, pv[j]));
         }
@@ -579,11 +647,109 @@ static int block_init(run_t *r, int64_t b, int *bad_param, int64_t *bad_path)
 
 static const double ZEROS[BP];
 
+/* ud[i] = u[dl[i]]: each path's delayed input. Plain loads: vector gathers are several times
+ * slower on CPUs with the Intel GDS microcode mitigation, so this loop is kept scalar. */
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((noinline, optimize("no-tree-vectorize")))
+#else
+__attribute__((noinline))
+#endif
+static void gather_inputs(double *restrict ud, const double *restrict u, const int32_t *restrict dl)
+{
+    for (int i = 0; i < BP; i++) ud[i] = u[dl[i]];
+}
+
+/* The per-step loops over a block's 64 paths. Separate functions with restrict parameters:
+ * GCC keeps restrict through inlining for parameters (not for local pointers), and without it
+ * these loops need more run-time alias checks than it will version for, and stay scalar. */
+INLINE void fopdt_paths(double *restrict x, double *restrict y, const double *restrict a,
+                        const double *restrict bb, const double *restrict g,
+                        const double *restrict sw, const double *restrict sv,
+                        const double *restrict ud, const double *restrict w,
+                        const double *restrict v, double y0, double u0)
+{
+    for (int i = 0; i < BP; i++) {
+        double xx = a[i] * x[i] + bb[i] * (y0 + g[i] * (ud[i] - u0)) + sw[i] * w[i];
+        x[i] = xx;
+        y[i] = xx + sv[i] * v[i];
+    }
+}
+
+INLINE void tank_paths(double *restrict x, double *restrict y, const double *restrict ki,
+                       const double *restrict ko, const double *restrict hm,
+                       const double *restrict sw, const double *restrict sv,
+                       const double *restrict w, const double *restrict v, double uk)
+{
+    for (int i = 0; i < BP; i++) {
+        double h = x[i];
+        h = h + ki[i] * uk - ko[i] * sqrt(h > 0 ? h : 0) + sw[i] * w[i];
+        h = h < 0 ? 0 : h;
+        h = h > hm[i] ? hm[i] : h;
+        x[i] = h;
+        y[i] = h + sv[i] * v[i];
+    }
+}
+
+INLINE void kpi_paths(const double *restrict y, double *restrict last, double *restrict mx,
+                      double *restrict mn, double *restrict sum)
+{
+    for (int i = 0; i < BP; i++) {
+        double v = y[i];
+        last[i] = v;
+        mx[i] = v > mx[i] ? v : mx[i];
+        mn[i] = v < mn[i] ? v : mn[i];
+        sum[i] += v;
+    }
+}
+
+/* min, max and 1 if all finite (v - v is 0 for finite v, NaN otherwise) of y[0..nv) */
+INLINE void range_paths(const double *restrict y, int nv, double *restrict out)
+{
+    double lo[8], hi[8], chk[8];
+    for (int l = 0; l < 8; l++) {
+        lo[l] = INFINITY;
+        hi[l] = -INFINITY;
+        chk[l] = 0;
+    }
+    int i = 0;
+    for (; i + 8 <= nv; i += 8)
+        for (int l = 0; l < 8; l++) {
+            double v = y[i + l];
+            lo[l] = v < lo[l] ? v : lo[l];
+            hi[l] = v > hi[l] ? v : hi[l];
+            chk[l] += v - v;
+        }
+    for (; i < nv; i++) {
+        double v = y[i];
+        lo[0] = v < lo[0] ? v : lo[0];
+        hi[0] = v > hi[0] ? v : hi[0];
+        chk[0] += v - v;
+    }
+    for (int l = 1; l < 8; l++) {
+        lo[0] = lo[l] < lo[0] ? lo[l] : lo[0];
+        hi[0] = hi[l] > hi[0] ? hi[l] : hi[0];
+        chk[0] += chk[l];
+    }
+    out[0] = lo[0];
+    out[1] = hi[0];
+    out[2] = chk[0] == 0;
+}
+
+INLINE void first_violations(const double *restrict y, int32_t *restrict fv, double lim,
+                             int upper, int k)
+{
+    if (upper) {
+        for (int i = 0; i < BP; i++) fv[i] = (fv[i] < 0 && y[i] > lim) ? k : fv[i];
+    } else {
+        for (int i = 0; i < BP; i++) fv[i] = (fv[i] < 0 && y[i] < lim) ? k : fv[i];
+    }
+}
+
 /* Block b over steps k0 .. k0+T-1: noise into nb, the model's update, then per-path KPIs,
  * first violations and (ybuf != NULL) the tile's step-major outputs. Written as plain loops
  * over the block's 64 paths for the compiler to vectorise; compiled twice (AVX2, portable). */
-INLINE void tile_body(const run_t *r, int64_t b, int k0, int T, double *ybuf, double *nb,
-                      rejects_t *rej)
+INLINE void tile_body(const run_t *r, int64_t b, int k0, int T, double *ybuf, double *brange,
+                      double *nb, rejects_t *rej)
 {
     const opstwin_model *m = r->m;
     const int nc = r->n_comp, n_out = r->n_out, ns = r->ns;
@@ -599,44 +765,21 @@ INLINE void tile_body(const run_t *r, int64_t b, int k0, int T, double *ybuf, do
         const double *noise = nb + (int64_t)t * nc * BP;
         switch (m->kind) {
         case OPSTWIN_MODEL_FOPDT: {
-            double *restrict x = r->slot[S_X] + p0;
-            const double *restrict a = r->slot[S_A] + p0, *restrict bb = r->slot[S_B] + p0;
-            const double *restrict g = r->slot[S_G] + p0, *restrict sw = r->slot[S_SW] + p0;
-            const double *restrict sv = r->slot[S_SV] + p0;
-            const int32_t *restrict dl = r->delay + p0;
-            const double *restrict w = r->comp_w >= 0 ? noise + r->comp_w * BP : ZEROS;
-            const double *restrict v = r->comp_v >= 0 ? noise + r->comp_v * BP : ZEROS;
-            const double *restrict u = r->u + k;
-            const double y0 = m->y0, u0 = m->inputs[0].u0;
-            double ud[BP]; /* u(t_{k-d}) per path: plain loads, not a (slow) vector gather */
-            for (int i = 0; i < BP; i++) ud[i] = u[dl[i]];
-            double *restrict yo = y[0];
-            for (int i = 0; i < BP; i++) {
-                double xx = a[i] * x[i] + bb[i] * (y0 + g[i] * (ud[i] - u0)) + sw[i] * w[i];
-                x[i] = xx;
-                yo[i] = xx + sv[i] * v[i];
-            }
+            double ud[BP];
+            gather_inputs(ud, r->u + k, r->delay + p0);
+            fopdt_paths(r->slot[S_X] + p0, y[0], r->slot[S_A] + p0, r->slot[S_B] + p0,
+                        r->slot[S_G] + p0, r->slot[S_SW] + p0, r->slot[S_SV] + p0, ud,
+                        r->comp_w >= 0 ? noise + r->comp_w * BP : ZEROS,
+                        r->comp_v >= 0 ? noise + r->comp_v * BP : ZEROS, m->y0,
+                        m->inputs[0].u0);
             break;
         }
-        case OPSTWIN_MODEL_TANK: {
-            double *restrict x = r->slot[S_X] + p0;
-            const double *restrict ki = r->slot[S_A] + p0, *restrict ko = r->slot[S_B] + p0;
-            const double *restrict hm = r->slot[S_G] + p0, *restrict sw = r->slot[S_SW] + p0;
-            const double *restrict sv = r->slot[S_SV] + p0;
-            const double *restrict w = r->comp_w >= 0 ? noise + r->comp_w * BP : ZEROS;
-            const double *restrict v = r->comp_v >= 0 ? noise + r->comp_v * BP : ZEROS;
-            const double uk = r->u[k];
-            double *restrict yo = y[0];
-            for (int i = 0; i < BP; i++) {
-                double h = x[i];
-                h = h + ki[i] * uk - ko[i] * sqrt(h > 0 ? h : 0) + sw[i] * w[i];
-                h = h < 0 ? 0 : h;
-                h = h > hm[i] ? hm[i] : h;
-                x[i] = h;
-                yo[i] = h + sv[i] * v[i];
-            }
+        case OPSTWIN_MODEL_TANK:
+            tank_paths(r->slot[S_X] + p0, y[0], r->slot[S_A] + p0, r->slot[S_B] + p0,
+                       r->slot[S_G] + p0, r->slot[S_SW] + p0, r->slot[S_SV] + p0,
+                       r->comp_w >= 0 ? noise + r->comp_w * BP : ZEROS,
+                       r->comp_v >= 0 ? noise + r->comp_v * BP : ZEROS, r->u[k]);
             break;
-        }
         case OPSTWIN_MODEL_WEIBULL: {
             const double *restrict life = r->slot[S_X] + p0;
             const double tk = (k + 1) * r->s->dt;
@@ -676,54 +819,44 @@ INLINE void tile_body(const run_t *r, int64_t b, int k0, int T, double *ybuf, do
         }
         }
         for (int o = 0; o < n_out; o++) {
-            const double *restrict yo = y[o];
+            const double *yo = y[o];
             double *acc = r->acc + (int64_t)o * 4 * npad + p0;
-            double *restrict last = acc + K_LAST * npad, *restrict mx = acc + K_MAX * npad;
-            double *restrict mn = acc + K_MIN * npad, *restrict sum = acc + K_SUM * npad;
-            for (int i = 0; i < BP; i++) {
-                double v = yo[i];
-                last[i] = v;
-                mx[i] = v > mx[i] ? v : mx[i];
-                mn[i] = v < mn[i] ? v : mn[i];
-                sum[i] += v;
-            }
+            kpi_paths(yo, acc + K_LAST * npad, acc + K_MAX * npad, acc + K_MIN * npad,
+                      acc + K_SUM * npad);
+            if (brange) /* this block's share of the column's range, counted paths only */
+                range_paths(yo, r->n - p0 < BP ? (int)(r->n - p0) : BP,
+                            brange + (((int64_t)o * r->tile + t) * r->n_blocks + b) * 3);
         }
         for (int c = 0; c < r->s->n_constraints; c++) {
             const opstwin_constraint *cs = &r->s->constraints[c];
-            const double *restrict yo = y[cs->output];
-            const double lim = cs->limit;
-            int32_t *restrict fv = r->fv + (int64_t)c * npad + p0;
-            if (cs->kind == OPSTWIN_UPPER) {
-                for (int i = 0; i < BP; i++) fv[i] = (fv[i] < 0 && yo[i] > lim) ? k : fv[i];
-            } else {
-                for (int i = 0; i < BP; i++) fv[i] = (fv[i] < 0 && yo[i] < lim) ? k : fv[i];
-            }
+            first_violations(y[cs->output], r->fv + (int64_t)c * npad + p0, cs->limit,
+                             cs->kind == OPSTWIN_UPPER, k);
         }
     }
     (void)ns;
 }
 
-static void tile_portable(const run_t *r, int64_t b, int k0, int T, double *ybuf, double *nb,
-                          rejects_t *rej)
+static void tile_portable(const run_t *r, int64_t b, int k0, int T, double *ybuf,
+                          double *brange, double *nb, rejects_t *rej)
 {
-    tile_body(r, b, k0, T, ybuf, nb, rej);
+    tile_body(r, b, k0, T, ybuf, brange, nb, rej);
 }
 
 #if HAVE_AVX2
-AVX2_FN static void tile_avx2(const run_t *r, int64_t b, int k0, int T, double *ybuf, double *nb,
-                              rejects_t *rej)
+AVX2_FN static void tile_avx2(const run_t *r, int64_t b, int k0, int T, double *ybuf,
+                              double *brange, double *nb, rejects_t *rej)
 {
-    tile_body(r, b, k0, T, ybuf, nb, rej);
+    tile_body(r, b, k0, T, ybuf, brange, nb, rej);
 }
 #endif
 
-static void run_tile(const run_t *r, int64_t b, int k0, int T, double *ybuf, double *nb,
-                     rejects_t *rej)
+static void run_tile(const run_t *r, int64_t b, int k0, int T, double *ybuf, double *brange,
+                     double *nb, rejects_t *rej)
 {
 #if HAVE_AVX2
-    if (r->avx2) { tile_avx2(r, b, k0, T, ybuf, nb, rej); return; }
+    if (r->avx2) { tile_avx2(r, b, k0, T, ybuf, brange, nb, rej); return; }
 #endif
-    tile_portable(r, b, k0, T, ybuf, nb, rej);
+    tile_portable(r, b, k0, T, ybuf, brange, nb, rej);
 }
 
 /* ------------------------------------------------------------------ order statistics */
@@ -829,9 +962,8 @@ INLINE void bucket_body(const double *a, int64_t n, double mn, double scale, uin
                         uint32_t *restrict bucket, uint32_t *restrict count)
 {
     for (int64_t i = 0; i < n; i++) {
-        uint32_t b = (uint32_t)((a[i] - mn) * scale);
-        b = b > top ? top : b;
-        bucket[i] = b;
+        double d = (a[i] - mn) * scale; /* >= 0; a NaN goes to the top bucket, not to UB */
+        bucket[i] = d < (double)top ? (uint32_t)d : top;
     }
     for (int64_t i = 0; i < n; i++) count[bucket[i]]++;
 }
@@ -867,18 +999,25 @@ static int cmp_double(const void *x, const void *y)
 }
 
 /* Percentiles q[0..nq) (ascending) of a[0..n), exact as numpy.percentile(method="linear");
- * a is left unchanged. Returns 0, or -1 if a value is not finite (results NaN). */
+ * a is left unchanged. `range`, when given, holds min, max and 1 if every value is finite
+ * (found while the values were made), saving a pass. Returns 0, or -1 if a value is not
+ * finite (results NaN). */
 static int percentiles_of(const double *a, int64_t n, const double *q, int nq, double *res,
-                          sel_t *s, int avx2)
+                          sel_t *s, int avx2, const double *range)
 {
     double mn, mx;
     int finite;
+    if (range) {
+        mn = range[0];
+        mx = range[1];
+        finite = range[2] != 0;
+    } else {
 #if HAVE_AVX2
-    finite = avx2 ? minmax_avx2(a, n, &mn, &mx) : minmax_portable(a, n, &mn, &mx);
+        finite = avx2 ? minmax_avx2(a, n, &mn, &mx) : minmax_portable(a, n, &mn, &mx);
 #else
-    (void)avx2;
-    finite = minmax_portable(a, n, &mn, &mx);
+        finite = minmax_portable(a, n, &mn, &mx);
 #endif
+    }
     if (!finite) {
         for (int j = 0; j < nq; j++) res[j] = NAN;
         return -1;
@@ -1022,7 +1161,7 @@ static void *work(void *arg)
         if (w->rc != OPSTWIN_OK) return NULL;
         for (int64_t b = w->b_lo; b < w->b_hi; b++)
             for (int k0 = 0; k0 < ns; k0 += MAX_TILE)
-                run_tile(r, b, k0, min_int(MAX_TILE, ns - k0), NULL, w->nb, &w->rej);
+                run_tile(r, b, k0, min_int(MAX_TILE, ns - k0), NULL, NULL, w->nb, &w->rej);
         return NULL;
     }
     pthread_barrier_wait(&r->bar);
@@ -1031,16 +1170,36 @@ static void *work(void *arg)
     for (int ti = 0, k0 = 0; k0 < ns; ti++, k0 += T) {
         const int Tt = min_int(T, ns - k0);
         double *yb = r->ybuf[ti & 1];
-        for (int64_t b = w->b_lo; b < w->b_hi; b++) run_tile(r, b, k0, Tt, yb, w->nb, &w->rej);
+        /* Work is taken from per-tile counters, a few blocks or one column at a time, so the
+         * threads reach each barrier together; who computes what never changes a number. */
+        for (;;) {
+            int64_t chunk = __atomic_fetch_add(&r->sim_next[ti], 1, __ATOMIC_RELAXED);
+            int64_t b0 = r->run_lo + CHUNK_BLOCKS * chunk;
+            if (b0 >= r->run_hi) break;
+            int64_t b1 = b0 + CHUNK_BLOCKS < r->run_hi ? b0 + CHUNK_BLOCKS : r->run_hi;
+            for (int64_t b = b0; b < b1; b++)
+                run_tile(r, b, k0, Tt, yb, r->brange[ti & 1], w->nb, &w->rej);
+        }
         /* one barrier per tile: the other buffer's percentiles (tile ti - 1) were finished by
          * every thread before it started this tile, so it is free for tile ti + 1 */
         pthread_barrier_wait(&r->bar);
         const int64_t cols = (int64_t)r->n_out * Tt;
-        for (int64_t c = cols * w->tid / w->nt; c < cols * (w->tid + 1) / w->nt; c++) {
+        for (;;) {
+            int64_t c = __atomic_fetch_add(&r->pct_next[ti], 1, __ATOMIC_RELAXED);
+            if (c >= cols) break;
             const int o = (int)(c / Tt), t = (int)(c % Tt), k = k0 + t;
             const double *col = yb + ((int64_t)o * T + t) * r->ystride;
             double *res = r->pct_out + ((int64_t)o * ns + k) * OPSTWIN_N_PERCENTILES;
-            if (percentiles_of(col, r->n, PCTS, OPSTWIN_N_PERCENTILES, res, &w->sel, r->avx2))
+            /* the column's min, max and finiteness, from its blocks' (tile_body) */
+            const double *br = r->brange[ti & 1] + ((int64_t)o * T + t) * r->n_blocks * 3;
+            double range[3] = {br[0], br[1], br[2]};
+            for (int64_t b = 1; b * BP < r->n; b++) {
+                range[0] = br[3 * b] < range[0] ? br[3 * b] : range[0];
+                range[1] = br[3 * b + 1] > range[1] ? br[3 * b + 1] : range[1];
+                range[2] = range[2] != 0 && br[3 * b + 2] != 0;
+            }
+            if (percentiles_of(col, r->n, PCTS, OPSTWIN_N_PERCENTILES, res, &w->sel, r->avx2,
+                               range))
                 w->diverged = 1;
             if (r->raw)
                 for (int64_t i = 0; i < r->n; i++)
@@ -1109,6 +1268,8 @@ static int run_blocks(run_t *r, int64_t b_lo, int64_t b_hi, int pcts, int thread
         started++;
     }
     r->abort = 0;
+    r->run_lo = b_lo;
+    r->run_hi = b_hi;
     if (pcts) pthread_barrier_init(&r->bar, NULL, (unsigned)started);
     pthread_mutex_lock(&mu);
     for (int t = 0; t < started; t++) {
@@ -1169,7 +1330,8 @@ static double driving_rse(const run_t *r, int64_t n, double *tmp)
         for (int64_t i = 0; i < n; i++) hits += r->fv[i] >= 0;
         return prob_rse((double)hits / n, n);
     }
-    for (int64_t i = 0; i < n; i++) tmp[i] = kpi_value(r, r->s->driving_output, r->s->driving_kpi, i);
+    for (int64_t i = 0; i < n; i++)
+        tmp[i] = kpi_value(r, r->s->driving_output, r->s->driving_kpi, i);
     double sd, mu = mean_std(tmp, n, &sd);
     return mean_rse(mu, sd, n);
 }
@@ -1185,7 +1347,8 @@ static int summarise(const run_t *r, opstwin_output *o, double *tmp, sel_t *sel)
             double sd, *row = o->kpi + out * 20 + f * 5;
             row[0] = mean_std(tmp, n, &sd);
             row[1] = sd;
-            if (percentiles_of(tmp, n, KQ, 3, row + 2, sel, r->avx2)) return OPSTWIN_E_DIVERGED;
+            if (percentiles_of(tmp, n, KQ, 3, row + 2, sel, r->avx2, NULL))
+                return OPSTWIN_E_DIVERGED;
             o->kpi_rse[out * 4 + f] = mean_rse(row[0], sd, n);
         }
     for (int c = 0; c < nc; c++) {
@@ -1200,7 +1363,7 @@ static int summarise(const run_t *r, opstwin_output *o, double *tmp, sel_t *sel)
         o->violation_rse[c] = prob_rse(p, n);
         double *fvo = o->first_violation + c * 4;
         if (hits > 0) {
-            percentiles_of(tmp, hits, KQ, 3, fvo, sel, r->avx2);
+            percentiles_of(tmp, hits, KQ, 3, fvo, sel, r->avx2, NULL);
             fvo[3] = s / hits;
         } else {
             fvo[0] = fvo[1] = fvo[2] = fvo[3] = NAN;
@@ -1221,8 +1384,12 @@ static void free_run(run_t *r)
     free(r->acc);
     free(r->fv);
     free(r->rng);
-    free(r->ybuf[0]);
-    free(r->ybuf[1]);
+    for (int j = 0; j < 2; j++) {
+        free(r->ybuf[j]);
+        free(r->brange[j]);
+    }
+    free(r->sim_next);
+    free(r->pct_next);
 }
 
 static int setup(run_t *r, const opstwin_model *m, const opstwin_scenario *s, int64_t paths)
@@ -1326,8 +1493,15 @@ int opstwin_sim_run(const opstwin_model *model, const opstwin_scenario *scen, op
     if (r.tile > r.ns) r.tile = r.ns;
     r.pct_out = out->percentiles;
     r.raw = out->raw_paths;
-    for (int j = 0; j < 2; j++)
-        if (!(r.ybuf[j] = malloc((size_t)(per_step * r.tile)))) { rc = OPSTWIN_E_NOMEM; goto done; }
+    int64_t n_tiles = (r.ns + r.tile - 1) / r.tile;
+    r.sim_next = calloc((size_t)n_tiles, sizeof(int64_t));
+    r.pct_next = calloc((size_t)n_tiles, sizeof(int64_t));
+    if (!r.sim_next || !r.pct_next) { rc = OPSTWIN_E_NOMEM; goto done; }
+    for (int j = 0; j < 2; j++) {
+        r.ybuf[j] = malloc((size_t)(per_step * r.tile));
+        r.brange[j] = malloc(sizeof(double) * 3 * (size_t)(r.n_out * r.tile * r.n_blocks));
+        if (!r.ybuf[j] || !r.brange[j]) { rc = OPSTWIN_E_NOMEM; goto done; }
+    }
     rc = run_blocks(&r, 0, r.ystride / BP, 1, nthreads, out, &diverged);
     if (rc != OPSTWIN_OK) goto done;
     for (int o = 0; o < r.n_out && !diverged; o++)
