@@ -563,6 +563,7 @@ typedef struct {
     double *u; /* FOPDT: u[ns + k - d] is u(t_{k-d}) (u0 before 0); tank: u[k]; SS: bu[k*n + a] */
     double *slot[N_SLOTS];
     int32_t *delay; /* FOPDT: ns - d per path */
+    int32_t u_switch; /* FOPDT: u[] is u[0] before this index and u[2ns-1] from it, else -1 */
     double *acc;    /* acc[(o*4 + K_*)*npad + i] */
     int32_t *fv;    /* fv[c*npad + i]: first violating step or -1 */
     block_rng_t *rng;
@@ -646,6 +647,14 @@ static int block_init(run_t *r, int64_t b, int *bad_param, int64_t *bad_path)
 }
 
 static const double ZEROS[BP];
+
+/* ud[i] = u[k + dl[i]] for a two-valued u[] that switches from lo to hi at index `switch_at`,
+ * passed as switch_at - k: a comparison per path, which vectorises. */
+INLINE void step_inputs(double *restrict ud, const int32_t *restrict dl, int32_t switch_at_k,
+                        double lo, double hi)
+{
+    for (int i = 0; i < BP; i++) ud[i] = dl[i] < switch_at_k ? lo : hi;
+}
 
 /* ud[i] = u[dl[i]]: each path's delayed input. Plain loads: vector gathers are several times
  * slower on CPUs with the Intel GDS microcode mitigation, so this loop is kept scalar. */
@@ -766,7 +775,10 @@ INLINE void tile_body(const run_t *r, int64_t b, int k0, int T, double *ybuf, do
         switch (m->kind) {
         case OPSTWIN_MODEL_FOPDT: {
             double ud[BP];
-            gather_inputs(ud, r->u + k, r->delay + p0);
+            if (r->u_switch >= 0)
+                step_inputs(ud, r->delay + p0, r->u_switch - k, r->u[0], r->u[2 * ns - 1]);
+            else
+                gather_inputs(ud, r->u + k, r->delay + p0);
             fopdt_paths(r->slot[S_X] + p0, y[0], r->slot[S_A] + p0, r->slot[S_B] + p0,
                         r->slot[S_G] + p0, r->slot[S_SW] + p0, r->slot[S_SV] + p0, ud,
                         r->comp_w >= 0 ? noise + r->comp_w * BP : ZEROS,
@@ -1436,6 +1448,14 @@ static int setup(run_t *r, const opstwin_model *m, const opstwin_scenario *s, in
             r->u[k] = m->inputs[0].u0; /* u[j] = u0 for j < 0 (steady state before now) */
             r->u[ns + k] = input_at(&m->inputs[0], k * s->dt);
         }
+        /* A hold or a step (the usual what-if) makes u[] two-valued with one switch: the
+         * delayed input is then a comparison per path instead of a load from u[]. */
+        int32_t sw = 2 * ns;
+        for (int32_t j = 0; j < 2 * ns; j++)
+            if (r->u[j] != r->u[0]) { sw = j; break; }
+        r->u_switch = sw;
+        for (int32_t j = sw; j < 2 * ns; j++)
+            if (r->u[j] != r->u[2 * ns - 1]) { r->u_switch = -1; break; }
     } else if (m->kind == OPSTWIN_MODEL_TANK) {
         if (!(r->u = malloc(sizeof(double) * (size_t)ns))) return OPSTWIN_E_NOMEM;
         for (int k = 0; k < ns; k++) r->u[k] = input_at(&m->inputs[0], k * s->dt);
