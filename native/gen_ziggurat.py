@@ -62,7 +62,8 @@ def render() -> str:
         f"static const double ZIG_F[{LAYERS + 1}] = {{\n{rows(zf)}\n}};\n\n"
         "/* ZIG_X[i] and ZIG_X[i + 1] side by side: one 16-byte load gives a layer's width and\n"
         " * its inner rectangle's edge. */\n"
-        "#if defined(__GNUC__) || defined(__clang__)\n#define ZIG_ALIGN __attribute__((aligned(64)))\n"
+        "#if defined(__GNUC__) || defined(__clang__)\n"
+        "#define ZIG_ALIGN __attribute__((aligned(64)))\n"
         "#else\n#define ZIG_ALIGN\n#endif\n"
         f"static const double ZIG_XX[{2 * LAYERS}] ZIG_ALIGN = {{\n{rows(pairs)}\n}};\n\n#endif\n"
     )
