@@ -769,7 +769,7 @@ INLINE void kpi_paths(const double *restrict y, double *restrict last, double *r
 }
 
 /* min, max and 1 if all finite (v - v is 0 for finite v, NaN otherwise) of y[0..nv) */
-INLINE void range_paths(const double *restrict y, int nv, double *restrict out)
+INLINE void value_range(const double *restrict y, int64_t nv, double *restrict out)
 {
     double lo[8], hi[8], chk[8];
     for (int l = 0; l < 8; l++) {
@@ -777,7 +777,7 @@ INLINE void range_paths(const double *restrict y, int nv, double *restrict out)
         hi[l] = -INFINITY;
         chk[l] = 0;
     }
-    int i = 0;
+    int64_t i = 0;
     for (; i + 8 <= nv; i += 8)
         for (int l = 0; l < 8; l++) {
             double v = y[i + l];
@@ -893,7 +893,7 @@ INLINE void tile_body(const run_t *r, int64_t b, int k0, int T, double *ybuf, do
             kpi_paths(yo, acc + K_LAST * npad, acc + K_MAX * npad, acc + K_MIN * npad,
                       acc + K_SUM * npad);
             if (brange) /* this block's share of the column's range, counted paths only */
-                range_paths(yo, r->n - p0 < BP ? (int)(r->n - p0) : BP,
+                value_range(yo, r->n - p0 < BP ? r->n - p0 : BP,
                             brange + (((int64_t)o * r->tile + t) * r->n_blocks + b) * 3);
         }
         for (int c = 0; c < r->s->n_constraints; c++) {
@@ -994,34 +994,13 @@ static void sel_free(sel_t *s)
     free(s->picked);
 }
 
-/* min, max and whether every value is finite (v - v == 0 fails for NaN and inf) */
-INLINE int minmax_body(const double *a, int64_t n, double *mn_out, double *mx_out)
+INLINE int minmax_body(const double *a, int64_t n, double *mn, double *mx)
 {
-    double mn[4] = {INFINITY, INFINITY, INFINITY, INFINITY};
-    double mx[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
-    int ok[4] = {1, 1, 1, 1};
-    int64_t i = 0;
-    for (; i + 4 <= n; i += 4)
-        for (int l = 0; l < 4; l++) {
-            double v = a[i + l];
-            mn[l] = v < mn[l] ? v : mn[l];
-            mx[l] = v > mx[l] ? v : mx[l];
-            ok[l] &= (v - v) == 0;
-        }
-    for (; i < n; i++) {
-        double v = a[i];
-        mn[0] = v < mn[0] ? v : mn[0];
-        mx[0] = v > mx[0] ? v : mx[0];
-        ok[0] &= (v - v) == 0;
-    }
-    for (int l = 1; l < 4; l++) {
-        mn[0] = mn[l] < mn[0] ? mn[l] : mn[0];
-        mx[0] = mx[l] > mx[0] ? mx[l] : mx[0];
-        ok[0] &= ok[l];
-    }
-    *mn_out = mn[0];
-    *mx_out = mx[0];
-    return ok[0];
+    double range[3];
+    value_range(a, n, range);
+    *mn = range[0];
+    *mx = range[1];
+    return range[2] != 0;
 }
 
 /* Bucket of every value: floor((v - mn) * scale), at most nb - 1. Monotone in v (a subtraction
