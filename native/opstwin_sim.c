@@ -633,8 +633,6 @@ typedef struct {
     double *pct_out, *raw;
     barrier_t bar;
     int abort;
-    int64_t run_lo, run_hi;   /* blocks of the current run_blocks call */
-    int64_t *sim_next;        /* per tile: next chunk of blocks to simulate */
     int64_t *pct_next;        /* per tile: next column to summarise */
 } run_t;
 
@@ -1175,7 +1173,7 @@ static int percentiles_of(const double *a, int64_t n, const double *q, int nq, d
 
 /* ------------------------------------------------------------------ threads */
 
-typedef struct {
+typedef struct worker {
     /* Workers sit side by side in an array and write their own fields (rej.n every few hundred
      * numbers): the padding keeps two workers' fields off a shared cache line, which cost the
      * two-thread run ~20 % more CPU in the normal generator alone. */
@@ -1183,6 +1181,9 @@ typedef struct {
     run_t *r;
     int tid, nt, pcts;
     int64_t b_lo, b_hi; /* blocks of this worker */
+    int64_t chunks;     /* chunks of CHUNK_BLOCKS in b_lo..b_hi */
+    int64_t next_chunk; /* chunks of these blocks taken so far, over all tiles (take_chunk) */
+    struct worker *all; /* every worker of the run */
     double *nb;         /* noise buffer: MAX_TILE * n_comp * 64 */
     rejects_t rej;
     sel_t sel;
@@ -1196,6 +1197,18 @@ typedef struct {
 } worker_t;
 
 static int min_int(int a, int b) { return a < b ? a : b; }
+
+/* The next of `per_tile` chunks of tile ti from a counter that counts chunks over all tiles,
+ * or -1 when the tile's are all taken. A plain fetch-and-add could take a ticket of the next
+ * tile; this never moves the counter past the end of the current one. */
+static int64_t take_chunk(int64_t *counter, int64_t ti, int64_t per_tile)
+{
+    int64_t c = __atomic_load_n(counter, __ATOMIC_RELAXED);
+    while (c < (ti + 1) * per_tile)
+        if (__atomic_compare_exchange_n(counter, &c, c + 1, 1, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
+            return c - ti * per_tile;
+    return -1;
+}
 
 static void *work(void *arg)
 {
@@ -1223,23 +1236,21 @@ static void *work(void *arg)
     for (int ti = 0, k0 = 0; k0 < ns; ti++, k0 += T) {
         const int Tt = min_int(T, ns - k0);
         double *yb = r->ybuf[ti & 1];
-        /* Each thread simulates the same blocks in every tile, so their state (parameters,
-         * accumulators, generators) stays in its core's cache; the percentile columns are
-         * taken from a per-tile counter, one at a time, so the threads reach the barrier
-         * together. Who computes what never changes a number. */
-#ifdef DYNAMIC_SIM
-        for (;;) {
-            int64_t chunk = __atomic_fetch_add(&r->sim_next[ti], 1, __ATOMIC_RELAXED);
-            int64_t b0 = r->run_lo + CHUNK_BLOCKS * chunk;
-            if (b0 >= r->run_hi) break;
-            int64_t b1 = b0 + CHUNK_BLOCKS < r->run_hi ? b0 + CHUNK_BLOCKS : r->run_hi;
-            for (int64_t b = b0; b < b1; b++)
-                run_tile(r, b, k0, Tt, yb, r->brange[ti & 1], w->nb, &w->rej);
+        /* Each thread first simulates its own blocks, the same in every tile, so their state
+         * (parameters, accumulators, generators) stays in its core's cache; then it helps with
+         * what is left of the others' (on a shared machine one CPU is often slower than the
+         * other). Percentile columns are taken one at a time from a counter. Who computes
+         * what never changes a number. */
+        for (int j = 0; j < w->nt; j++) {
+            worker_t *v = w->all + (w->tid + j) % w->nt;
+            int64_t c;
+            while ((c = take_chunk(&v->next_chunk, ti, v->chunks)) >= 0) {
+                int64_t b0 = v->b_lo + c * CHUNK_BLOCKS;
+                int64_t b1 = b0 + CHUNK_BLOCKS < v->b_hi ? b0 + CHUNK_BLOCKS : v->b_hi;
+                for (int64_t b = b0; b < b1; b++)
+                    run_tile(r, b, k0, Tt, yb, r->brange[ti & 1], w->nb, &w->rej);
+            }
         }
-#else
-        for (int64_t b = w->b_lo; b < w->b_hi; b++)
-            run_tile(r, b, k0, Tt, yb, r->brange[ti & 1], w->nb, &w->rej);
-#endif
         /* one barrier per tile: the other buffer's percentiles (tile ti - 1) were finished by
          * every thread before it started this tile, so it is free for tile ti + 1 */
         barrier_wait(&r->bar);
@@ -1328,14 +1339,15 @@ static int run_blocks(run_t *r, int64_t b_lo, int64_t b_hi, int pcts, int thread
         started++;
     }
     r->abort = 0;
-    r->run_lo = b_lo;
-    r->run_hi = b_hi;
     if (pcts) barrier_init(&r->bar, started);
     pthread_mutex_lock(&mu);
     for (int t = 0; t < started; t++) {
         ws[t].nt = started;
         ws[t].b_lo = b_lo + blocks * t / started;
         ws[t].b_hi = b_lo + blocks * (t + 1) / started;
+        ws[t].chunks = (ws[t].b_hi - ws[t].b_lo + CHUNK_BLOCKS - 1) / CHUNK_BLOCKS;
+        ws[t].next_chunk = 0;
+        ws[t].all = ws;
     }
     go = 1;
     pthread_cond_broadcast(&cv);
@@ -1448,7 +1460,6 @@ static void free_run(run_t *r)
         free(r->ybuf[j]);
         free(r->brange[j]);
     }
-    free(r->sim_next);
     free(r->pct_next);
 }
 
@@ -1562,9 +1573,8 @@ int opstwin_sim_run(const opstwin_model *model, const opstwin_scenario *scen, op
     r.pct_out = out->percentiles;
     r.raw = out->raw_paths;
     int64_t n_tiles = (r.ns + r.tile - 1) / r.tile;
-    r.sim_next = calloc((size_t)n_tiles, sizeof(int64_t));
     r.pct_next = calloc((size_t)n_tiles, sizeof(int64_t));
-    if (!r.sim_next || !r.pct_next) { rc = OPSTWIN_E_NOMEM; goto done; }
+    if (!r.pct_next) { rc = OPSTWIN_E_NOMEM; goto done; }
     for (int j = 0; j < 2; j++) {
         r.ybuf[j] = malloc((size_t)(per_step * r.tile));
         r.brange[j] = malloc(sizeof(double) * 3 * (size_t)(r.n_out * r.tile * r.n_blocks));
