@@ -22,7 +22,10 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# bench/sim.py times a Numba peer: the optional `bench` extra, installed here when missing.
 bench: $(STAMP)
+	$(BIN)/python -c "import numba" 2>/dev/null || \
+		$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[bench]'
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/codec.py
 	$(BIN)/python bench/modbus_decode.py
