@@ -754,6 +754,17 @@ INLINE void tank_paths(double *restrict x, double *restrict y, const double *res
     }
 }
 
+/* state-space: acc += c * x, then acc = acc + bu + sd * noise (the order SPEC's sums use) */
+INLINE void axpy_paths(double *restrict acc, double c, const double *restrict x)
+{
+    for (int i = 0; i < BP; i++) acc[i] += c * x[i];
+}
+
+INLINE void add_noise_paths(double *restrict acc, double bu, double sd, const double *restrict w)
+{
+    for (int i = 0; i < BP; i++) acc[i] = acc[i] + bu + sd * w[i];
+}
+
 INLINE void kpi_paths(const double *restrict y, double *restrict last, double *restrict mx,
                       double *restrict mn, double *restrict sum)
 {
@@ -858,29 +869,18 @@ INLINE void tile_body(const run_t *r, int64_t b, int k0, int T, double *ybuf, do
             const int n = m->n;
             double xn[OPSTWIN_MAX_STATES][BP];
             for (int a1 = 0; a1 < n; a1++) {
-                const double bu = r->u[(int64_t)k * n + a1];
-                double *restrict acc = xn[a1];
-                for (int i = 0; i < BP; i++) acc[i] = 0;
-                for (int b1 = 0; b1 < n; b1++) {
-                    const double c = m->A[a1 * n + b1];
-                    const double *restrict xb = r->slot[S_X + b1] + p0;
-                    for (int i = 0; i < BP; i++) acc[i] += c * xb[i];
-                }
-                const double sq = r->sq[a1];
-                const double *restrict w = r->comp_q[a1] >= 0 ? noise + r->comp_q[a1] * BP : ZEROS;
-                for (int i = 0; i < BP; i++) acc[i] = acc[i] + bu + sq * w[i];
+                memset(xn[a1], 0, sizeof xn[a1]);
+                for (int b1 = 0; b1 < n; b1++)
+                    axpy_paths(xn[a1], m->A[a1 * n + b1], r->slot[S_X + b1] + p0);
+                add_noise_paths(xn[a1], r->u[(int64_t)k * n + a1], r->sq[a1],
+                                r->comp_q[a1] >= 0 ? noise + r->comp_q[a1] * BP : ZEROS);
             }
             for (int a1 = 0; a1 < n; a1++) memcpy(r->slot[S_X + a1] + p0, xn[a1], sizeof xn[a1]);
             for (int o = 0; o < m->p; o++) {
-                double *restrict yo = y[o];
-                for (int i = 0; i < BP; i++) yo[i] = 0;
-                for (int b1 = 0; b1 < n; b1++) {
-                    const double c = m->C[o * n + b1];
-                    for (int i = 0; i < BP; i++) yo[i] += c * xn[b1][i];
-                }
-                const double sr = r->sr[o];
-                const double *restrict v = r->comp_r[o] >= 0 ? noise + r->comp_r[o] * BP : ZEROS;
-                for (int i = 0; i < BP; i++) yo[i] = yo[i] + sr * v[i];
+                memset(y[o], 0, sizeof(double) * BP);
+                for (int b1 = 0; b1 < n; b1++) axpy_paths(y[o], m->C[o * n + b1], xn[b1]);
+                add_noise_paths(y[o], 0.0, r->sr[o],
+                                r->comp_r[o] >= 0 ? noise + r->comp_r[o] * BP : ZEROS);
             }
             break;
         }
