@@ -1,0 +1,1 @@
+"""The policy engine (DESIGN.md §8): policies, the decision gate, execution, RBAC and audit."""
