@@ -5,8 +5,7 @@ from __future__ import annotations
 import codecs
 import os
 import stat
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -21,7 +20,14 @@ from gateway.config.model import (
     SiteConfig,
     host_problem,
 )
-from gateway.config.yamlpos import YamlDocument, format_path, parse_yaml
+from gateway.config.problems import (
+    PathParts,
+    Problem,
+    problem_from_pydantic,
+    render_problems,
+    yaml_error_message,
+)
+from gateway.config.yamlpos import format_path, parse_yaml
 from gateway.errors import ConfigError
 
 __all__ = [
@@ -33,22 +39,10 @@ __all__ = [
     "read_config_text",
 ]
 
-PathParts = tuple[str | int, ...]
-
 _MiB = 1024 * 1024
 # A site config with 100,000 points written out in full is about 14 MiB; anything larger is not
 # a site config (a log, an image, a disk) and would take minutes and gigabytes to refuse.
 MAX_CONFIG_BYTES = 16 * _MiB
-# More problems than anyone reads in one go; the rest are summarised in one line.
-MAX_PROBLEMS_SHOWN = 50
-
-
-@dataclass(frozen=True, slots=True)
-class Problem:
-    """One thing wrong with a config: where, and what is expected instead."""
-
-    path: PathParts
-    message: str
 
 
 def load_config(path: str | Path) -> SiteConfig:
@@ -58,12 +52,14 @@ def load_config(path: str | Path) -> SiteConfig:
     return parse_config(text, source=str(path), base_dir=path.parent)
 
 
-def read_config_text(path: str | Path, what: str = "config") -> str:
+def read_config_text(
+    path: str | Path, what: str = "config", *, max_bytes: int = MAX_CONFIG_BYTES
+) -> str:
     """Return the text of a YAML file a user named; ConfigError, in one line, if it is not one.
 
-    Refused without blocking or reading more than MAX_CONFIG_BYTES: anything but a regular
-    file (a FIFO would block `check` forever, /dev/zero never ends), larger files, binary files
-    and text that is not UTF-8.
+    Refused without blocking or reading more than `max_bytes` (MAX_CONFIG_BYTES unless told):
+    anything but a regular file (a FIFO would block `check` forever, /dev/zero never ends),
+    larger files, binary files and text that is not UTF-8.
     """
     path = Path(path)
     try:
@@ -73,13 +69,13 @@ def read_config_text(path: str | Path, what: str = "config") -> str:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
         with os.fdopen(fd, "rb") as file:
             _refuse_irregular(path, os.fstat(file.fileno()).st_mode, what)  # swapped meanwhile
-            data = file.read(MAX_CONFIG_BYTES + 1)
+            data = file.read(max_bytes + 1)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
-    if len(data) > MAX_CONFIG_BYTES:
+    if len(data) > max_bytes:
+        size = f"{max_bytes // _MiB} MiB" if max_bytes % _MiB == 0 else f"{max_bytes:,} bytes"
         raise ConfigError(
-            f"{path}: larger than the {MAX_CONFIG_BYTES // _MiB} MiB a {what} file may be; "
-            "is this the right file?"
+            f"{path}: larger than the {size} a {what} file may be; is this the right file?"
         )
     return _decode(path, data, what)
 
@@ -144,7 +140,7 @@ def parse_config(
     try:
         doc = parse_yaml(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(_yaml_error(source, text, exc)) from None
+        raise ConfigError(yaml_error_message(source, text, exc)) from None
     except UnicodeEncodeError as exc:  # only from a str handed in: a file is decoded strictly
         line = text.count("\n", 0, exc.start) + 1
         raise ConfigError(f"{source}, line {line}: not valid Unicode text ({exc.reason})") from None
@@ -157,34 +153,12 @@ def parse_config(
         config = SiteConfig.model_validate(doc.data, strict=True)
     except ValidationError as exc:
         problems = [_from_pydantic(err) for err in exc.errors()]
-        raise ConfigError(_render(source, doc, problems)) from None
+        raise ConfigError(render_problems(source, doc, problems)) from None
     base = base_dir or Path.cwd()
     problems = [*check_site(config), *_check_files(config, base)]
     if problems:
-        raise ConfigError(_render(source, doc, problems))
+        raise ConfigError(render_problems(source, doc, problems))
     return _resolve_paths(config, base)
-
-
-def _yaml_error(source: str, text: str, exc: yaml.YAMLError) -> str:
-    """One line: the file, the line and column, and what PyYAML (or our bounds) refused."""
-    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-    if mark is not None:
-        where = f", line {mark.line + 1} column {mark.column + 1}"
-    elif isinstance(exc, yaml.reader.ReaderError):  # a control character: it has a position
-        where = f", line {text.count(chr(10), 0, exc.position) + 1}"
-    else:
-        where = ""
-    if isinstance(exc, yaml.reader.ReaderError):
-        char = exc.character
-        code = char if isinstance(char, int) else ord(char) if len(char) == 1 else None
-        what = f"U+{code:04X}" if code is not None else repr(char)
-        problem = f"character {what} is not allowed in YAML ({exc.reason})"
-    else:
-        problem = getattr(exc, "problem", None) or str(exc)
-        context = getattr(exc, "context", None)
-        if context and getattr(exc, "problem", None):
-            problem = f"{context}, {problem}"  # "while parsing a block mapping, expected …"
-    return f"{source}{where}: invalid YAML: {' '.join(str(problem).split())}"
 
 
 def _resolve_paths(config: SiteConfig, base: Path) -> SiteConfig:
@@ -196,7 +170,8 @@ def _resolve_paths(config: SiteConfig, base: Path) -> SiteConfig:
     # Written out, so what `check` prints and what `run` uses is the same resolved folder.
     storage = storage.model_copy(update={"path": db, "pki_dir": pki})
     devices = [_resolve_device_paths(device, base) for device in config.devices]
-    return config.model_copy(update={"storage": storage, "devices": devices})
+    policies = config.policies.model_copy(update={"dir": (base / config.policies.dir).resolve()})
+    return config.model_copy(update={"storage": storage, "devices": devices, "policies": policies})
 
 
 def _resolve_device_paths(device: Any, base: Path) -> Any:
@@ -249,6 +224,8 @@ def _check_storage_paths(config: SiteConfig, base: Path) -> Iterator[Problem]:
     wanted = [(("storage", "path"), base / storage.path, "file")]
     if storage.pki_dir is not None:
         wanted.append((("storage", "pki_dir"), base / storage.pki_dir, "directory"))
+    # A policy folder that does not exist (yet) is left to the policy loader, which names it.
+    wanted.append((("policies", "dir"), base / config.policies.dir, "directory"))
     for where, path, kind in wanted:
         folder = next((p for p in path.parents if p.exists()), None)
         if folder is not None and not folder.is_dir():
@@ -434,59 +411,8 @@ _DRIVER_CHECKS: dict[str, Callable[[PathParts, Any], Iterator[Problem]]] = {
 
 def _from_pydantic(err: Any) -> Problem:
     loc = tuple(err["loc"])
-    kind = err["type"]
     # pydantic puts the union member's tag into the path (devices.0.modbus.points...); a user
     # wrote devices[0].points.
     if len(loc) > 2 and loc[0] == "devices" and loc[2] in DRIVERS:
         loc = loc[:2] + loc[3:]
-    if kind == "union_tag_invalid":
-        return Problem(
-            (*loc, "driver"),
-            f"expected one of {', '.join(DRIVERS)}, got {err.get('ctx', {}).get('tag')!r}",
-        )
-    if kind == "union_tag_not_found":
-        return Problem((*loc, "driver"), f"required key is missing ({', '.join(DRIVERS)})")
-    if kind == "invalid_key":  # `1: x` or `null: x`: the location ends in the key itself
-        return Problem(loc[:-1], f"key {_short_repr(err.get('input'))} is not text (a key name)")
-    if kind == "extra_forbidden":
-        return Problem(loc, "unknown key (check its spelling and where it is indented)")
-    if kind == "missing":
-        return Problem(loc, "required key is missing")
-    message = err["msg"]
-    if kind == "value_error":
-        # Our validators' own words; they quote what they need to.
-        message = message.removeprefix("Value error, ")
-    elif _echoable(loc, err.get("input")):
-        message = f"{message}, got {_short_repr(err['input'])}"
-    if kind == "string_pattern_mismatch" and loc and loc[-1] == "id":
-        message = "expected a path like area/line/asset/signal (lower case, digits, _ . -)" + (
-            f", got {_short_repr(err['input'])}" if "input" in err else ""
-        )
-    return Problem(loc, message)
-
-
-def _short_repr(value: Any) -> str:
-    # A 10 MB string pasted into a key must not become a 10 MB error message.
-    text = repr(value)
-    return text if len(text) <= 80 else text[:72] + "…" + text[-6:]
-
-
-def _echoable(loc: PathParts, value: Any) -> bool:
-    # Echo a scalar back so the user sees what was read; never a whole section (it may hold
-    # password hashes) and never anything under a password key (a plain password pasted by
-    # mistake must not reach a terminal log).
-    if any(isinstance(part, str) and "password" in part for part in loc):
-        return False
-    return isinstance(value, (str, int, float, bool))
-
-
-def _render(source: str, doc: YamlDocument, problems: Sequence[Problem]) -> str:
-    lines = [f"{source}: {len(problems)} problem{'s' if len(problems) != 1 else ''}:"]
-    for problem in problems[:MAX_PROBLEMS_SHOWN]:
-        line = doc.line_of(problem.path)
-        at = f" (line {line})" if line else ""
-        # One line per problem, whatever a message quotes.
-        lines.append(f"  {format_path(problem.path)}{at}: {' '.join(problem.message.split())}")
-    if len(problems) > MAX_PROBLEMS_SHOWN:
-        lines.append(f"  … and {len(problems) - MAX_PROBLEMS_SHOWN} more")
-    return "\n".join(lines)
+    return problem_from_pydantic(err, loc=loc, tag_choices={"driver": DRIVERS})

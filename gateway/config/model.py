@@ -269,6 +269,17 @@ class HttpConfig(_Strict):
         return value
 
 
+class PoliciesConfig(_Strict):
+    """Where the policy engine finds its policies."""
+
+    dir: FilePath = Field(
+        Path("policies"),
+        description="Folder of policy files (`*.yaml`, one policy each); a relative path is "
+        "relative to the config file. Not acted on yet: the engine that runs them is being "
+        "built (issue 16).",
+    )
+
+
 class SiteConfig(_Strict):
     """The whole site configuration file."""
 
@@ -282,6 +293,9 @@ class SiteConfig(_Strict):
     opcua_server: OpcuaServerConfig = Field(
         default_factory=OpcuaServerConfig,
         description="The gateway's own OPC UA server, for SCADA/HMI clients.",
+    )
+    policies: PoliciesConfig = Field(
+        default_factory=PoliciesConfig, description="Policy files (see `policies/`)."
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Log verbosity."

@@ -31,6 +31,7 @@ def sections() -> list[tuple[str, type[BaseModel]]]:
         ("`http`", m.HttpConfig),
         ("`opcua_server`", OpcuaServerConfig),
         ("`opcua_server.users[]`", OpcuaUser),
+        ("`policies`", m.PoliciesConfig),
         ("`devices[]` with `driver: modbus`", m.ModbusDeviceConfig),
         ("`devices[].points[]` of a Modbus device", m.ModbusPointConfig),
         ("`devices[].options` of a Modbus device", ModbusOptions),

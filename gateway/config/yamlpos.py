@@ -201,9 +201,10 @@ class _MarkedConstructor(SafeConstructor):
     def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
         try:
             return super().construct_object(node, deep)
-        except (ValueError, OverflowError) as exc:
+        except (ValueError, OverflowError, KeyError, AttributeError, TypeError) as exc:
             # PyYAML lets these escape with no position: `2001-13-45` as a date, an integer
-            # longer than Python converts, `!!int abc`.
+            # longer than Python converts, `!!int abc`; and, from a tag on text that is no such
+            # value, a KeyError (`!!bool maybe`) or an AttributeError (`!!timestamp x`).
             raise ConstructorError(
                 None, None, f"cannot read {_short(node)}: {exc}", node.start_mark
             ) from None

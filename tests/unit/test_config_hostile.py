@@ -280,8 +280,18 @@ def test_the_bomb_through_the_real_command_exits_2_quickly(tmp_path):
         ("site_id: a\ngateway_id: g\ndevices: []\nwhen: 2001-13-45\n", "line 4"),
         ("site_id: !!int abc\ngateway_id: g\ndevices: []\n", "line 1"),
         ("site_id: !!python/object:os.system {}\n", "line 1"),
+        # PyYAML raises AttributeError / KeyError for these (the fuzz test found them)
+        ("site_id: a\ngateway_id: !!timestamp not-a-date\ndevices: []\n", "line 2"),
+        ("site_id: a\ngateway_id: g\ndevices: []\nhttp: {enabled: !!bool maybe}\n", "line 4"),
     ],
-    ids=["int-too-long", "impossible-date", "bad-int-tag", "python-tag"],
+    ids=[
+        "int-too-long",
+        "impossible-date",
+        "bad-int-tag",
+        "python-tag",
+        "bad-timestamp-tag",
+        "bad-bool-tag",
+    ],
 )
 def test_values_yaml_cannot_construct_are_refused_with_their_line(tmp_path, capsys, text, says):
     path = tmp_path / "site.yaml"
