@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import sqlite3
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from gateway import __version__
 from gateway.config import SiteConfig, load_config
@@ -107,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_twin_commands(sub)
     add_sim_commands(sub)
+    _add_control_commands(sub)
     return parser
 
 
@@ -155,6 +158,318 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     print(hash_password(first))
     return EXIT_OK
+
+
+# -- users, API tokens and the audit log (control.db beside the twin database) ------------------
+
+
+def _add_control_commands(sub: Any) -> None:
+    """Register `user`, `token` and `audit`, each with its actions."""
+    from gateway.twin_cli import count_arg
+
+    def action(group: Any, name: str, help: str, handler: Any) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = group.add_parser(name, help=help)
+        parser.add_argument("--config", "-c", required=True, help="site config YAML file")
+        parser.set_defaults(handler=handler)
+        return parser
+
+    def group(name: str, help: str, actions: str) -> Any:
+        parser = sub.add_parser(name, help=help)
+        parser.set_defaults(handler=_needs_action(name, actions))
+        return parser.add_subparsers(title="actions", metavar="ACTION")
+
+    grant_help = "ROLE or ROLE:GLOB[,GLOB...], e.g. supervisor:plant/oven1/*; repeatable"
+    stdin_help = "read the password from one line of stdin instead of prompting"
+
+    users = group("user", "users of the web UI and the OPC UA server", "add, list, disable, passwd")
+    add = action(users, "add", "add a user with a password and grants", cmd_user_add)
+    add.add_argument("name", help="user name")
+    add.add_argument("--grant", "-g", action="append", required=True, help=grant_help)
+    add.add_argument("--password-stdin", action="store_true", help=stdin_help)
+    action(users, "list", "list users and their grants", cmd_user_list)
+    disable = action(users, "disable", "refuse every login of a user", cmd_user_disable)
+    disable.add_argument("name", help="user name")
+    passwd = action(users, "passwd", "set a user's password", cmd_user_passwd)
+    passwd.add_argument("name", help="user name")
+    passwd.add_argument("--password-stdin", action="store_true", help=stdin_help)
+
+    tokens = group("token", "API tokens for agents", "create, list, revoke")
+    create = action(tokens, "create", "create a token and print its secret once", cmd_token_create)
+    create.add_argument("name", help="token name (the agent it is for)")
+    create.add_argument("--grant", "-g", action="append", required=True, help=grant_help)
+    action(tokens, "list", "list tokens (never their secrets)", cmd_token_list)
+    revoke = action(tokens, "revoke", "revoke a token for good", cmd_token_revoke)
+    revoke.add_argument("name", help="token name")
+
+    audit = group("audit", "the hash-chained audit log", "verify, show")
+    action(
+        audit,
+        "verify",
+        "re-check the hash chain; exit 1 naming the first broken entry",
+        cmd_audit_verify,
+    )
+    show = action(audit, "show", "list audit entries, newest last", cmd_audit_show)
+    show.add_argument(
+        "--limit", type=count_arg(1, 10_000), default=20, help="most entries (default 20)"
+    )
+    show.add_argument("--since", type=count_arg(0, 2**63 - 1), default=None, help="after this seq")
+    show.add_argument("--json", action="store_true", help="one JSON object per entry")
+
+
+def cmd_user_add(args: argparse.Namespace) -> int:
+    """Add a user."""
+    grants = _grants(args.grant)
+    with _account_errors():
+        from gateway.control.users import check_name
+
+        check_name(args.name, "user name")
+    password = _read_password(args.password_stdin, confirm=True)
+    with _control(args.config, write=True) as (_, accounts), _account_errors():
+        user = accounts.add_user(args.name, password, grants, actor=_cli_actor())
+    print(f"user {user.name} added ({_describe_grants(user.grants)})")
+    return EXIT_OK
+
+
+def cmd_user_list(args: argparse.Namespace) -> int:
+    """List users."""
+    from gateway.twin_cli import _table
+
+    with _control(args.config) as (_, accounts):
+        users = accounts.list_users()
+    rows = (
+        [u.name, _describe_grants(u.grants), "disabled" if u.disabled else "", _when(u.created)]
+        for u in users
+    )
+    print(_table(["user", "grants", "state", "created"], rows))
+    return EXIT_OK
+
+
+def cmd_user_disable(args: argparse.Namespace) -> int:
+    """Disable a user."""
+    with _control(args.config, write=True) as (_, accounts), _account_errors():
+        accounts.disable_user(args.name, actor=_cli_actor())
+    print(f"user {args.name} disabled")
+    return EXIT_OK
+
+
+def cmd_user_passwd(args: argparse.Namespace) -> int:
+    """Set a user's password."""
+    with _control(args.config, write=True) as (_, accounts), _account_errors():
+        accounts.get_user(args.name)  # before the prompt: no typing a password for nobody
+        password = _read_password(args.password_stdin, confirm=True)
+        accounts.set_password(args.name, password, actor=_cli_actor())
+    print(f"password of user {args.name} changed")
+    return EXIT_OK
+
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    """Create an API token and print its secret."""
+    grants = _grants(args.grant)
+    with _control(args.config, write=True) as (_, accounts), _account_errors():
+        token = accounts.create_token(args.name, grants, actor=_cli_actor())
+    # The secret alone on stdout (`TOKEN=$(opstwin token create ...)`); the rest on stderr.
+    print(
+        f"token {token.record.name} (id {token.record.id}, {_describe_grants(token.record.grants)})"
+        " created; its secret is shown only now, store it:",
+        file=sys.stderr,
+    )
+    print(token.secret)
+    return EXIT_OK
+
+
+def cmd_token_list(args: argparse.Namespace) -> int:
+    """List API tokens."""
+    from gateway.twin_cli import _table
+
+    with _control(args.config) as (_, accounts):
+        tokens = accounts.list_tokens()
+    rows = (
+        [
+            t.id,
+            t.name,
+            _describe_grants(t.grants),
+            _when(t.created),
+            _when(t.last_used) if t.last_used is not None else "never",
+            f"revoked {_when(t.revoked)}" if t.revoked is not None else "",
+        ]
+        for t in tokens
+    )
+    print(_table(["id", "token", "grants", "created", "last used", "state"], rows))
+    return EXIT_OK
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> int:
+    """Revoke an API token."""
+    with _control(args.config, write=True) as (_, accounts), _account_errors():
+        token = accounts.revoke_token(args.name, actor=_cli_actor())
+    print(f"token {token.name} (id {token.id}) revoked")
+    return EXIT_OK
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    """Re-check the audit chain."""
+    from gateway.control.audit import AuditLog
+
+    with _control(args.config) as (db, _):
+        result = AuditLog(db).verify()
+    if not result.ok:
+        print(f"opstwin: {result.describe()}", file=sys.stderr)
+        return EXIT_ERROR
+    print(result.describe())
+    return EXIT_OK
+
+
+def cmd_audit_show(args: argparse.Namespace) -> int:
+    """List audit entries, newest last."""
+    import json
+
+    from gateway.control.audit import AuditLog
+    from gateway.twin_cli import _table
+
+    with _control(args.config) as (db, _):
+        log = AuditLog(db)
+        rows = log.tail(args.limit) if args.since is None else log.rows(args.since, args.limit)
+    if args.json:
+        for row in rows:
+            entry = _parsed(row.entry)
+            shown = entry if entry is not None else row.entry
+            print(json.dumps({"seq": row.seq, "hash": row.hash, "entry": shown}))
+        return EXIT_OK
+    table = []
+    for row in rows:
+        entry = _parsed(row.entry) or {}
+        fields = [entry.get(k) for k in ("actor", "action", "target", "decision", "reason")]
+        table.append(
+            [row.seq, _when(entry.get("ts", row.ts))] + [_printable(f, 60) for f in fields]
+        )
+    print(_table(["seq", "time", "actor", "action", "target", "decision", "reason"], table))
+    return EXIT_OK
+
+
+def _needs_action(group: str, actions: str) -> Any:
+    def handler(args: argparse.Namespace) -> int:
+        from gateway.twin_cli import UsageError
+
+        raise UsageError(f"`opstwin {group}` needs an action: {actions} (see --help)")
+
+    return handler
+
+
+@contextlib.contextmanager
+def _control(config_file: str, *, write: bool = False) -> Iterator[tuple[Any, Any]]:
+    """Open the control database a config implies; read-only unless `write`."""
+    from gateway.control.db import ControlDB, control_db_path
+    from gateway.control.users import AccountStore
+
+    storage = load_config(config_file).storage.path
+    path = control_db_path(storage)
+    if write:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    elif not path.exists():
+        raise ConfigError(
+            f"no control database at {path} (beside storage.path of {config_file}); "
+            "`opstwin user add` or `opstwin token create` makes one"
+        )
+    with ControlDB(path, read_only=not write) as db:
+        yield db, AccountStore(db)
+
+
+@contextlib.contextmanager
+def _account_errors() -> Iterator[None]:
+    """A refused account change is the command line's fault: exit 2 with its message."""
+    from gateway.control.users import AccountError
+    from gateway.twin_cli import UsageError
+
+    try:
+        yield
+    except AccountError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _grants(specs: Sequence[str]) -> list[Any]:
+    from gateway.control.users import parse_grant
+
+    with _account_errors():
+        return [parse_grant(spec) for spec in specs]
+
+
+def _read_password(from_stdin: bool, *, confirm: bool) -> str:
+    """Read a password from the terminal (twice) or one line of stdin; never from argv."""
+    import getpass
+
+    from gateway.control.users import MAX_PASSWORD, check_password
+    from gateway.twin_cli import UsageError
+
+    if from_stdin:
+        try:
+            # Bounded: a file piped in by mistake is refused without being read whole.
+            line = sys.stdin.readline(MAX_PASSWORD + 2)
+        except UnicodeDecodeError:
+            raise UsageError("the password on stdin is not valid UTF-8") from None
+        password = line[:-1] if line.endswith("\n") else line
+        password = password[:-1] if password.endswith("\r") else password
+        if len(password) > MAX_PASSWORD:
+            raise UsageError(f"the password on stdin is longer than {MAX_PASSWORD} characters")
+    elif sys.stdin.isatty():
+        password = getpass.getpass("password: ")
+        if confirm and getpass.getpass("again: ") != password:
+            raise UsageError("the passwords differ")
+    else:
+        raise UsageError(
+            "stdin is not a terminal, so there is no prompt for the password: pass "
+            "--password-stdin to read it from one line of stdin"
+        )
+    with _account_errors():
+        return check_password(password)
+
+
+def _cli_actor() -> Any:
+    """Who the audit log names for a command-line change: the CLI, and the OS user running it."""
+    import getpass
+
+    from gateway.control.users import Actor
+
+    try:
+        os_user = getpass.getuser()[:64]
+    except (OSError, KeyError):
+        os_user = "unknown"
+    return Actor("opstwin-cli", "gateway", {"os_user": os_user})
+
+
+def _describe_grants(grants: Sequence[Any]) -> str:
+    """Grants in the syntax `--grant` takes: `role:glob,glob`."""
+    return " ".join(f"{g.role}:{','.join(g.assets)}" for g in grants)
+
+
+def _when(ts: Any) -> str:
+    from datetime import datetime
+
+    if isinstance(ts, bool) or not isinstance(ts, int | float):
+        return _printable(ts, 30)
+    try:
+        return datetime.fromtimestamp(ts).isoformat(sep=" ", timespec="seconds")
+    except (OverflowError, OSError, ValueError):
+        return repr(ts)
+
+
+def _parsed(text: str) -> dict[str, Any] | None:
+    import json
+
+    try:
+        entry = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    return entry if isinstance(entry, dict) else None
+
+
+def _printable(value: Any, limit: int) -> str:
+    """Text safe for a terminal: control characters escaped (entries quote what clients sent),
+    cut to `limit`."""
+    if value is None:
+        return ""
+    text = value if isinstance(value, str) else str(value)
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[: limit * 4])
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def describe(config: SiteConfig, source: str) -> str:
