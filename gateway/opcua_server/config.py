@@ -21,6 +21,7 @@ from pydantic import (
     model_validator,
 )
 
+from gateway.auth.rbac import Role
 from gateway.opcua_server.users import is_argon2_hash
 
 __all__ = [
@@ -32,7 +33,6 @@ __all__ = [
     "SecurityPolicyName",
 ]
 
-Role = Literal["viewer", "agent", "supervisor", "executor", "admin"]
 SecurityPolicyName = Literal["None", "Basic256Sha256_Sign", "Basic256Sha256_SignAndEncrypt"]
 
 # This machine only, like HTTP: reachable from the plant network only when the config says so.

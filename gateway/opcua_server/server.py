@@ -53,6 +53,7 @@ from asyncua_glue import fixes
 from drivers.errors import ConfigurationError
 from drivers.opcua.security import ensure_app_certificate
 from gateway import __version__
+from gateway.auth.rbac import roles_granting
 from gateway.errors import GatewayError
 from gateway.opcua_server import quiet
 from gateway.opcua_server.address_space import (
@@ -96,7 +97,7 @@ _POLICIES = {
 _INTERNAL = User(role=UserRole.Admin)
 _TYPE_MISMATCH = ua.StatusCode(ua.StatusCodes.BadTypeMismatch)
 # The roles that may propose a setpoint change (DESIGN.md, RBAC): every role but `viewer`.
-WRITER_ROLES = frozenset({"agent", "supervisor", "executor", "admin"})
+WRITER_ROLES = frozenset(roles_granting("propose"))  # who may propose a change (RBAC)
 _READ_WRITE = ua.AccessLevel.CurrentRead.mask | ua.AccessLevel.CurrentWrite.mask
 # Coalesced refusal records are written when their window ends; checked this often.
 _REFUSAL_FLUSH_S = 1.0
