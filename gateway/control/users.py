@@ -21,7 +21,6 @@ the error's `why`, for the audit entry and the log, never for the client.
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import json
 import logging
@@ -32,16 +31,14 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
-import argon2
-from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 from pydantic import TypeAdapter, ValidationError
 
 from gateway.audit.chain import AuditEntry
+from gateway.auth.passwords import dummy_hash, hash_password, is_argon2_hash, verify_password
 from gateway.auth.rbac import PRINCIPAL_NAME_PATTERN, ROLES, Grant, Principal
 from gateway.control.audit import append_rows
 from gateway.control.db import ControlDB
 from gateway.errors import GatewayError, StoreError
-from gateway.opcua_server.users import hash_password, is_argon2_hash
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +78,6 @@ USER_REFUSED = "wrong username or password"
 TOKEN_REFUSED = "API token refused: unknown or revoked"
 
 _GRANTS = TypeAdapter(tuple[Grant, ...])
-# Any PasswordHasher verifies any argon2 hash by the parameters written in it.
-_VERIFIER = argon2.PasswordHasher()
 
 ActorKind = Literal["user", "token", "policy", "gateway"]
 
@@ -311,10 +306,10 @@ class AccountStore:
             row = self.db.read(lambda conn: _user_row(conn, name))
         if not isinstance(password, str) or not password or len(password) > MAX_PASSWORD:
             # Still pay for one verification: the time must not say the name exists.
-            _verify(_dummy_hash(), "x")
+            _verify(dummy_hash(), "x")
             raise AuthError(USER_REFUSED, why="password empty or too long", principal=_safe(name))
         if row is None:
-            _verify(_dummy_hash(), password)
+            _verify(dummy_hash(), password)
             raise AuthError(USER_REFUSED, why="unknown user", principal=_safe(name))
         if not _verify(row[1], password):
             raise AuthError(USER_REFUSED, why="wrong password", principal=name)
@@ -510,28 +505,12 @@ def _first_error(exc: ValidationError) -> str:
     return f"{where}: {error['msg']}" if where else error["msg"]
 
 
-@functools.cache
-def _dummy_hash() -> str:
-    return hash_password("opstwin: no such user")
-
-
 def _verify(password_hash: str, password: str) -> bool:
     if not is_argon2_hash(password_hash):
         log.error("stored password hash is not an argon2 hash; reset it with `opstwin user passwd`")
-        password_hash = _dummy_hash()  # still pay one verification, then refuse
-        _check(password_hash, password)
+        verify_password(dummy_hash(), password)  # still pay one verification, then refuse
         return False
-    return _check(password_hash, password)
-
-
-def _check(password_hash: str, password: str) -> bool:
-    try:
-        return _VERIFIER.verify(password_hash, password)
-    except VerifyMismatchError:
-        return False
-    except (VerificationError, InvalidHashError):
-        log.exception("cannot verify a password against the stored hash")
-        return False
+    return verify_password(password_hash, password)
 
 
 def _log_failure(future: Any) -> None:

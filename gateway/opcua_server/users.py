@@ -9,8 +9,8 @@ remembered (as an HMAC under a per-process random key, never the password), so a
 that reconnects costs microseconds; and failed checks are rationed, so a password-guessing client
 cannot buy more than a few argon2 verifications per window. hash_password() uses the OWASP
 argon2id parameters (19 MiB, 2 passes, 1 lane: ~25 ms per check) rather than argon2-cffi's
-heavier defaults (~150 ms) for the same reason. Any argon2 hash is accepted; its own parameters
-decide its cost.
+heavier defaults (~150 ms) for the same reason (`gateway/auth/passwords.py`). Any argon2 hash is
+accepted; its own parameters decide its cost.
 
 The ration is kept per username and per client address, not across all of them: with one global
 ration, four parallel guessers once made a real user's correct login fail (issue 13). Within
@@ -23,7 +23,6 @@ ration, four parallel guessers once made a real user's correct login fail (issue
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import hmac
 import logging
@@ -34,9 +33,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import argon2
-from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
-
+from gateway.auth.passwords import dummy_hash as _dummy_hash
+from gateway.auth.passwords import hash_password, is_argon2_hash
+from gateway.auth.passwords import verify_password as _verify
 from gateway.ratelog import RateLimitedLog
 
 if TYPE_CHECKING:
@@ -58,26 +57,6 @@ ANONYMOUS_ROLE = "viewer"
 
 # Usernames or addresses with recent failures kept before expired ones are swept out.
 _MAX_TRACKED = 1024
-# OWASP's recommended argon2id configuration (m=19 MiB, t=2, p=1).
-_HASHER = argon2.PasswordHasher(time_cost=2, memory_cost=19456, parallelism=1)
-
-
-def hash_password(plain: str) -> str:
-    """Return an argon2id hash of `plain` for `opcua_server.users[].password_hash`."""
-    if not plain:
-        raise ValueError("an empty password cannot be hashed")
-    return _HASHER.hash(plain)
-
-
-def is_argon2_hash(text: str) -> bool:
-    """Whether `text` is an argon2 PHC string whose parameters parse."""
-    if not isinstance(text, str) or not text.startswith("$argon2"):
-        return False
-    try:
-        argon2.extract_parameters(text)
-    except (InvalidHashError, ValueError):
-        return False
-    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,21 +192,3 @@ class UserStore:
             del table[key]
             return 0
         return len(failures)
-
-
-@functools.cache
-def _dummy_hash() -> str:
-    # Verified against when the username is unknown, so an unknown name costs what a wrong
-    # password costs and the timing does not tell which usernames exist. Made on first use:
-    # every config load imports this module.
-    return _HASHER.hash("opstwin: no such user")
-
-
-def _verify(password_hash: str, password: str) -> bool:
-    try:
-        return _HASHER.verify(password_hash, password)
-    except VerifyMismatchError:
-        return False
-    except (VerificationError, InvalidHashError):
-        log.exception("OPC UA login: cannot verify against the stored hash")
-        return False
