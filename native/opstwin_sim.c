@@ -272,13 +272,9 @@ INLINE void first_tries_body(const uint64_t *restrict words, double *restrict ou
     uint64_t *restrict rw = rej->word;
     for (int64_t j = 0; j < m; j++) {
         uint64_t u = words[j];
-        const double *xx = ZIG_XX + 2 * (u & ZIG_MASK);
-        uint64_t bits = (u >> 12) | 0x3ff0000000000000ULL;
-        double f;
-        memcpy(&f, &bits, sizeof f);
-        double x = (f - 1.0) * xx[0];
+        double x = zig_x(u);
         out[j] = with_sign(x, u);
-        if (__builtin_expect(!(x < xx[1]), 0)) {
+        if (__builtin_expect(!zig_inside(u, x), 0)) {
             ri[nr] = base + j;
             rw[nr++] = u;
         }
@@ -900,7 +896,6 @@ INLINE void tile_body(const run_t *r, int64_t b, int k0, int T, double *ybuf, do
                              cs->kind == OPSTWIN_UPPER, k);
         }
     }
-    (void)ns;
 }
 
 static void tile_portable(const run_t *r, int64_t b, int k0, int T, double *ybuf,
