@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 from drivers.base import Driver
@@ -13,11 +14,15 @@ from drivers.contract import ConnectionState
 from drivers.errors import DriverError
 from drivers.limits import limit_violation
 from gateway.config import SiteConfig
+from gateway.control.db import ControlDB, control_db_path
+from gateway.control.users import AccountStore
 from gateway.devices import build_drivers, point_defs
 from gateway.errors import DeviceError, GatewayError, UnknownPointError
 from gateway.lifecycle import Lifecycle, ShutdownError, wait_or_cancel
 from gateway.opcua_server import TwinOpcuaServer
 from gateway.opcua_server.refusals import WriteRefusal
+from gateway.policy.engine import PolicyEngine
+from gateway.policy.load import PolicySet, load_policies
 from gateway.twin.model import PointDef
 from gateway.twin.store import TwinStore
 
@@ -44,6 +49,11 @@ class Gateway:
             event_log_max_mb=config.storage.event_log_max_mb,
         )
         self.drivers: dict[str, Driver] = build_drivers(config)
+        # Refused here, before anything starts: an invalid policy set never half-runs.
+        self.policy_set: PolicySet = _policies(config)
+        self.control: ControlDB | None = None
+        self.accounts: AccountStore | None = None
+        self.engine: PolicyEngine | None = None
         self.opcua_server: TwinOpcuaServer | None = None
         if config.opcua_server.enabled:
             self.opcua_server = TwinOpcuaServer(
@@ -64,7 +74,9 @@ class Gateway:
         life = self._life = Lifecycle()
         try:
             await self._start_store(life)
+            await self._start_control(life)
             await self._start_drivers(life)
+            await self._start_engine(life)
             life.task(self._prune_periodically(), "twin:prune")
             await self._start_opcua_server(life)
         except BaseException:
@@ -97,6 +109,34 @@ class Gateway:
         await asyncio.to_thread(self.store.open)  # migrations run off the loop
         life.on_stop("twin store", lambda: asyncio.to_thread(self.store.close))
         self.started_at = time.time()
+
+    async def _start_control(self, life: Lifecycle) -> None:
+        path = control_db_path(self.config.storage.path)
+        control = self.control = await asyncio.to_thread(ControlDB, path)
+        life.on_stop("control database", lambda: asyncio.to_thread(control.close))
+        self.accounts = AccountStore(control)
+
+    async def _start_engine(self, life: Lifecycle) -> None:
+        engine = self.engine = PolicyEngine(
+            self.policy_set.enabled,
+            self.points,
+            self.store,
+            self.write_point,
+            control=self.control,
+            history=self._usable_history,
+        )
+        await engine.start(life)
+
+    def _usable_history(self, point_id: str, start: float, end: float) -> list[tuple[float, float]]:
+        """A point's GOOD and UNCERTAIN numeric history, for a fitted model (blocking)."""
+        rows = self.store.history(point_id, start, end, limit=1_000_000)
+        return [
+            (r.ts, float(r.value))
+            for r in rows
+            if str(r.quality) in ("GOOD", "UNCERTAIN")
+            and isinstance(r.value, int | float)
+            and not isinstance(r.value, bool)
+        ]
 
     async def _start_drivers(self, life: Lifecycle) -> None:
         pumps = [
@@ -199,6 +239,13 @@ class Gateway:
                 await asyncio.to_thread(self.store.prune)
             except Exception:
                 log.exception("history pruning failed; will retry in an hour")
+
+
+def _policies(config: SiteConfig) -> PolicySet:
+    folder = config.policies.dir
+    if folder is None:
+        return PolicySet(Path("."))  # the config names no folder: no policies
+    return load_policies(folder, config)
 
 
 def _json_safe(value: Any) -> Any:

@@ -125,8 +125,25 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate a config and describe it."""
+    from gateway.policy.load import load_policies
+
     config = load_config(args.config)
+    # The policies are checked against the points too: `check` refuses what `run` would.
+    folder = config.policies.dir
+    policies = [] if folder is None else list(load_policies(folder, config))
     print(describe(config, args.config))
+    if folder is None:
+        print("policies: none (`policies.dir` is not set)")
+    else:
+        print(f"{len(policies)} polic{'y' if len(policies) == 1 else 'ies'} in {folder}:")
+        for policy in policies:
+            state = "" if policy.enabled else " [disabled]"
+            action = policy.action
+            print(
+                f"  {policy.id:<28} sets {policy.point_id(action.point)} "
+                f"[{action.bounds.lo:g}..{action.bounds.hi:g}], "
+                f"{policy.simulation.paths} paths x {policy.simulation.horizon_s:g} s{state}"
+            )
     return EXIT_OK
 
 

@@ -170,7 +170,10 @@ def _resolve_paths(config: SiteConfig, base: Path) -> SiteConfig:
     # Written out, so what `check` prints and what `run` uses is the same resolved folder.
     storage = storage.model_copy(update={"path": db, "pki_dir": pki})
     devices = [_resolve_device_paths(device, base) for device in config.devices]
-    policies = config.policies.model_copy(update={"dir": (base / config.policies.dir).resolve()})
+    folder = config.policies.dir
+    policies = config.policies.model_copy(
+        update={"dir": None if folder is None else (base / folder).resolve()}
+    )
     return config.model_copy(update={"storage": storage, "devices": devices, "policies": policies})
 
 
@@ -188,6 +191,7 @@ def check_site(config: SiteConfig) -> list[Problem]:
         *_unique_names(config),
         *_each_device(config),
         *_check_opcua_server(config),
+        *_check_anomalies(config),
     ]
 
 
@@ -225,7 +229,8 @@ def _check_storage_paths(config: SiteConfig, base: Path) -> Iterator[Problem]:
     if storage.pki_dir is not None:
         wanted.append((("storage", "pki_dir"), base / storage.pki_dir, "directory"))
     # A policy folder that does not exist (yet) is left to the policy loader, which names it.
-    wanted.append((("policies", "dir"), base / config.policies.dir, "directory"))
+    if config.policies.dir is not None:
+        wanted.append((("policies", "dir"), base / config.policies.dir, "directory"))
     for where, path, kind in wanted:
         folder = next((p for p in path.parents if p.exists()), None)
         if folder is not None and not folder.is_dir():
@@ -355,6 +360,46 @@ def _check_opcua_server(config: SiteConfig) -> Iterator[Problem]:
                     "one: an OPC UA node cannot be both; rename one of them",
                 )
                 break
+
+
+def _check_anomalies(config: SiteConfig) -> Iterator[Problem]:
+    """Each glob of an anomaly rule must match a declared point, and each numeric detector a
+    numeric one: a typo would otherwise leave a point silently unwatched."""
+    from gateway.devices import point_defs
+    from gateway.policy.anomaly import NUMERIC_TYPES, glob_matcher
+
+    rules = config.anomalies.rules
+    if not rules:
+        return
+    # Twin datatypes: a scaled Modbus integer is a float there, and numeric.
+    datatypes = {p.id: p.datatype for p in point_defs(config)}
+    for n, rule in enumerate(rules):
+        where = ("anomalies", "rules", n)
+        matched: dict[str, str] = {}
+        for k, pattern in enumerate(rule.points):
+            if pattern in datatypes:  # an id: no need to test every point
+                hits = {pattern: datatypes[pattern]}
+            else:
+                match = glob_matcher(pattern)
+                hits = {pid: t for pid, t in datatypes.items() if match(pid)}
+            if not hits:
+                yield Problem(
+                    (*where, "points", k),
+                    f"{pattern!r} matches no declared point: correct it against the point ids "
+                    "under `devices` (`*` and `?` stay within one `/` segment, `**` crosses "
+                    "them) or remove it",
+                )
+            matched.update(hits)
+        if not matched or any(t in NUMERIC_TYPES for t in matched.values()):
+            continue
+        types = ", ".join(sorted(set(matched.values())))
+        for d, spec in enumerate(rule.detectors):
+            if spec.kind != "stale":
+                yield Problem(
+                    (*where, "detectors", d, "kind"),
+                    f"{spec.kind} needs numeric points, and this rule's points are {types}: "
+                    "use `stale` on them, or match numeric points",
+                )
 
 
 def _driver_rules(

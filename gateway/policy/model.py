@@ -328,6 +328,11 @@ class Simulation(_Strict):
         return self
 
     @property
+    def model_input_free(self) -> bool:
+        """Whether the model ignores the action's value (weibull wear: only its age counts)."""
+        return isinstance(self.model, WeibullModel)
+
+    @property
     def outputs(self) -> tuple[str, ...]:
         """The model's outputs in order, as written (point ids, aliases or `failure`)."""
         if isinstance(self.model, WeibullModel):

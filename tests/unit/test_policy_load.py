@@ -979,7 +979,8 @@ SITE_TEXT = "site_id: s\ngateway_id: g\ndevices: []\n"
 
 
 def test_the_policy_folder_is_relative_to_the_config_file(tmp_path):
-    assert parse_config(SITE_TEXT, base_dir=tmp_path).policies.dir == tmp_path / "policies"
+    # No folder named: no policies (a `policies/` that happens to sit beside it is not read).
+    assert parse_config(SITE_TEXT, base_dir=tmp_path).policies.dir is None
     text = SITE_TEXT + "policies: {dir: ../shared/policies}\n"
     config = parse_config(text, base_dir=tmp_path / "etc")
     assert config.policies.dir == tmp_path / "shared" / "policies"
@@ -988,5 +989,7 @@ def test_the_policy_folder_is_relative_to_the_config_file(tmp_path):
 def test_a_policy_folder_that_is_a_file_is_a_config_problem(tmp_path):
     write(tmp_path, "policies", "not a folder")
     with pytest.raises(ConfigError) as info:
-        parse_config(SITE_TEXT, source="site.yaml", base_dir=tmp_path)
-    assert f"policies.dir (line 1): {tmp_path / 'policies'} is not a directory" in str(info.value)
+        parse_config(
+            SITE_TEXT + "policies: {dir: policies}\n", source="site.yaml", base_dir=tmp_path
+        )
+    assert f"policies.dir (line 4): {tmp_path / 'policies'} is not a directory" in str(info.value)
