@@ -503,6 +503,8 @@ static int validate(const opstwin_model *m, const opstwin_scenario *s, opstwin_o
     if (!o->kpi || o->kpi_len < 20 * n_out || !o->kpi_rse || o->kpi_rse_len < 4 * n_out)
         return OPSTWIN_E_OUTPUT;
     if (o->raw_paths && o->raw_paths_len < paths * s->n_steps * n_out) return OPSTWIN_E_OUTPUT;
+    if (o->path_kpi && o->path_kpi_len < paths * 4 * n_out) return OPSTWIN_E_OUTPUT;
+    if (o->path_violation && o->path_violation_len < paths * nc) return OPSTWIN_E_OUTPUT;
     return OPSTWIN_OK;
 }
 
@@ -1439,6 +1441,23 @@ static int summarise(const run_t *r, opstwin_output *o, double *tmp, sel_t *sel)
     return OPSTWIN_OK;
 }
 
+/* The per-path KPIs and first violations the summaries were made from, for the caller's joint
+ * questions; the KPIs through kpi_value, so each is the very number summarised. */
+static void copy_paths(const run_t *r, opstwin_output *o)
+{
+    const int64_t n = r->n;
+    if (o->path_kpi)
+        for (int out = 0; out < r->n_out; out++)
+            for (int f = 0; f < 4; f++) {
+                double *dst = o->path_kpi + ((int64_t)out * 4 + f) * n;
+                for (int64_t i = 0; i < n; i++) dst[i] = kpi_value(r, out, f, i);
+            }
+    if (o->path_violation)
+        for (int c = 0; c < r->s->n_constraints; c++)
+            memcpy(o->path_violation + (int64_t)c * n, r->fv + (int64_t)c * r->npad,
+                   sizeof(int32_t) * (size_t)n);
+}
+
 /* ------------------------------------------------------------------ public: run */
 
 static int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
@@ -1583,6 +1602,7 @@ int opstwin_sim_run(const opstwin_model *model, const opstwin_scenario *scen, op
     if (diverged) { rc = OPSTWIN_E_DIVERGED; goto done; }
     if ((rc = sel_alloc(&sel, n)) != OPSTWIN_OK) goto done;
     if ((rc = summarise(&r, out, tmp, &sel)) != OPSTWIN_OK) goto done;
+    copy_paths(&r, out);
     out->n_paths_run = n;
 
 done:

@@ -12,6 +12,10 @@
  *   - kpi[o*20 + i*5 + j]       i = final, max, min, mean; j = mean, std (ddof 0), p5, p50, p95.
  *   - kpi_rse[o*4 + i]
  *   - raw_paths[(i*n_steps + k)*n_out + o]  optional debug copy of every path's outputs.
+ *   - path_kpi[(o*4 + f)*n + i]   optional: path i's KPI f (final, max, min, mean) of output o.
+ *   - path_violation[c*n + i]     optional: step k of path i's first violation of constraint c
+ *                                 (its time is t_{k+1}), -1 if it never violates it.
+ *   (n = n_paths_run, the stride of both.)
  *
  * Random numbers (SPEC.md, "Random numbers"): every 64-path block has its own nine xoshiro256++
  * streams (eight noise lanes and one auxiliary stream), seeded from (seed, block) alone, so a
@@ -134,6 +138,13 @@ typedef struct {
     /* written by the kernel */
     int64_t n_paths_run;
     int error_param;         /* parameter index for OPSTWIN_E_DOMAIN / E_DIST, else -1 */
+    /* Optional per-path results (NULL: not wanted, no cost), for joint questions the marginal
+     * summaries above cannot answer ("on how many paths did every constraint hold?"). Appended
+     * at the end so that every earlier field keeps its offset. Lengths count `paths` as
+     * raw_paths does: n_paths, or max_paths rounded up to 64 if adaptive (n_paths_run never
+     * exceeds max_paths); the stride of both is n_paths_run. */
+    double *path_kpi;        int64_t path_kpi_len;        /* >= n_out * 4 * paths */
+    int32_t *path_violation; int64_t path_violation_len;  /* >= n_constraints * paths */
 } opstwin_output;
 
 /* Run a simulation; returns OPSTWIN_OK or a negative OPSTWIN_E_* code. */

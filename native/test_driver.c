@@ -24,6 +24,8 @@ static int failures = 0;
 #define OUTS 4
 static double pct[OUTS * STEPS * 6], vp[4], vr[4], fv[16], kpi[OUTS * 20], krse[OUTS * 4];
 static double raw[RAW_PATHS * STEPS * OUTS];
+static double pkpi[OUTS * 4 * RAW_PATHS];
+static int32_t pviol[4 * RAW_PATHS];
 
 static opstwin_output outputs(int with_raw)
 {
@@ -53,7 +55,46 @@ static void set_param(opstwin_param *p, int kind, double a, double b, double c)
     p->kind = kind; p->a = a; p->b = b; p->c = c;
 }
 
-/* Every thread count, and the portable code beside the vector code: the same numbers. */
+static void with_path_stats(opstwin_output *o)
+{
+    o->path_kpi = pkpi; o->path_kpi_len = OUTS * 4 * RAW_PATHS;
+    o->path_violation = pviol; o->path_violation_len = 4 * RAW_PATHS;
+}
+
+/* The per-path KPIs and first violations of the last run with raw paths and path stats equal
+ * what those raw paths give (the mean summed step by step, as the kernel does). */
+static void check_path_stats(const opstwin_scenario *s, int64_t n, int n_out)
+{
+    for (int o = 0; o < n_out; o++)
+        for (int64_t i = 0; i < n; i++) {
+            const double *y = raw + i * STEPS * n_out + o;
+            double mx = -INFINITY, mn = INFINITY, sum = 0;
+            for (int k = 0; k < STEPS; k++) {
+                double v = y[(int64_t)k * n_out];
+                mx = v > mx ? v : mx;
+                mn = v < mn ? v : mn;
+                sum += v;
+            }
+            const double *got = pkpi + (int64_t)o * 4 * n + i;
+            CHECK(got[0] == y[(int64_t)(STEPS - 1) * n_out]);
+            CHECK(got[n] == mx);
+            CHECK(got[2 * n] == mn);
+            CHECK(got[3 * n] == sum / STEPS);
+        }
+    for (int c = 0; c < s->n_constraints; c++)
+        for (int64_t i = 0; i < n; i++) {
+            const opstwin_constraint *k = &s->constraints[c];
+            int32_t want = -1;
+            for (int step = 0; step < STEPS && want < 0; step++) {
+                double v = raw[(i * STEPS + step) * n_out + k->output];
+                if (k->kind == OPSTWIN_UPPER ? v > k->limit : v < k->limit) want = step;
+            }
+            CHECK(pviol[c * n + i] == want);
+        }
+}
+
+/* Every thread count, and the portable code beside the vector code: the same numbers, with or
+ * without the per-path results. */
 static void run_all_threads(const opstwin_model *m, const opstwin_constraint *c, int nc)
 {
     static double first[OUTS * STEPS * 6], first_kpi[OUTS * 20];
@@ -61,6 +102,7 @@ static void run_all_threads(const opstwin_model *m, const opstwin_constraint *c,
         opstwin_scenario s = scenario(t < 4 ? t : 2, c, nc);
         s.portable = t == 4;
         opstwin_output o = outputs(t == 2);
+        if (t >= 2) with_path_stats(&o);
         int rc = opstwin_sim_run(m, &s, &o);
         CHECK(rc == OPSTWIN_OK);
         CHECK(o.n_paths_run == PATHS);
@@ -71,6 +113,7 @@ static void run_all_threads(const opstwin_model *m, const opstwin_constraint *c,
             CHECK(memcmp(first, pct, sizeof first) == 0);
             CHECK(memcmp(first_kpi, kpi, sizeof first_kpi) == 0);
         }
+        if (t == 2) check_path_stats(&s, PATHS, m->kind == OPSTWIN_MODEL_STATESPACE ? m->p : 1);
     }
 }
 
@@ -143,6 +186,18 @@ int main(void)
         s.rse_target = 0.5;
         CHECK(opstwin_sim_run(&m, &s, &o) == OPSTWIN_OK);
         CHECK(o.n_paths_run == 128);
+        with_path_stats(&o); /* every path run, at stride n_paths_run */
+        CHECK(opstwin_sim_run(&m, &s, &o) == OPSTWIN_OK);
+        CHECK(o.n_paths_run == 128);
+        check_path_stats(&s, o.n_paths_run, 1);
+        o.path_violation_len = RAW_PATHS - 1; /* counts max_paths rounded up, as raw_paths */
+        CHECK(opstwin_sim_run(&m, &s, &o) == OPSTWIN_E_OUTPUT);
+        o.path_violation_len = RAW_PATHS;
+        o.path_kpi_len = 4 * RAW_PATHS - 1;
+        CHECK(opstwin_sim_run(&m, &s, &o) == OPSTWIN_E_OUTPUT);
+        o.path_kpi = NULL; /* one without the other */
+        CHECK(opstwin_sim_run(&m, &s, &o) == OPSTWIN_OK);
+        o.path_kpi = pkpi; o.path_kpi_len = 4 * RAW_PATHS;
         s.n_constraints = 0; /* drives on a KPI mean */
         s.driving_kpi = 3;
         CHECK(opstwin_sim_run(&m, &s, &o) == OPSTWIN_OK);
@@ -175,6 +230,15 @@ int main(void)
         bad.kind = OPSTWIN_MODEL_STATESPACE; bad.n = 9; bad.m = 1; bad.p = 1;
         CHECK(opstwin_sim_run(&bad, &s, &o) == OPSTWIN_E_DIMS);
         o.kpi_len = 19;
+        CHECK(opstwin_sim_run(&m, &s, &o) == OPSTWIN_E_OUTPUT);
+        o.kpi_len = OUTS * 20;
+        with_path_stats(&o);
+        o.path_kpi_len = 4 * 10 - 1; /* one output x 4 KPIs x 10 paths */
+        CHECK(opstwin_sim_run(&m, &s, &o) == OPSTWIN_E_OUTPUT);
+        o.path_kpi_len = 4 * 10;
+        CHECK(opstwin_sim_run(&m, &s, &o) == OPSTWIN_OK);
+        s.constraints = &wc; s.n_constraints = 1;
+        o.path_violation_len = 9;
         CHECK(opstwin_sim_run(&m, &s, &o) == OPSTWIN_E_OUTPUT);
         for (int c = 1; c >= -20; c--) CHECK(opstwin_sim_strerror(c) != NULL);
     }

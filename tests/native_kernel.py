@@ -90,10 +90,12 @@ class Kernel:
         driving_kpi: int = 0,
         driving_output: int = 0,
         portable: bool = False,
+        path_stats: bool = False,
     ) -> tuple[int, dict[str, Any]]:
         """Run; results of a one-output model have no output axis (percentiles (steps, 6),
-        kpi (4, 5), raw (paths, steps)); with p outputs they lead with it ((p, steps, 6), (p, 4,
-        5), (p, 4)) and raw is (paths, steps, p)."""
+        kpi (4, 5), raw (paths, steps), path_kpi (4, paths)); with p outputs they lead with it
+        ((p, steps, 6), (p, 4, 5), (p, 4), (p, 4, paths)) and raw is (paths, steps, p).
+        `path_stats` adds path_kpi and path_violation (n_constraints, paths)."""
         ffi, lib = self.ffi, self.lib
         n_out = model.p if model.kind == lib.OPSTWIN_MODEL_STATESPACE else 1
         n_out = max(n_out, 1)
@@ -117,7 +119,8 @@ class Kernel:
             "kpi": np.full((n_out, 4, 5), np.nan),
             "kpi_rse": np.full((n_out, 4), np.nan),
         }
-        total = (-(-max_paths // 64) * 64 if adaptive else n_paths) if raw else 0
+        paths = -(-max_paths // 64) * 64 if adaptive else n_paths
+        total = paths if raw else 0
         raw_arr = np.full(max(total, 1) * n_steps * n_out, np.nan)
         o = ffi.new("opstwin_output *")
         keep = []
@@ -130,16 +133,28 @@ class Kernel:
             rbuf = ffi.from_buffer("double[]", raw_arr)
             keep.append(rbuf)
             o.raw_paths, o.raw_paths_len = rbuf, raw_arr.size
+        if path_stats:
+            pk = np.full(n_out * 4 * paths, np.nan)
+            pv = np.full(max(nc * paths, 1), -2, dtype=np.int32)
+            pkb = ffi.from_buffer("double[]", pk)
+            pvb = ffi.from_buffer("int32_t[]", pv)
+            keep += [pkb, pvb]
+            o.path_kpi, o.path_kpi_len = pkb, pk.size
+            o.path_violation, o.path_violation_len = pvb, nc * paths
         rc = lib.opstwin_sim_run(model, s, o)
-        res["n_paths_run"] = o.n_paths_run
+        res["n_paths_run"] = n = o.n_paths_run
+        if path_stats:
+            res["path_kpi"] = pk[: n_out * 4 * n].reshape(n_out, 4, n)
+            res["path_violation"] = pv[: nc * n].reshape(nc, n)
         res["error_param"] = o.error_param
         if raw:
             res["raw"] = raw_arr[: o.n_paths_run * n_steps * n_out].reshape(
                 o.n_paths_run, n_steps, n_out
             )
         if n_out == 1:
-            for key in ("percentiles", "kpi", "kpi_rse"):
-                res[key] = res[key][0]
+            for key in ("percentiles", "kpi", "kpi_rse", "path_kpi"):
+                if key in res:
+                    res[key] = res[key][0]
             if raw:
                 res["raw"] = res["raw"][:, :, 0]
         return rc, res

@@ -30,10 +30,9 @@ from gateway.sim.models import (
     Uniform,
     WeibullModel,
 )
-from gateway.sim.results import ConstraintResult, KpiResult, SimResult
+from gateway.sim.results import KPI_ORDER, ConstraintResult, KpiResult, SimResult
 
 PERCENTILE_COUNT = 6
-KPI_ORDER = ("final", "max", "min", "mean")
 # The kernel's params[] of each scalar model, in order (opstwin_sim.h); a distribution is
 # allowed for every one of them, noise levels included, as in the NumPy reference.
 _PARAM_NAMES: dict[str, tuple[str, ...]] = {
@@ -61,20 +60,23 @@ def simulate(
     *,
     threads: int = 0,
     keep_paths: bool = False,
+    path_stats: bool = False,
     portable: bool = False,
     kernel: ModuleType | None = None,
 ) -> SimResult:
     """Run a scenario on the C kernel (blocking; the GIL is released while C runs).
 
-    Every output of the model is summarised in the one call. `portable` turns the AVX2 code
-    off (the numbers are the same; tests compare the two).
+    Every output of the model is summarised in the one call. `path_stats` adds every path's
+    KPIs and first violations (SimResult.path_kpis, .path_first_violation), the per-path
+    numbers the summaries were made from, for joint questions across constraints and KPIs.
+    `portable` turns the AVX2 code off (the numbers are the same; tests compare the two).
     """
     kernel = kernel or load_kernel()
     ffi, lib = kernel.ffi, kernel.lib
     model = _model(ffi, scenario)
     n_steps = scenario.n_steps
     n_outputs = scenario.model.n_outputs
-    result = _call(ffi, lib, model, scenario, threads, keep_paths, portable)
+    result = _call(ffi, lib, model, scenario, threads, keep_paths, path_stats, portable)
     paths_run = result["paths_run"]
     percentiles = result["percentiles"].reshape(n_outputs, n_steps, PERCENTILE_COUNT)
     kpis = result["kpi"].reshape(n_outputs, 4, 5)
@@ -104,6 +106,10 @@ def simulate(
             paths_run, n_steps, n_outputs
         )
         raw = raw[:, :, 0] if n_outputs == 1 else raw
+    path_kpis = path_first = None
+    if path_stats:  # the kernel's stride is the paths run; adaptive buffers were sized for more
+        path_kpis = _prefix(result["path_kpi"], (n_outputs, 4, paths_run))
+        path_first = _prefix(result["path_violation"], (len(scenario.constraints), paths_run))
     return SimResult(
         times=scenario.dt_s * np.arange(1, n_steps + 1),
         output_percentiles=np.ascontiguousarray(percentiles.transpose(0, 2, 1)),
@@ -113,7 +119,17 @@ def simulate(
         seed=scenario.seed,
         backend="native",
         y=raw,
+        path_kpis=path_kpis,
+        path_first_violation=path_first,
     )
+
+
+def _prefix(buffer: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """The first prod(shape) values of a kernel buffer in that shape; a copy when the buffer is
+    larger (adaptive), so the unused rest of it is freed."""
+    size = math.prod(shape)
+    view = buffer[:size].reshape(shape)
+    return view if size == buffer.size else view.copy()
 
 
 async def simulate_async(scenario: Scenario, **kwargs: Any) -> SimResult:
@@ -159,6 +175,7 @@ def _call(
     scenario: Scenario,
     threads: int,
     keep: bool,
+    path_stats: bool,
     portable: bool,
 ) -> dict[str, Any]:
     n_steps = scenario.n_steps
@@ -197,6 +214,8 @@ def _call(
         "kpi_rse": np.empty(n_outputs * 4),
     }
     raw = np.empty(max_paths * n_steps * n_outputs) if keep else None
+    path_kpi = np.empty(n_outputs * 4 * max_paths) if path_stats else None
+    path_violation = np.empty(len(constraints) * max_paths, dtype=np.int32) if path_stats else None
     out = ffi.new("opstwin_output *")
     keepalive = []
     for name, array in arrays.items():
@@ -207,6 +226,12 @@ def _call(
     if raw is not None:
         out.raw_paths = ffi.cast("double *", ffi.from_buffer(raw))
         out.raw_paths_len = raw.size
+    if path_kpi is not None and path_violation is not None:
+        out.path_kpi = ffi.cast("double *", ffi.from_buffer(path_kpi))
+        out.path_kpi_len = path_kpi.size
+        if path_violation.size:  # no constraints: nothing to write, the pointer stays NULL
+            out.path_violation = ffi.cast("int32_t *", ffi.from_buffer(path_violation))
+            out.path_violation_len = path_violation.size
     code = lib.opstwin_sim_run(model, sc, out)
     if code != 0:
         message = ffi.string(lib.opstwin_sim_strerror(code)).decode()
@@ -218,7 +243,13 @@ def _call(
         elif param >= 0:
             where = f" (parameter {param})"
         raise SimulationError(f"C kernel refused the scenario: {message}{where} [code {code}]")
-    return {**arrays, "raw": raw, "paths_run": int(out.n_paths_run)}
+    return {
+        **arrays,
+        "raw": raw,
+        "path_kpi": path_kpi,
+        "path_violation": path_violation,
+        "paths_run": int(out.n_paths_run),
+    }
 
 
 def _model(ffi: Any, scenario: Scenario) -> Any:

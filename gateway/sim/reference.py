@@ -29,14 +29,20 @@ BACKEND = "numpy"
 MAX_REDRAWS = 100
 
 
-def simulate(scenario: Scenario, *, keep_paths: bool = False) -> SimResult:
-    """Run the scenario's Monte Carlo with numpy.random.default_rng(seed) and summarise it."""
+def simulate(
+    scenario: Scenario, *, keep_paths: bool = False, path_stats: bool = False
+) -> SimResult:
+    """Run the scenario's Monte Carlo with numpy.random.default_rng(seed) and summarise it.
+
+    `path_stats` adds every path's KPIs and first violations (SimResult.path_kpis,
+    .path_first_violation), as the C kernel gives them.
+    """
     rng = np.random.default_rng(scenario.seed)
     if scenario.adaptive is None:
         y = simulate_paths(scenario, scenario.paths, rng)
     else:
         y = _adaptive(scenario, scenario.adaptive, rng)
-    return summarise(scenario, y, backend=BACKEND, keep_paths=keep_paths)
+    return summarise(scenario, y, backend=BACKEND, keep_paths=keep_paths, path_stats=path_stats)
 
 
 def simulate_paths(scenario: Scenario, n_paths: int, rng: np.random.Generator) -> np.ndarray:

@@ -12,6 +12,8 @@ from gateway.sim.models import Constraint, Kpi, Scenario
 
 PERCENTILES = (5, 25, 50, 75, 95, 99)
 FAN_KEYS = ("p5", "p25", "p50", "p75", "p95", "p99")
+# The per-path KPIs, in the order of the kernel's kpi[] rows and of SimResult.path_kpis' axis 1.
+KPI_ORDER = ("final", "max", "min", "mean")
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,10 @@ class SimResult:
     seed: int
     backend: str
     y: np.ndarray | None = field(default=None, repr=False)  # (paths, n_steps[, p]) if kept
+    # With path_stats: every path's KPIs (p, 4, paths) in KPI_ORDER, and the step index k of its
+    # first violation of each constraint (n_constraints, paths), -1 where it never violated it.
+    path_kpis: np.ndarray | None = field(default=None, repr=False)
+    path_first_violation: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def percentiles(self) -> np.ndarray:
@@ -69,6 +75,28 @@ class SimResult:
     def rse(self) -> list[float]:
         """Relative standard error per constraint probability, in scenario order."""
         return [c.rse for c in self.constraints]
+
+    def paths_within_constraints(self) -> np.ndarray:
+        """Return, per path run, whether it kept every constraint over the whole horizon."""
+        return np.asarray((self._first_violations() < 0).all(axis=0))
+
+    def path_kpi(self, kind: str, output: int = 0) -> np.ndarray:
+        """Return one KPI (`final`, `max`, `min`, `mean`) of one output on every path run."""
+        if self.path_kpis is None:
+            raise ValueError(
+                "this result has no per-path KPIs: run the simulation with path_stats=True"
+            )
+        if kind not in KPI_ORDER:
+            raise ValueError(f"unknown KPI {kind!r}; choose one of {KPI_ORDER}")
+        return self.path_kpis[output, KPI_ORDER.index(kind)]
+
+    def _first_violations(self) -> np.ndarray:
+        if self.path_first_violation is None:
+            raise ValueError(
+                "this result has no per-path constraint results: run the simulation with "
+                "path_stats=True"
+            )
+        return self.path_first_violation
 
     def fan(self, output: int = 0) -> dict[str, np.ndarray]:
         """Return the fan chart of one output as {"p5": array, ..., "p99": array}."""
@@ -110,13 +138,19 @@ class SimResult:
 
 
 def summarise(
-    scenario: Scenario, y: np.ndarray, *, backend: str, keep_paths: bool = False
+    scenario: Scenario,
+    y: np.ndarray,
+    *,
+    backend: str,
+    keep_paths: bool = False,
+    path_stats: bool = False,
 ) -> SimResult:
     """Build a SimResult from all output paths y of shape (paths, n_steps, p)."""
     n_paths, n_steps, _ = y.shape
     times = scenario.dt_s * np.arange(1, n_steps + 1, dtype=float)
     pct = np.percentile(y, PERCENTILES, axis=0, method="linear")  # (6, n_steps, p)
     out_pct = np.ascontiguousarray(np.moveaxis(pct, 2, 0))
+    path_kpis, path_first = path_statistics(scenario.constraints, y) if path_stats else (None, None)
     return SimResult(
         times=times,
         output_percentiles=out_pct,
@@ -126,7 +160,23 @@ def summarise(
         seed=scenario.seed,
         backend=backend,
         y=(y[:, :, 0] if y.shape[2] == 1 else y) if keep_paths else None,
+        path_kpis=path_kpis,
+        path_first_violation=path_first,
     )
+
+
+def path_statistics(constraints: list[Constraint], y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return every path's KPIs (p, 4, paths) in KPI_ORDER and first-violation step indices
+    (n_constraints, paths; -1 where a path never violates), from paths y (paths, n_steps, p)."""
+    # per output through kpi_of, so each value is the very number kpi_stats summarises
+    kpis = np.array([[kpi_of(kind, y[:, :, o]) for kind in KPI_ORDER] for o in range(y.shape[2])])
+    first = np.full((len(constraints), y.shape[0]), -1, dtype=np.int32)
+    for i, c in enumerate(constraints):
+        yo = y[:, :, c.output]
+        viol = yo > c.limit if c.kind == "upper" else yo < c.limit
+        hit = viol.any(axis=1)
+        first[i, hit] = np.argmax(viol[hit], axis=1)
+    return kpis, first
 
 
 def constraint_stats(c: Constraint, y: np.ndarray, times: np.ndarray) -> ConstraintResult:
@@ -160,11 +210,16 @@ def kpi_stats(k: Kpi, y: np.ndarray) -> KpiResult:
 
 def kpi_values(k: Kpi, y: np.ndarray) -> np.ndarray:
     """Return the per-path value of a KPI for paths y (paths, steps)."""
-    if k.kind == "final":
+    return kpi_of(k.kind, y)
+
+
+def kpi_of(kind: str, y: np.ndarray) -> np.ndarray:
+    """Return the per-path value of KPI `kind` (one of KPI_ORDER) for paths y (paths, steps)."""
+    if kind == "final":
         return y[:, -1]
-    if k.kind == "max":
+    if kind == "max":
         return y.max(axis=1)
-    if k.kind == "min":
+    if kind == "min":
         return y.min(axis=1)
     return y.mean(axis=1)
 

@@ -12,6 +12,7 @@ import itertools
 import math
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -687,3 +688,169 @@ def test_memory_bound_is_the_one_python_validates(k: Kernel) -> None:
         Scenario.model_validate({**spec, "paths": 1, "adaptive": ad, "kpis": ["max"]})
     rc, _ = k.run(m, n_steps=steps, adaptive=True, batch=64, max_paths=most)
     assert rc == k.lib.OPSTWIN_E_TOO_LARGE
+
+
+# -- per-path results (issue 16): what the policy gate's joint success share is computed from ---
+
+SUMMARY_KEYS = (
+    "percentiles",
+    "violation_prob",
+    "violation_rse",
+    "first_violation",
+    "kpi",
+    "kpi_rse",
+)
+
+
+def _raw_path_stats(
+    Y: np.ndarray, cons: Sequence[tuple[int, str, float]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every path's KPIs (p, 4, paths) and first violations (c, paths) from raw paths (paths,
+    steps, p); the mean summed step after step, the kernel's order, so all compare exactly."""
+    steps = Y.shape[1]
+    kpis = np.stack(
+        [Y[:, -1], Y.max(axis=1), Y.min(axis=1), np.add.accumulate(Y, axis=1)[:, -1] / steps]
+    ).transpose(2, 0, 1)
+    first = np.full((len(cons), Y.shape[0]), -1, dtype=np.int32)
+    for c, (o, kind, lim) in enumerate(cons):
+        viol = Y[:, :, o] > lim if kind == "upper" else Y[:, :, o] < lim
+        hit = viol.any(axis=1)
+        first[c, hit] = viol[hit].argmax(axis=1)
+    return kpis, first
+
+
+def _check_path_stats(r: dict[str, Any], cons: Sequence[tuple[int, str, float]]) -> None:
+    Y = r["raw"] if r["raw"].ndim == 3 else r["raw"][:, :, None]
+    kpis, first = _raw_path_stats(Y, cons)
+    got = r["path_kpi"] if r["path_kpi"].ndim == 3 else r["path_kpi"][None]
+    assert got.shape == kpis.shape and r["path_violation"].shape == first.shape
+    assert got.tobytes() == kpis.tobytes()  # final, max, min exactly; the mean summed alike
+    np.testing.assert_allclose(got[:, 3], Y.mean(axis=1).T, rtol=1e-12)  # numpy's pairwise sum
+    assert np.array_equal(r["path_violation"], first)
+    # the summaries are these very numbers
+    for c in range(len(cons)):
+        assert r["violation_prob"][c] == np.mean(first[c] >= 0)
+    kpi = r["kpi"] if r["kpi"].ndim == 3 else r["kpi"][None]
+    np.testing.assert_allclose(kpi[:, :, 0], got.mean(axis=2), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_path_stats_are_the_raw_paths_kpis_and_first_violations(k: Kernel, threads: int) -> None:
+    m = uncertain_fopdt(k)
+    cons = [(0, "upper", 53.0), (0, "lower", 49.8), (0, "upper", 1e9)]
+    kw: dict[str, Any] = dict(dt=0.5, n_steps=80, n_paths=1001, constraints=cons, threads=threads)
+    rc, r = k.run(m, raw=True, path_stats=True, **kw)
+    assert rc == 0 and r["path_kpi"].shape == (4, 1001)
+    _check_path_stats(r, cons)
+    assert r["path_violation"].dtype == np.int32
+    assert 0 < (r["path_violation"] >= 0).any(axis=0).mean() < 1  # both kinds of path occur
+    assert (r["path_violation"][2] == -1).all()
+    # the summaries do not change when per-path results are asked for
+    rc, off = k.run(m, **kw)
+    assert rc == 0
+    for key in SUMMARY_KEYS:
+        assert r[key].tobytes() == off[key].tobytes(), key
+
+
+def test_path_stats_of_every_output_and_constraint_of_a_state_space_model(k: Kernel) -> None:
+    m = k.model(
+        "statespace",
+        n=3,
+        m=1,
+        p=2,
+        A=[0.9, 0.1, 0.0, 0.0, 0.8, 0.1, 0.05, 0.0, 0.7],
+        B=[0.1, 0.2, 0.3],
+        C=[1.0, 0.0, 0.0, 0.0, 1.0, 1.0],
+        x0=[1.0, -1.0, 0.5],
+        q=[0.01, 0.02, 0.0],
+        r=[0.05, 0.1],
+        inputs=[("step", 0, 1, 3, 0)],
+    )
+    cons = [(1, "upper", 3.65), (0, "lower", 0.05), (1, "lower", -0.6), (0, "upper", 2.85)]
+    kw: dict[str, Any] = dict(dt=0.5, n_steps=40, n_paths=700, constraints=cons, threads=2)
+    rc, r = k.run(m, raw=True, path_stats=True, **kw)
+    assert rc == 0 and r["path_kpi"].shape == (2, 4, 700)
+    assert r["path_violation"].shape == (4, 700)
+    _check_path_stats(r, cons)
+    for c in range(4):  # every constraint both holds and fails somewhere: a real test
+        assert 0 < (r["path_violation"][c] >= 0).mean() < 1, c
+    rc, off = k.run(m, **kw)
+    for key in SUMMARY_KEYS:
+        assert r[key].tobytes() == off[key].tobytes(), key
+
+
+def test_path_stats_of_the_weibull_model(k: Kernel) -> None:
+    m = k.model("weibull", params=[("uniform", 1.5, 2.5), 100.0, 20.0])
+    cons = [(0, "upper", 0.5)]
+    rc, r = k.run(m, n_steps=60, n_paths=500, constraints=cons, raw=True, path_stats=True)
+    assert rc == 0
+    _check_path_stats(r, cons)
+    # a 0/1 output: a path fails at its first 1, which is also where its mean starts to grow
+    failed = r["path_violation"][0] >= 0
+    assert np.array_equal(failed, r["path_kpi"][0] == 1.0)
+    fails_at = r["path_violation"][0][failed]
+    assert np.array_equal(r["path_kpi"][3][failed], (60 - fails_at) / 60)
+
+
+def test_path_stats_do_not_depend_on_threads_or_the_vector_unit(k: Kernel) -> None:
+    m = uncertain_fopdt(k)
+    kw: dict[str, Any] = dict(
+        dt=0.5, n_steps=60, n_paths=777, constraints=[(0, "upper", 53.0)], path_stats=True
+    )
+    _, one = k.run(m, threads=1, **kw)
+    for other in (k.run(m, threads=2, **kw)[1], k.run(m, threads=3, portable=True, **kw)[1]):
+        assert one["path_kpi"].tobytes() == other["path_kpi"].tobytes()
+        assert one["path_violation"].tobytes() == other["path_violation"].tobytes()
+
+
+def test_adaptive_path_stats_cover_the_paths_run(k: Kernel) -> None:
+    m = uncertain_fopdt(k)
+    cons = [(0, "upper", 53.0)]
+    kw: dict[str, Any] = dict(dt=0.5, n_steps=40, constraints=cons, threads=2)
+    ad: dict[str, Any] = dict(adaptive=True, batch=500, max_paths=50_000, rse_target=0.02)
+    rc, r = k.run(m, raw=True, path_stats=True, **ad, **kw)
+    assert rc == 0
+    n = r["n_paths_run"]
+    assert n < 50_000 and r["path_kpi"].shape == (4, n) and r["path_violation"].shape == (1, n)
+    _check_path_stats(r, cons)
+    # the same paths as a fixed run of that size, laid out at the same stride
+    rc, f = k.run(m, n_paths=n, path_stats=True, **kw)
+    assert f["path_kpi"].tobytes() == r["path_kpi"].tobytes()
+    assert f["path_violation"].tobytes() == r["path_violation"].tobytes()
+
+
+def test_short_or_missing_path_buffers(k: Kernel) -> None:
+    lib, ffi = k.lib, k.ffi
+    m = k.model("fopdt", params=[1.0, 5.0, 0.0], y0=0.0, inputs=[("hold", 0, 0, 0, 0)])
+    cons = ffi.new("opstwin_constraint[]", 2)
+    cons[0].kind = cons[1].kind = lib.OPSTWIN_UPPER
+    s = ffi.new("opstwin_scenario *")
+    s.dt, s.n_steps, s.n_paths, s.threads = 1.0, 10, 10, 1
+    s.n_constraints, s.constraints = 2, cons
+    o = ffi.new("opstwin_output *")
+    keep = {n: ffi.new("double[]", 100) for n in SUMMARY_KEYS}
+    for n, b in keep.items():
+        setattr(o, n, b)
+        setattr(o, n + "_len", 100)
+    pk, pv = ffi.new("double[]", 40), ffi.new("int32_t[]", 20)
+    assert lib.opstwin_sim_run(m, s, o) == 0  # both NULL: not wanted
+    o.path_kpi, o.path_kpi_len = pk, 39  # one output x 4 KPIs x 10 paths
+    assert lib.opstwin_sim_run(m, s, o) == lib.OPSTWIN_E_OUTPUT
+    o.path_kpi_len = 40
+    assert lib.opstwin_sim_run(m, s, o) == 0  # KPIs alone
+    o.path_violation, o.path_violation_len = pv, 19  # 2 constraints x 10 paths
+    assert lib.opstwin_sim_run(m, s, o) == lib.OPSTWIN_E_OUTPUT
+    o.path_violation_len = -1
+    assert lib.opstwin_sim_run(m, s, o) == lib.OPSTWIN_E_OUTPUT
+    o.path_violation_len = 20
+    assert lib.opstwin_sim_run(m, s, o) == 0
+    o.path_kpi = ffi.NULL  # violations alone
+    assert lib.opstwin_sim_run(m, s, o) == 0
+    assert list(pv) == [-1] * 20  # limit 0 on an output that stays at 0: never violated
+    # adaptive: counted as raw_paths is, max_paths rounded up to whole blocks of 64
+    s.adaptive, s.batch, s.max_paths, s.rse_target = 1, 64, 70, 1e-9
+    big = ffi.new("int32_t[]", 2 * 128)
+    o.path_violation, o.path_violation_len = big, 2 * 128 - 1
+    assert lib.opstwin_sim_run(m, s, o) == lib.OPSTWIN_E_OUTPUT
+    o.path_violation_len = 2 * 128
+    assert lib.opstwin_sim_run(m, s, o) == 0 and o.n_paths_run == 70

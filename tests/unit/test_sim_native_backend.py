@@ -236,3 +236,150 @@ def test_the_package_build_installed_the_kernel():
     np.testing.assert_allclose(
         native_result.percentiles, simulate(scenario).percentiles, rtol=0, atol=1e-9
     )
+
+
+# -- per-path results (issue 16): the joint share of paths that kept every constraint ------------
+
+
+def two_output_plant() -> Scenario:
+    """A 2-output state-space plant with constraints on both outputs and KPIs of both."""
+    return Scenario.model_validate(
+        {
+            "model": {
+                "kind": "state_space",
+                "A": [[0.9, 0.05], [0.0, 0.8]],
+                "B": [[0.1], [0.2]],
+                "C": [[1.0, 0.0], [0.0, 1.0]],
+                "x0": [1.0, 2.0],
+                "q": [0.01, 0.01],
+                "r": [0.01, 0.0],
+            },
+            "input": {"kind": "hold", "u0": 1.0},
+            "horizon_s": 50.0,
+            "dt_s": 1.0,
+            "paths": 3000,
+            "seed": 2,
+            "constraints": [
+                {"kind": "upper", "limit": 1.8, "output": 1},  # each broken on about half
+                {"kind": "lower", "limit": 0.965, "output": 0},  # the paths
+                {"kind": "upper", "limit": 1.92, "output": 0},
+            ],
+            "kpis": [{"kind": "final", "output": 0}, {"kind": "mean", "output": 1}],
+        }
+    )
+
+
+def _expected_from_y(scenario: Scenario, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-path KPIs (p, 4, paths) and first-violation steps (c, paths) from kept paths."""
+    y = y if y.ndim == 3 else y[:, :, None]
+    kpis = np.stack(
+        [y[:, -1], y.max(axis=1), y.min(axis=1), np.add.accumulate(y, axis=1)[:, -1] / y.shape[1]]
+    ).transpose(2, 0, 1)
+    first = np.full((len(scenario.constraints), y.shape[0]), -1)
+    for i, c in enumerate(scenario.constraints):
+        viol = y[:, :, c.output] > c.limit if c.kind == "upper" else y[:, :, c.output] < c.limit
+        hit = viol.any(axis=1)
+        first[i, hit] = viol[hit].argmax(axis=1)
+    return kpis, first
+
+
+@pytest.mark.parametrize(
+    "make", [oven, tank, weibull, two_output_plant], ids=["fopdt", "tank", "weibull", "ss-2out"]
+)
+def test_path_stats_agree_with_the_kept_paths(simkernel, make):
+    scenario = make()
+    on = native.simulate(scenario, kernel=simkernel, threads=2, keep_paths=True, path_stats=True)
+    n, p, nc = on.paths_run, scenario.model.n_outputs, len(scenario.constraints)
+    assert on.path_kpis is not None and on.path_first_violation is not None
+    assert on.path_kpis.shape == (p, 4, n) and on.path_kpis.dtype == np.float64
+    assert on.path_first_violation.shape == (nc, n) and on.path_first_violation.dtype == np.int32
+    assert on.y is not None
+    kpis, first = _expected_from_y(scenario, on.y)
+    assert on.path_kpis.tobytes() == kpis.tobytes()  # the kernel sums the mean step by step
+    assert np.array_equal(on.path_first_violation, first)
+    within = on.paths_within_constraints()
+    assert within.shape == (n,) and within.dtype == bool
+    assert np.array_equal(within, (first < 0).all(axis=0))
+    # the marginals are these numbers, and the joint share is no larger than any of them
+    for i, c in enumerate(on.constraints):
+        assert c.violation_probability == np.mean(first[i] >= 0)
+        assert within.mean() <= 1 - c.violation_probability
+    for kr in on.kpis:
+        assert kr.mean == pytest.approx(on.path_kpi(kr.kpi.kind, kr.kpi.output).mean(), rel=1e-12)
+    # asking for per-path results changes no summary
+    off = native.simulate(scenario, kernel=simkernel, threads=2)
+    assert off.path_kpis is None and off.path_first_violation is None
+    assert on.summary() == off.summary()
+    assert on.output_percentiles.tobytes() == off.output_percentiles.tobytes()
+
+
+def test_the_joint_share_is_not_the_product_of_marginals(simkernel):
+    # Two constraints on one output, both broken by the same hot paths: the joint share of paths
+    # that kept both is far above (1 - p1)(1 - p2), the answer marginals alone would suggest.
+    scenario = oven(
+        constraints=[{"kind": "upper", "limit": 203.0}, {"kind": "upper", "limit": 203.5}]
+    )
+    r = native.simulate(scenario, kernel=simkernel, path_stats=True)
+    assert r.path_first_violation is not None
+    broke = (r.path_first_violation >= 0).sum(axis=1)
+    kept = int(r.paths_within_constraints().sum())
+    assert kept == r.paths_run - broke.max()  # every path over 203.5 went over 203 too
+    p1, p2 = r.violation_probability
+    assert kept / r.paths_run > (1 - p1) * (1 - p2) + 0.05
+
+
+def test_paths_within_constraints_needs_path_stats(simkernel):
+    r = native.simulate(oven(paths=64), kernel=simkernel)
+    with pytest.raises(ValueError, match="path_stats=True"):
+        r.paths_within_constraints()
+    with pytest.raises(ValueError, match="path_stats=True"):
+        r.path_kpi("final")
+    r = native.simulate(oven(paths=64), kernel=simkernel, path_stats=True)
+    with pytest.raises(ValueError, match="unknown KPI 'median'"):
+        r.path_kpi("median")
+
+
+def test_path_stats_without_constraints_are_all_within(simkernel):
+    r = native.simulate(oven(paths=100, constraints=[]), kernel=simkernel, path_stats=True)
+    assert r.path_first_violation is not None and r.path_first_violation.shape == (0, 100)
+    assert r.paths_within_constraints().all() and r.paths_within_constraints().shape == (100,)
+
+
+def test_adaptive_path_stats_have_one_column_per_path_run(simkernel):
+    scenario = oven(paths=1000, adaptive={"rse_target": 0.05, "batch": 500, "max_paths": 50_000})
+    r = native.simulate(scenario, kernel=simkernel, path_stats=True, keep_paths=True)
+    n = r.paths_run
+    assert n < 50_000
+    assert r.path_kpis is not None and r.path_kpis.shape == (1, 4, n)
+    assert r.path_kpis.base is None  # copied out of the max_paths buffer, which is freed
+    assert r.y is not None
+    kpis, first = _expected_from_y(scenario, r.y)
+    assert r.path_kpis.tobytes() == kpis.tobytes()
+    assert r.path_first_violation is not None
+    assert np.array_equal(r.path_first_violation, first)
+
+
+def test_reference_backend_gives_the_same_path_stats(simkernel):
+    # Without noise or uncertainty every path is the one deterministic response: the two
+    # backends must then give the same numbers path by path.
+    scenario = oven(
+        model={"kind": "fopdt", "gain": 1.2, "tau": 100.0, "theta": 10.0},
+        paths=64,
+        constraints=[{"kind": "upper", "limit": 195.0}, {"kind": "lower", "limit": 170.0}],
+    )
+    c = native.simulate(scenario, kernel=simkernel, path_stats=True)
+    ref = reference.simulate(scenario, path_stats=True)
+    assert ref.path_kpis is not None and c.path_kpis is not None
+    np.testing.assert_allclose(c.path_kpis, ref.path_kpis, rtol=0, atol=1e-9)
+    first = c.path_first_violation
+    assert first is not None and ref.path_first_violation is not None
+    assert np.array_equal(first, ref.path_first_violation)
+    assert (first[0] > 0).all() and (first[1] == -1).all()
+    # With uncertainty the streams differ: the joint share agrees within its sampling error.
+    scenario = two_output_plant()
+    c = native.simulate(scenario, kernel=simkernel, path_stats=True)
+    ref = reference.simulate(scenario, path_stats=True)
+    pc, pr = c.paths_within_constraints().mean(), ref.paths_within_constraints().mean()
+    p, n = (pc + pr) / 2, scenario.paths
+    assert 0.05 < p < 0.95  # a share the test can get wrong
+    assert abs(pc - pr) <= 4 * math.sqrt(p * (1 - p) * 2 / n)

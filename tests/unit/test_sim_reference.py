@@ -379,3 +379,68 @@ def test_package_simulate_dispatches_to_backend() -> None:
     assert sim.simulate(sc).summary() == simulate(sc).summary()
     with pytest.raises(ValueError, match="unknown simulation backend 'gpu'"):
         sim.simulate(sc, backend="gpu")
+
+
+def test_path_stats_are_the_kept_paths_kpis_and_first_violations() -> None:
+    sc = _uncertain_scenario(
+        constraints=[
+            {"kind": "upper", "limit": 55.0},
+            {"kind": "lower", "limit": 49.9},
+            {"kind": "upper", "limit": 1e6},
+        ]
+    )
+    r = simulate(sc, keep_paths=True, path_stats=True)
+    y = r.y
+    assert y is not None and r.path_kpis is not None and r.path_first_violation is not None
+    assert r.path_kpis.shape == (1, 4, 2000) and r.path_first_violation.shape == (3, 2000)
+    for row, v in enumerate([y[:, -1], y.max(axis=1), y.min(axis=1), y.mean(axis=1)]):
+        np.testing.assert_array_equal(r.path_kpis[0, row], v)
+    for i, limit in enumerate((55.0, 49.9, 1e6)):
+        viol = y > limit if i != 1 else y < limit
+        hit = viol.any(axis=1)
+        want = np.where(hit, viol.argmax(axis=1), -1)
+        np.testing.assert_array_equal(r.path_first_violation[i], want)
+        assert r.violation_probability[i] == np.mean(want >= 0)
+        first = r.first_violation[i]
+        if first is not None:  # first-violation times are t_{k+1} of these step indices
+            assert first["mean"] == pytest.approx(r.times[want[hit]].mean())
+    within = r.paths_within_constraints()
+    assert 0 < within.mean() < 1
+    np.testing.assert_array_equal(within, ~((y > 55.0) | (y < 49.9)).any(axis=1))
+    # the summaries' own KPI values, and nothing else changes
+    assert r.kpis[0].mean == r.path_kpi("max").mean()
+    assert r.kpis[2].mean == r.path_kpi("mean").mean()
+    plain = simulate(sc)
+    assert plain.path_kpis is None and plain.path_first_violation is None
+    assert plain.summary() == r.summary()
+
+
+def test_path_stats_of_every_output_and_of_adaptive_runs() -> None:
+    sc = Scenario(
+        model=StateSpaceModel(
+            A=[[0.9, 0.0], [0.1, 0.7]],
+            B=[[1.0], [0.0]],
+            C=[[1.0, 0.0], [0.0, 1.0]],
+            x0=[0.0, 0.0],
+            q=[0.01, 0.01],
+        ),
+        input=HoldInput(u0=0.1),
+        horizon_s=30,
+        dt_s=1,
+        paths=500,
+        constraints=[
+            Constraint(kind="upper", limit=1.05, output=0),
+            Constraint(kind="upper", limit=0.42, output=1),
+        ],
+        adaptive=Adaptive(rse_target=0.02, batch=300, max_paths=30_000),
+    )
+    r = simulate(sc, keep_paths=True, path_stats=True)
+    assert r.y is not None and r.path_kpis is not None and r.path_first_violation is not None
+    n = r.paths_run
+    assert 300 < n < 30_000  # several batches, stopped at the target
+    assert r.path_kpis.shape == (2, 4, n) and r.path_first_violation.shape == (2, n)
+    for o in range(2):
+        np.testing.assert_array_equal(r.path_kpis[o, 1], r.y[:, :, o].max(axis=1))
+        assert r.violation_probability[o] == np.mean(r.path_first_violation[o] >= 0)
+    joint = r.paths_within_constraints().mean()
+    assert 0 < joint < min(1 - p for p in r.violation_probability)
