@@ -318,6 +318,19 @@ class AccountStore:
             raise AuthError(USER_REFUSED, why="user is disabled", principal=name)
         return user.principal()
 
+    def login_record(self, name: str) -> tuple[str, Principal] | None:
+        """Return (password hash, Principal) of a user, or None if there is none of that name.
+
+        Read-only, for a login checked elsewhere (the OPC UA server rations and caches its own
+        password checks); a disabled user is returned, with a disabled Principal.
+        """
+        if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+            return None
+        row = self.db.read(lambda conn: _user_row(conn, name))
+        if row is None:
+            return None
+        return row[1], _user(row[:1] + row[2:]).principal()
+
     async def authenticate_user_async(self, name: str, password: str) -> Principal:
         """`authenticate_user` off the event loop (argon2 takes ~25 ms)."""
         return await asyncio.to_thread(self.authenticate_user, name, password)

@@ -1,4 +1,5 @@
-"""The gateway's own OPC UA server: the twin, read-only, for SCADA/HMI clients.
+"""The gateway's own OPC UA server: the twin for SCADA/HMI clients, whose writes to writable
+points become proposals for the policy engine (`proposals.py` is the contract between them).
 
 `TwinOpcuaServer` is imported lazily: the site config imports this package for its config model,
 and loading a config should not pay for importing asyncua.

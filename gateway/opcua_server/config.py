@@ -62,8 +62,9 @@ class OpcuaUser(_Strict):
         "`opstwin hash-password`; never the password itself.",
     )
     role: Role = Field(
-        description="`viewer`, `agent`, `supervisor`, `executor` or `admin`; every role may read, "
-        "and the role is recorded with each write attempt.",
+        description="`viewer`, `agent`, `supervisor`, `executor` or `admin`, site-wide; every "
+        "role may read, and every role but `viewer` may write a writable point, which proposes "
+        "the change to the policy engine.",
     )
 
     @field_validator("password_hash")
@@ -120,8 +121,28 @@ class OpcuaServerConfig(_Strict):
         "activation) within this time is closed: it frees what a stalled or hostile client "
         "holds.",
     )
+    propose_timeout_s: StrictFloat = Field(
+        # Below asyncua clients' own 4 s request timeout, so they see BadTimeout; a decision
+        # takes ~0.1 s (bench/decide.py).
+        3.0,
+        gt=0,
+        le=300,
+        description="How long a client's write to a writable point waits for the policy "
+        "engine's answer before the client gets BadTimeout. The engine may still decide it "
+        "(the event log tells); several points in one request share this time.",
+    )
+    max_proposals_in_flight: StrictInt = Field(
+        4,
+        ge=1,
+        le=64,
+        description="Client writes the policy engine may be deciding at once, for the whole "
+        "server; a session has at most one. Writes beyond either are answered "
+        "BadTooManyOperations at once.",
+    )
     users: list[OpcuaUser] = Field(
-        default_factory=list, description="Users who log in with username and password."
+        default_factory=list,
+        description="Users who log in with username and password, besides the users of "
+        "`control.db` (`opstwin user add`); a name in both logs in as configured here.",
     )
     server_name: str = Field(
         "OpsTwin Gateway", min_length=1, description="Application name shown to clients."
@@ -173,9 +194,6 @@ class OpcuaServerConfig(_Strict):
                 "with only the `None` security policy, passwords would cross the network in "
                 "plain text: add `Basic256Sha256_SignAndEncrypt` to `security_policies`"
             )
-        if self.enabled and not self.users and not self.allow_anonymous:
-            raise ValueError(
-                "nobody could log in: add `users` (see `opstwin hash-password`) or set "
-                "`allow_anonymous: true`"
-            )
+        # An enabled server with neither `users` nor anonymous access is not refused here:
+        # its users may be in control.db (`opstwin user add`), which the config cannot see.
         return self

@@ -1,24 +1,38 @@
-"""The gateway's own OPC UA server: the twin, read-only, for SCADA/HMI clients.
+"""The gateway's own OPC UA server: the twin for SCADA/HMI clients, and their writes as proposals.
 
 The address space is planned in `address_space.py` from the point definitions. Values follow the
 twin through `TwinStore.add_listener`: the listener only queues the batch (it runs inside
 ingest), and one task writes each change into asyncua's address space directly, which also
 feeds the subscriptions; nothing awaits the network per change.
 
-Writes: a client write to a point's value never reaches a device. On a writable point it is the
-start of a proposal for the policy engine; until that exists it is refused with
-BadUserAccessDenied, logged with user, role, node and value, and handed to `on_write` as a
-WriteRefusal. On any other point it is refused with BadNotWritable (logged only). Both go through
-a RefusalLimiter (refusals.py): repeats are coalesced into one record with a count, and a session
-or user that keeps writing is capped, so a client cannot flood the event log or the log file.
-UserAccessLevel follows the session's role: a viewer is told it may read, the roles that may
-propose changes that they may also write the writable points.
+Writes: a client write to a point's value never reaches a device from here.
+- A Value write to a writable point by a session whose role may propose changes (`WRITER_ROLES`)
+  becomes a `ClientWrite` for `on_propose` (the policy engine, proposals.py), and the client gets
+  the status the engine answers: Good when it was executed, BadRequestNotComplete when it waits
+  for approval, BadOutOfRange, BadUserAccessDenied, … . The wait is bounded: `propose_timeout_s`
+  per request (then BadTimeout; the engine is not interrupted, a device write must not be cut in
+  half, and its outcome is in the event log), at most one write being decided per session and
+  `max_proposals_in_flight` for the server (more get BadTooManyOperations at once, and a call
+  that timed out keeps its place until the engine returns, so a hung engine holds a bounded
+  number of them). An engine that raises or answers an unknown status gives BadInternalError;
+  both are logged, at most one line per kind per interval. Points in one request are answered
+  in order. Such Writes run beside the session's other requests (concurrent_writes.py), so its
+  reads and subscriptions are not held up while the engine decides.
+- Without `on_propose`, and for sessions whose role may not propose (viewers, anonymous), such a
+  write is refused with BadUserAccessDenied, logged with user, role, node and value, and handed
+  to `on_write` as a WriteRefusal. Writes to any other point are refused with BadNotWritable
+  (logged only).
+Refusals go through RefusalLimiters (refusals.py), BadTooManyOperations included: repeats are
+coalesced into one record with a count, and a session or user that keeps writing is capped, so
+a client cannot flood the event log or the log file. UserAccessLevel follows the session: a
+writable point is said to be writable exactly to sessions whose grants let them propose a change
+to it.
 
 Who may connect: clients whose certificate is in the trust list (trust.py), logging in as a
-configured user (users.py); at most `max_connections` connections at a time (more are closed as
-they arrive, before they cost a session), and a connection that has not logged in within
-`handshake_timeout_s` is closed. asyncua's per-client log records become rate-limited lines of
-ours (quiet.py).
+configured user or a control.db user (users.py); at most `max_connections` connections at a
+time (more are closed as they arrive, before they cost a session), and a connection that has not
+logged in within `handshake_timeout_s` is closed. asyncua's per-client log records become
+rate-limited lines of ours (quiet.py).
 
 The certificate and key are made on first start in `pki_dir/opcua-server/` and reused after, so
 clients that trusted the server keep trusting it; they are remade only when the certificate has
@@ -35,7 +49,8 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+import traceback
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,9 +68,9 @@ from asyncua_glue import fixes
 from drivers.errors import ConfigurationError
 from drivers.opcua.security import ensure_app_certificate
 from gateway import __version__
-from gateway.auth.rbac import roles_granting
+from gateway.auth.rbac import Principal, check, roles_granting
 from gateway.errors import GatewayError
-from gateway.opcua_server import quiet
+from gateway.opcua_server import concurrent_writes, quiet
 from gateway.opcua_server.address_space import (
     NAMESPACE_URI,
     add_nodes_items,
@@ -63,20 +78,32 @@ from gateway.opcua_server.address_space import (
     plan_address_space,
 )
 from gateway.opcua_server.config import OpcuaServerConfig
+from gateway.opcua_server.proposals import ClientWrite, InFlight, ProposeHook, WriteAnswer
 from gateway.opcua_server.refusals import RefusalLimiter, WriteRefusal
 from gateway.opcua_server.trust import ClientTrust, UntrustedCertificate
-from gateway.opcua_server.users import ANONYMOUS, ANONYMOUS_ROLE, UserStore
+from gateway.opcua_server.users import (
+    ANONYMOUS,
+    ANONYMOUS_ROLE,
+    Account,
+    AccountLookup,
+    UserStore,
+)
+from gateway.ratelog import RateLimitedLog
 from gateway.twin.model import PointDef, PointValue
 from gateway.twin.store import TwinStore
 
 log = logging.getLogger(__name__)
 fixes.apply()
 quiet.install()
+concurrent_writes.install()
 
 __all__ = [
+    "ClientWrite",
     "GatewayUser",
+    "ProposeHook",
     "TwinOpcuaServer",
     "TwinUserManager",
+    "WriteAnswer",
     "WriteHook",
     "WriteRefusal",
     "default_app_uri",
@@ -101,6 +128,11 @@ WRITER_ROLES = frozenset(roles_granting("propose"))  # who may propose a change 
 _READ_WRITE = ua.AccessLevel.CurrentRead.mask | ua.AccessLevel.CurrentWrite.mask
 # Coalesced refusal records are written when their window ends; checked this often.
 _REFUSAL_FLUSH_S = 1.0
+# A failing engine (timeouts, exceptions, unknown answers) costs one line per kind this often.
+_PROBLEM_LOG_S = 10.0
+# Values in log lines are cut to this many characters: a client chooses them, up to megabytes.
+_SHOWN_VALUE = 80
+_S = ua.StatusCodes
 
 
 def default_app_uri() -> str:
@@ -119,12 +151,23 @@ class TwinOpcuaServer:
         *,
         pki_dir: Path,
         on_write: WriteHook | None = None,
+        on_propose: ProposeHook | None = None,
+        accounts: AccountLookup | None = None,
     ) -> None:
+        """`on_propose` decides client writes (the policy engine; without it they are refused),
+        `on_write` hears of refused ones, `accounts` finds control.db users by name."""
+        if not config.users and not config.allow_anonymous and accounts is None:
+            raise GatewayError(
+                "OPC UA server: nobody could log in: add `opcua_server.users` (see `opstwin "
+                "hash-password`) or set `opcua_server.allow_anonymous: true`"
+            )
         self.config = config
         self.store = store
         self.points = dict(points)
         self.pki_dir = Path(pki_dir)
         self.on_write = on_write
+        self.on_propose = on_propose
+        self.accounts = accounts
         self.application_uri = config.application_uri or default_app_uri()
         # Planned now: a point set that cannot be served fails at construction, not at start.
         self.plan = plan_address_space(self.points.values())
@@ -134,8 +177,18 @@ class TwinOpcuaServer:
         # Read at start(); `opstwin run` may lower it to fit the process's descriptor limit.
         self.max_connections = config.max_connections
         self.trust = ClientTrust(self.pki_dir / "opcua-server", trust_all=config.trust_all_clients)
-        self._proposals = RefusalLimiter()  # writes to writable points: events and log
-        self._read_only = RefusalLimiter()  # writes to read-only points: log only
+        # Refused writes to writable points (events and log), to read-only points (log only),
+        # and writes refused because the engine is busy with others (events and log).
+        self._denied = RefusalLimiter(status="BadUserAccessDenied")
+        self._read_only = RefusalLimiter(status="BadNotWritable")
+        self._busy = RefusalLimiter(status="BadTooManyOperations")
+        self._in_flight = InFlight(config.max_proposals_in_flight)
+        self._write_tasks: set[asyncio.Task[Any]] = set()  # Write requests taken aside
+        self._engine_calls: set[asyncio.Future[WriteAnswer]] = set()
+        self._problems = RateLimitedLog(log, _PROBLEM_LOG_S)
+        # How client writes that went to the engine were answered, by status name.
+        self.write_answers: collections.Counter[str] = collections.Counter()
+        self._users: UserStore | None = None
         self._flusher: asyncio.Task[None] | None = None
         self._writable: set[ua.NodeId] = set()
         self._endpoint = config.endpoint
@@ -167,7 +220,8 @@ class TwinOpcuaServer:
             _san_hosts(self.config.endpoint),
         )
         await asyncio.to_thread(self.trust.prepare)
-        server = Server(user_manager=TwinUserManager(self._user_store(), self.trust))
+        self._users = self._user_store()
+        server = Server(user_manager=TwinUserManager(self._users, self.trust))
         self._server = server
         try:
             await self._configure(server, cert_path, key_path)
@@ -243,8 +297,18 @@ class TwinOpcuaServer:
     # -- start-up ---------------------------------------------------------------------------------
 
     def _user_store(self) -> UserStore:
+        accounts = self.accounts
+        if accounts is not None and self.config.security_policies == ["None"]:
+            # The config refuses `users` with only `None` for the same reason.
+            log.warning(
+                "OPC UA server: control.db users cannot log in: with only the `None` security "
+                "policy their passwords would cross the network in plain text; add "
+                "`Basic256Sha256_SignAndEncrypt` to opcua_server.security_policies"
+            )
+            accounts = None
         return UserStore(
             self.config.users,
+            accounts=accounts,
             allow_anonymous=self.config.allow_anonymous,
             allow_unsecured="None" in self.config.security_policies,
         )
@@ -275,7 +339,7 @@ class TwinOpcuaServer:
         iserver.create_session = self._create_session
         server.set_security_policy([_POLICIES[p] for p in self.config.security_policies])
         tokens: list[type] = []
-        if self.config.users:
+        if self.config.users or (self._users is not None and self._users.accounts is not None):
             tokens.append(ua.UserNameIdentityToken)
         if self.config.allow_anonymous:
             tokens.append(ua.AnonymousIdentityToken)
@@ -319,6 +383,7 @@ class TwinOpcuaServer:
         iserver = self._server.iserver
         return _TwinSession(
             self._user_access,
+            self._spawn_write,
             iserver,
             iserver.aspace,
             iserver.subscription_service,
@@ -331,14 +396,17 @@ class TwinOpcuaServer:
     def _user_access(
         self, params: ua.ReadParameters, results: list[ua.DataValue], user: User | None
     ) -> None:
-        """Answer UserAccessLevel of a writable point for the session's role, in `results`."""
-        # The stored attribute says CurrentRead (what anything that bypasses this sees); a role
-        # that may propose changes is told it may also write.
-        if getattr(user, "gateway_role", None) not in WRITER_ROLES:
+        """Answer UserAccessLevel of a writable point for the session's grants, in `results`."""
+        # The stored attribute says CurrentRead (what anything that bypasses this sees); a
+        # session whose grants let it propose a change to the point is told it may also write.
+        principal = getattr(user, "principal", None)
+        if principal is None or getattr(user, "gateway_role", None) not in WRITER_ROLES:
             return
         user_access = ua.AttributeIds.UserAccessLevel
         for i, item in enumerate(params.NodesToRead):
-            if item.AttributeId == user_access and item.NodeId in self._writable:
+            if item.AttributeId != user_access or item.NodeId not in self._writable:
+                continue
+            if check(principal, "propose", self._point_of[item.NodeId]).allowed:
                 results[i] = ua.DataValue(ua.Variant(_READ_WRITE, ua.VariantType.Byte))
 
     def _follow_twin(self) -> None:
@@ -382,13 +450,16 @@ class TwinOpcuaServer:
         if server is not None and self._listening:
             self._listening = False
             await server.stop()
+        await self._settle_writes()
         if self._flusher is not None:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
             self._flusher = None
         # No client can write any more: what was still being coalesced is recorded now.
-        self._emit_refusals(self._proposals.flush_all(), self._read_only.flush_all())
+        self._emit_refusals(
+            self._denied.flush_all(), self._read_only.flush_all(), self._busy.flush_all()
+        )
         self._slots.clear()
         self._point_of.clear()
         self._writable.clear()
@@ -462,8 +533,13 @@ class TwinOpcuaServer:
 
     # -- client writes ----------------------------------------------------------------------------
 
-    def _guard_write(self, wv: ua.WriteValue, user: User) -> ua.StatusCode | None:
-        """The result of a client write to a point, or None to let asyncua handle it."""
+    async def _guard_write(
+        self, wv: ua.WriteValue, user: User, started: float
+    ) -> ua.StatusCode | None:
+        """The result of a client write to a point, or None to let asyncua handle it.
+
+        `started` is when the request began (loop time): its proposals share one timeout.
+        """
         point_id = self._point_of.get(wv.NodeId)
         if (
             point_id is None
@@ -472,31 +548,224 @@ class TwinOpcuaServer:
         ):
             return None
         variant = wv.Value.Value if wv.Value is not None else None
-        limiter = self._proposals if self.points[point_id].writable else self._read_only
+        value = variant.Value if variant is not None else None
+        if not self.points[point_id].writable:
+            self._refuse(self._read_only, user, point_id, value)
+            return ua.StatusCode(_S.BadNotWritable)
+        if self.on_propose is None or getattr(user, "gateway_role", None) not in WRITER_ROLES:
+            self._refuse(self._denied, user, point_id, value)
+            return ua.StatusCode(_S.BadUserAccessDenied)
+        if wv.IndexRange:
+            # Points are scalars: a part of one is not a value the engine could propose.
+            return ua.StatusCode(_S.BadIndexRangeInvalid)
+        return await self._propose(point_id, value, user, started)
+
+    async def _propose(
+        self, point_id: str, value: Any, user: User, started: float
+    ) -> ua.StatusCode:
+        """Hand one write to the engine and return the status its answer names."""
+        assert self.on_propose is not None
+        session = str(getattr(user, "session", "?"))
+        if self._in_flight.take(session) is not None:
+            self._refuse(self._busy, user, point_id, value)
+            return self._answer(_S.BadTooManyOperations, "BadTooManyOperations")
+        # From here the session's slot is held until the engine returns (_engine_returned), or
+        # freed below when the engine is not called at all.
+        try:
+            write = ClientWrite(
+                point_id=point_id,
+                value=value,
+                user=user.name or ANONYMOUS,
+                role=str(getattr(user, "gateway_role", ANONYMOUS_ROLE)),
+                principal=self._principal_now(user),
+                session=session,
+                client=str(getattr(user, "client", "?")),
+            )
+        except BaseException:
+            self._in_flight.release(session)
+            raise
+        remaining = started + self.config.propose_timeout_s - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            # Earlier points of the same request used up its time: the client has given up.
+            self._in_flight.release(session)
+            self._problem("timeout", write, "not proposed: its request ran out of time")
+            return self._answer(_S.BadTimeout, "BadTimeout")
+        try:
+            call: asyncio.Future[WriteAnswer] = asyncio.ensure_future(self.on_propose(write))
+        except Exception as exc:
+            self._in_flight.release(session)
+            self._problem("error", write, "on_propose failed", exc)
+            return self._answer(_S.BadInternalError, "BadInternalError")
+        self._engine_calls.add(call)
+        call.add_done_callback(lambda done: self._engine_returned(done, write))
+        try:
+            # Shielded: a timeout answers the client, it does not cut the engine short.
+            answer = await asyncio.wait_for(asyncio.shield(call), remaining)
+        except asyncio.CancelledError:
+            # The request is dropped (the server stops): the engine goes on without a listener.
+            call.add_done_callback(lambda done: self._decided_late(done, write, "dropped"))
+            raise
+        except TimeoutError:
+            call.add_done_callback(lambda done: self._decided_late(done, write, "BadTimeout"))
+            self._problem(
+                "timeout",
+                write,
+                f"no answer within {self.config.propose_timeout_s:g} s (opcua_server."
+                "propose_timeout_s); the engine may still decide it: see the event log",
+            )
+            return self._answer(_S.BadTimeout, "BadTimeout")
+        except Exception as exc:
+            self._problem("error", write, "the engine failed", exc)
+            return self._answer(_S.BadInternalError, "BadInternalError")
+        return self._status_of(answer, write)
+
+    def _status_of(self, answer: Any, write: ClientWrite) -> ua.StatusCode:
+        name = getattr(answer, "status", None) if isinstance(answer, WriteAnswer) else None
+        code = _status_code(name)
+        if code is None:
+            self._problem(
+                "answer",
+                write,
+                f"the engine answered {_shown(answer)}: not a WriteAnswer naming a status of "
+                "asyncua's ua.StatusCodes",
+            )
+            return self._answer(_S.BadInternalError, "BadInternalError")
+        assert isinstance(name, str)
+        log.debug(
+            "OPC UA write by %r (role %s) of %s to %s, session %s from %s: %s (%s; proposal %s)",
+            write.user,
+            write.role,
+            _shown(write.value),
+            self.nodeid(write.point_id),
+            write.session,
+            write.client,
+            name,
+            answer.text,
+            answer.proposal_id,
+        )
+        return self._answer(code, name)
+
+    def _answer(self, code: int, name: str) -> ua.StatusCode:
+        self.write_answers[name] += 1
+        return ua.StatusCode(code)
+
+    def _principal_now(self, user: User) -> Principal | None:
+        account = getattr(user, "account", None)
+        if self._users is None or not isinstance(account, Account):
+            return getattr(user, "principal", None)
+        return self._users.current_principal(account)
+
+    def _engine_returned(self, call: asyncio.Future[WriteAnswer], write: ClientWrite) -> None:
+        """Free the session's slot when the engine returns, answered in time or not."""
+        self._engine_calls.discard(call)
+        self._in_flight.release(write.session)
+
+    def _decided_late(
+        self, call: asyncio.Future[WriteAnswer], write: ClientWrite, answered: str
+    ) -> None:
+        """Log what the engine decided for a write whose client was answered without it."""
+        if call.cancelled():
+            return
+        exc = call.exception()  # also marks it retrieved: nobody else waits for it now
+        if exc is not None:
+            self._problem("error", write, "the engine failed after the client was answered", exc)
+        else:
+            answer = call.result()
+            log.info(
+                "OPC UA write by %r to %s, already answered %s, was decided: %s (%s)",
+                write.user,
+                self.nodeid(write.point_id),
+                answered,
+                answer.status if isinstance(answer, WriteAnswer) else _shown(answer),
+                answer.text if isinstance(answer, WriteAnswer) else "not a WriteAnswer",
+            )
+
+    def _spawn_write(self, session: _TwinSession, request: Coroutine[Any, Any, Any]) -> bool:
+        """Take a Write request aside if it may wait for the engine; whether it was taken."""
+        user = session.user
+        if (
+            self.on_propose is None
+            or self._server is None
+            or getattr(user, "gateway_role", None) not in WRITER_ROLES
+        ):
+            return False
+        task = asyncio.create_task(request, name=f"opcua-server:write {session.session_id}")
+        self._write_tasks.add(task)
+        task.add_done_callback(self._write_tasks.discard)
+        return True
+
+    async def _settle_writes(self) -> None:
+        """At stop: drop Write requests of gone clients; give the engine time to finish."""
+        for task in list(self._write_tasks):
+            task.cancel()
+        if self._write_tasks:
+            await asyncio.gather(*self._write_tasks, return_exceptions=True)
+        calls = list(self._engine_calls)
+        if not calls:
+            return
+        # A decision may be writing to a device: let it end (and roll back if it must).
+        _, pending = await asyncio.wait(calls, timeout=self.config.propose_timeout_s)
+        if pending:
+            log.warning(
+                "OPC UA server: %d client writes were still being decided %g s after stop; "
+                "cancelled",
+                len(pending),
+                self.config.propose_timeout_s,
+            )
+            for call in pending:
+                call.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    def _problem(
+        self, kind: str, write: ClientWrite, what: str, exc: BaseException | None = None
+    ) -> None:
+        """Log a failure of the engine call, at most one line per kind per interval."""
+        trace = "".join(traceback.format_exception(exc)) if exc is not None else ""
+        self._problems.log(
+            logging.ERROR if exc is not None else logging.WARNING,
+            kind,
+            "OPC UA write by %r (role %s) of %s to %s, session %s from %s: %s%s",
+            write.user,
+            write.role,
+            _shown(write.value),
+            self.nodeid(write.point_id),
+            write.session,
+            write.client,
+            what,
+            f"\n{trace}" if trace else "",
+        )
+
+    def _refuse(self, limiter: RefusalLimiter, user: User, point_id: str, value: Any) -> None:
         records = limiter.record(
             session=getattr(user, "session", "?"),
             client=getattr(user, "client", "?"),
             user=user.name or ANONYMOUS,
             role=str(getattr(user, "gateway_role", ANONYMOUS_ROLE)),
             point_id=point_id,
-            value=variant.Value if variant is not None else None,
+            value=value,
         )
         if limiter is self._read_only:
-            self._emit_refusals([], records)
-            return ua.StatusCode(ua.StatusCodes.BadNotWritable)
-        self._emit_refusals(records, [])
-        return ua.StatusCode(ua.StatusCodes.BadUserAccessDenied)
+            self._emit_refusals([], records, [])
+        elif limiter is self._busy:
+            self._emit_refusals([], [], records)
+        else:
+            self._emit_refusals(records, [], [])
 
     async def _flush_refusals(self) -> None:
         while True:
             await asyncio.sleep(_REFUSAL_FLUSH_S)
-            self._emit_refusals(self._proposals.flush(), self._read_only.flush())
+            self._emit_refusals(self._denied.flush(), self._read_only.flush(), self._busy.flush())
 
-    def _emit_refusals(self, proposals: list[WriteRefusal], read_only: list[WriteRefusal]) -> None:
+    def _emit_refusals(
+        self,
+        denied: list[WriteRefusal],
+        read_only: list[WriteRefusal],
+        busy: list[WriteRefusal],
+    ) -> None:
         for refusal in read_only:
-            log.info(*_refusal_line(refusal, "BadNotWritable", self._node_name(refusal)))
-        for refusal in proposals:
-            log.warning(*_refusal_line(refusal, "BadUserAccessDenied", self._node_name(refusal)))
+            log.info(*_refusal_line(refusal, self._node_name(refusal), "a read-only point"))
+        for refusal in [*denied, *busy]:
+            log.warning(*_refusal_line(refusal, self._node_name(refusal), self._why(refusal)))
             if self.on_write is None:
                 continue
             try:
@@ -505,20 +774,42 @@ class TwinOpcuaServer:
                 # Bounded like the records themselves: the limiter caps how often this runs.
                 log.exception("OPC UA server: on_write hook failed for %s", refusal.point_id)
 
+    def _why(self, refusal: WriteRefusal) -> str:
+        if refusal.status == "BadTooManyOperations":
+            return (
+                "the policy engine was still deciding a write of the same session, or "
+                f"{self._in_flight.cap} in all (opcua_server.max_proposals_in_flight)"
+            )
+        if self.on_propose is None:
+            return "no policy engine takes OPC UA writes on this gateway"
+        return f"role {refusal.role} may not propose setpoint changes"
+
     def _node_name(self, refusal: WriteRefusal) -> str:
         if refusal.point_id is None:
             return f"{refusal.points} points"
         return f"ns={self.namespace_index};s={refusal.point_id}"
 
 
-def _refusal_line(refusal: WriteRefusal, status: str, node: str) -> tuple[object, ...]:
+def _status_code(name: Any) -> int | None:
+    """The code of a status name of ua.StatusCodes (`"BadOutOfRange"`), or None if unknown."""
+    if not isinstance(name, str) or not name[:1].isupper():
+        return None  # also keeps dunders and other attributes of the class out
+    code = getattr(ua.StatusCodes, name, None)
+    return code if type(code) is int else None
+
+
+def _shown(value: Any) -> str:
+    """`repr(value)`, cut for a log line."""
+    text = repr(value)
+    if len(text) <= _SHOWN_VALUE:
+        return text
+    return f"{text[: _SHOWN_VALUE - 3]}... ({len(text)} characters)"
+
+
+def _refusal_line(refusal: WriteRefusal, node: str, why: str) -> tuple[object, ...]:
     """The log call (format and args) for one refusal record."""
+    status = refusal.status
     where = f"session {', '.join(refusal.sessions)} from {', '.join(refusal.clients)}"
-    why = (
-        "setpoint changes go through the policy engine, which does not exist yet"
-        if status == "BadUserAccessDenied"
-        else "a read-only point"
-    )
     span = refusal.last_ts - refusal.first_ts
     if refusal.suppressed:
         return (
@@ -535,11 +826,11 @@ def _refusal_line(refusal: WriteRefusal, status: str, node: str) -> tuple[object
         )
     repeats = f" ({refusal.count} attempts within {span:.0f} s; the last shown)"
     return (
-        "OPC UA write refused (%s): user %r (role %s) wrote %r to %s%s, %s; %s",
+        "OPC UA write refused (%s): user %r (role %s) wrote %s to %s%s, %s; %s",
         status,
         refusal.user,
         refusal.role,
-        refusal.value,
+        _shown(refusal.value),
         node,
         repeats if refusal.count > 1 else "",
         where,
@@ -562,6 +853,12 @@ class GatewayUser(User):
     gateway_role: str = ANONYMOUS_ROLE
     session: str = "?"  # the server's name for the session, e.g. `#12`
     client: str = "?"  # the client's IP address
+    account: Account | None = None  # who logged in (None: not through a UserStore)
+
+    @property
+    def principal(self) -> Principal | None:
+        """The session's Principal as it logged in (None: anonymous)."""
+        return self.account.principal if self.account is not None else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -613,20 +910,28 @@ class TwinUserManager(UserManager):
             gateway_role=account.role,
             session=context.session,
             client=context.address,
+            account=account,
         )
 
 
 class _TwinSession(InternalSession):
-    """asyncua's session, telling the user manager who logs in and reading UserAccessLevel."""
+    """asyncua's session, telling the user manager who logs in, reading UserAccessLevel, and
+    offering its Write requests to run aside (concurrent_writes.py)."""
 
     def __init__(
         self,
         user_access: Callable[[ua.ReadParameters, list[ua.DataValue], User | None], None],
+        spawn: Callable[[_TwinSession, Coroutine[Any, Any, Any]], bool],
         *args: Any,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self._user_access = user_access
+        self._spawn = spawn
+
+    def spawn_write(self, request: Coroutine[Any, Any, Any]) -> bool:
+        """Run a Write request as a task of its own if the server wants it; whether it does."""
+        return self._spawn(self, request)
 
     def activate_session(
         self, params: ua.ActivateSessionParameters, peer_certificate: bytes | None
@@ -654,7 +959,9 @@ class _GuardedAttributeService(AttributeService):
     """asyncua's attribute service with the twin's write rules in front of it."""
 
     def __init__(
-        self, aspace: Any, guard: Callable[[ua.WriteValue, User], ua.StatusCode | None]
+        self,
+        aspace: Any,
+        guard: Callable[[ua.WriteValue, User, float], Coroutine[Any, Any, ua.StatusCode | None]],
     ) -> None:
         super().__init__(aspace)
         self._guard = guard
@@ -663,9 +970,10 @@ class _GuardedAttributeService(AttributeService):
         self, params: ua.WriteParameters, user: User | None = None
     ) -> list[ua.StatusCode]:
         user = user or _INTERNAL
+        started = asyncio.get_running_loop().time()
         results: list[ua.StatusCode] = []
         for wv in params.NodesToWrite:
-            refused = self._guard(wv, user)
+            refused = await self._guard(wv, user, started)
             if refused is not None:
                 results.append(refused)
             else:

@@ -84,9 +84,36 @@ def test_anonymous_alone_may_use_the_none_policy():
     assert config.security_policies == ["None"]
 
 
-def test_an_enabled_server_nobody_can_log_in_to_is_refused():
-    (found,) = errors(enabled=True)
-    assert "nobody could log in" in found[1]
+def test_an_enabled_server_without_config_users_is_accepted_for_control_db_users():
+    # Its users may all be in control.db (`opstwin user add`), which the config cannot see;
+    # the server refuses to start when it is given neither (test_opcua_server_users.py).
+    config = OpcuaServerConfig.model_validate({"enabled": True})
+    assert config.users == [] and config.allow_anonymous is False
+
+
+def test_proposal_limits_default_to_ten_seconds_and_four_in_flight():
+    config = OpcuaServerConfig()
+    assert config.propose_timeout_s == 3.0
+    assert config.max_proposals_in_flight == 4
+    assert OpcuaServerConfig(propose_timeout_s=2, max_proposals_in_flight=1).propose_timeout_s == 2
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("propose_timeout_s", 0),
+        ("propose_timeout_s", -1.0),
+        ("propose_timeout_s", 301.0),
+        ("propose_timeout_s", "10"),
+        ("max_proposals_in_flight", 0),
+        ("max_proposals_in_flight", 65),
+        ("max_proposals_in_flight", 2.5),
+        ("max_proposals_in_flight", True),
+    ],
+)
+def test_proposal_limits_out_of_range_or_of_the_wrong_type_are_refused(key, value):
+    (found,) = errors(**{key: value})
+    assert found[0] == (key,)
 
 
 @pytest.mark.parametrize(

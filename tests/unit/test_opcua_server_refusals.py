@@ -137,3 +137,14 @@ def test_counts_always_add_up_to_the_attempts(clock):
     bound = (elapsed / 60 + 1) * 3 * 8 + 3 * (elapsed / WINDOW + 2)
     assert len(records) <= bound < attempts / 10
     assert lim.flush_all() == []  # nothing pending, nothing counted twice
+
+
+def test_every_record_carries_the_status_of_its_limiter(clock):
+    lim = limiter(clock, status="BadTooManyOperations")
+    records = attempt(lim, "a/sp")
+    for i in range(30):
+        records += attempt(lim, f"a/p{i}")  # beyond the session's budget: a suppressed record
+    records += lim.flush_all()
+    assert any(r.suppressed for r in records)
+    assert {r.status for r in records} == {"BadTooManyOperations"}
+    assert {r.status for r in attempt(limiter(clock), "a/sp")} == {"BadUserAccessDenied"}

@@ -1,21 +1,40 @@
-"""Password hashing, logins against argon2 hashes, and the server certificate on disk."""
+"""Password hashing, logins against argon2 hashes (config and control.db users), and the
+server certificate on disk."""
 
 from __future__ import annotations
 
 import logging
 import stat
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from tests_support import FakeClock
 
-from gateway.errors import GatewayError
+from gateway.auth.rbac import Grant, Principal
+from gateway.control import AccountStore, ControlDB
+from gateway.errors import GatewayError, StoreError
 from gateway.opcua_server import users as users_module
 from gateway.opcua_server.config import OpcuaUser
 from gateway.opcua_server.server import GatewayUser, TwinUserManager, ensure_certificate
 from gateway.opcua_server.trust import ClientTrust
-from gateway.opcua_server.users import Account, UserStore, hash_password, is_argon2_hash
+from gateway.opcua_server.users import (
+    Account,
+    StoredLogin,
+    UserStore,
+    control_db_logins,
+    hash_password,
+    highest_role,
+    is_argon2_hash,
+)
 
 HASH = hash_password("s3cret")
+DB_PASSWORD = "correct horse"
+
+
+def who(account: Account | None) -> tuple[str, str] | None:
+    """(username, role) of a login, or None if refused."""
+    return None if account is None else (account.username, account.role)
 
 
 @pytest.fixture
@@ -59,8 +78,8 @@ def test_an_empty_password_cannot_be_hashed():
 
 
 def test_the_right_password_gives_the_users_role():
-    assert store().authenticate("op", "s3cret") == Account("op", "supervisor")
-    assert store().authenticate("viewer1", "look") == Account("viewer1", "viewer")
+    assert who(store().authenticate("op", "s3cret")) == ("op", "supervisor")
+    assert who(store().authenticate("viewer1", "look")) == ("viewer1", "viewer")
 
 
 @pytest.mark.parametrize(
@@ -78,20 +97,20 @@ def test_an_unknown_user_costs_a_verification_like_a_wrong_password(verification
 
 def test_anonymous_is_a_viewer_only_when_allowed():
     assert store().authenticate(None, None) is None
-    assert store(allow_anonymous=True).authenticate(None, None) == Account("anonymous", "viewer")
+    assert who(store(allow_anonymous=True).authenticate(None, None)) == ("anonymous", "viewer")
 
 
 def test_an_unsecured_channel_is_refused_unless_the_none_policy_is_offered():
     assert store().authenticate("op", "s3cret", secured=False) is None
     assert store(allow_anonymous=True).authenticate(None, None, secured=False) is None
     relaxed = store(allow_unsecured=True)
-    assert relaxed.authenticate("op", "s3cret", secured=False) == Account("op", "supervisor")
+    assert who(relaxed.authenticate("op", "s3cret", secured=False)) == ("op", "supervisor")
 
 
 def test_a_reconnect_with_the_same_password_skips_argon2(verifications):
     users = store()
     for _ in range(3):
-        assert users.authenticate("op", "s3cret") == Account("op", "supervisor")
+        assert who(users.authenticate("op", "s3cret")) == ("op", "supervisor")
     assert verifications == ["s3cret"]
     # A different password is checked again, and refused.
     assert users.authenticate("op", "other") is None
@@ -108,7 +127,7 @@ def test_guessing_one_account_does_not_lock_out_another(verifications):
     # op is rationed: three checks, the other three refused without argon2.
     assert verifications == ["guess0", "guess1", "guess2"]
     # Issue 13: four parallel guessers on one account made a real user's login fail.
-    assert users.authenticate("viewer1", "look", address=HERE) == Account("viewer1", "viewer")
+    assert who(users.authenticate("viewer1", "look", address=HERE)) == ("viewer1", "viewer")
 
 
 def test_an_address_that_keeps_guessing_is_throttled_for_every_account(verifications):
@@ -117,14 +136,14 @@ def test_an_address_that_keeps_guessing_is_throttled_for_every_account(verificat
         assert users.authenticate(name, guess, address=HERE) is None
     assert users.authenticate("viewer1", "look", address=HERE) is None  # not even checked
     assert verifications == ["a", "b", "c", "d"]
-    assert users.authenticate("viewer1", "look", address=THERE) == Account("viewer1", "viewer")
+    assert who(users.authenticate("viewer1", "look", address=THERE)) == ("viewer1", "viewer")
 
 
 def test_the_owner_of_an_account_under_attack_still_logs_in_from_a_clean_address(verifications):
     users = store(max_failures_per_user=3, max_failures_per_address=10, clock=FakeClock())
     for i in range(5):
         users.authenticate("op", f"guess{i}", address=HERE)
-    assert users.authenticate("op", "s3cret", address=THERE) == Account("op", "supervisor")
+    assert who(users.authenticate("op", "s3cret", address=THERE)) == ("op", "supervisor")
     # A clean address gets one try while the account is rationed; a second guesser there
     # gets no more than that one.
     third = "10.0.0.77"
@@ -153,9 +172,9 @@ def test_throttles_clear_after_the_window_and_remembered_logins_skip_them(verifi
     assert any("'op'" in line for line in throttled)
     assert any(f"throttled for {HERE}" in line for line in throttled)
     # A credential that verified before still works at once: a SCADA reconnect is not locked out.
-    assert users.authenticate("op", "s3cret", address=HERE) == Account("op", "supervisor")
+    assert who(users.authenticate("op", "s3cret", address=HERE)) == ("op", "supervisor")
     clock.advance(10.5)
-    assert users.authenticate("viewer1", "look", address=HERE) == Account("viewer1", "viewer")
+    assert who(users.authenticate("viewer1", "look", address=HERE)) == ("viewer1", "viewer")
 
 
 def test_the_user_manager_hands_asyncua_a_non_admin_user_with_the_role(tmp_path):
@@ -184,6 +203,216 @@ def test_the_user_manager_refuses_an_untrusted_certificate_before_the_password(
         manager.get_user(None, username="op", password="s3cret", certificate=der)
     assert refused.value.code == ua.StatusCodes.BadCertificateUntrusted
     assert verifications == []  # an untrusted client costs no argon2
+
+
+# -- principals ------------------------------------------------------------------------------------
+
+
+def test_a_config_user_is_a_principal_with_one_site_wide_grant_of_its_role():
+    account = store().authenticate("op", "s3cret")
+    assert account is not None and account.source == "config"
+    assert account.principal == Principal(
+        name="op", kind="user", grants=(Grant(role="supervisor", assets=("*",)),)
+    )
+    anonymous = store(allow_anonymous=True).authenticate(None, None)
+    assert anonymous is not None and anonymous.principal is None
+
+
+@pytest.mark.parametrize(
+    ("roles", "highest"),
+    [
+        (["viewer"], "viewer"),
+        (["viewer", "agent"], "agent"),
+        (["supervisor", "agent", "viewer"], "supervisor"),
+        (["supervisor", "executor"], "executor"),
+        (["admin", "viewer"], "admin"),
+        ([], None),
+    ],
+)
+def test_the_highest_role_follows_the_documented_order(roles, highest):
+    assert highest_role(Grant(role=r) for r in roles) == highest
+
+
+# -- control.db users ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def accounts(tmp_path: Path) -> Iterator[AccountStore]:
+    """A real control.db with three users: a scoped agent, a supervisor, and a disabled one."""
+    with ControlDB(tmp_path / "control.db") as db:
+        store = AccountStore(db)
+        store.add_user(
+            "ana", DB_PASSWORD, [Grant(role="viewer"), Grant(role="agent", assets=("line1/*",))]
+        )
+        store.add_user("sam", DB_PASSWORD, [Grant(role="supervisor", assets=("utilities/*",))])
+        store.add_user("gone", DB_PASSWORD, [Grant(role="executor")])
+        store.disable_user("gone")
+        yield store
+
+
+@pytest.fixture
+def lookups(accounts: AccountStore) -> list[str]:
+    """The names looked up in control.db, in order."""
+    return []
+
+
+def db_store(accounts: AccountStore, lookups: list[str], **kw) -> UserStore:
+    real = control_db_logins(accounts)
+
+    def counting(name: str) -> StoredLogin | None:
+        lookups.append(name)
+        return real(name)
+
+    made = store(accounts=counting, **kw)
+    # Made with a look for each config user (a name in both is warned about): not counted.
+    assert lookups == ["op", "viewer1"]
+    lookups.clear()
+    return made
+
+
+def test_login_record_gives_the_hash_and_principal_of_a_user_and_nothing_for_others(accounts):
+    record = accounts.login_record("ana")
+    assert record is not None
+    password_hash, principal = record
+    assert is_argon2_hash(password_hash)
+    assert principal == accounts.get_user("ana").principal()
+    gone = accounts.login_record("gone")
+    assert gone is not None and gone[1].disabled
+    for name in ("nobody", "", "x" * 65, "ana; DROP TABLE users", "../ana", None, 42):
+        assert accounts.login_record(name) is None
+
+
+def test_a_control_db_user_logs_in_with_its_grants_and_highest_role(accounts, lookups):
+    users = db_store(accounts, lookups)
+    account = users.authenticate("ana", DB_PASSWORD, address="10.0.0.5")
+    assert who(account) == ("ana", "agent")
+    assert account is not None and account.source == "control.db"
+    assert account.principal == accounts.get_user("ana").principal()
+    assert account.principal is not None and account.principal.grants[1].assets == ("line1/*",)
+    assert who(users.authenticate("sam", DB_PASSWORD)) == ("sam", "supervisor")
+
+
+def test_a_wrong_password_or_a_disabled_control_db_user_is_refused(
+    accounts, lookups, verifications, caplog
+):
+    users = db_store(accounts, lookups, clock=FakeClock())
+    assert users.authenticate("ana", "wrong horse", address="10.0.0.5") is None
+    with caplog.at_level(logging.WARNING, logger="gateway.opcua_server.users"):
+        for _ in range(3):  # a SCADA reconnecting with a disabled account
+            assert users.authenticate("gone", DB_PASSWORD, address="10.0.0.6") is None
+    lines = [r.getMessage() for r in caplog.records if "disabled" in r.getMessage()]
+    assert len(lines) == 1 and "'gone'" in lines[0]
+    # The right password of a disabled account is not a failure of its address, which may
+    # serve other users (one SCADA host, many accounts).
+    assert users._by_address.get("10.0.0.6") is None
+    assert who(users.authenticate("sam", DB_PASSWORD, address="10.0.0.6")) == ("sam", "supervisor")
+
+
+def test_an_unknown_or_hostile_name_costs_a_verification_and_no_odd_lookup(
+    accounts, lookups, verifications
+):
+    users = db_store(accounts, lookups)
+    hostile = ["nobody", "x" * 100_000, "ana' OR '1'='1", "ana\x00", "../../etc/passwd", "ÄNA"]
+    for name in hostile:
+        assert users.authenticate(name, "guess") is None
+    assert len(verifications) == len(hostile)  # like a wrong password: the time tells nothing
+    assert lookups == ["nobody"]  # only a well-formed name reaches control.db
+
+
+def test_a_remembered_control_db_login_still_sees_a_disable_or_a_new_password(
+    accounts, lookups, verifications
+):
+    users = db_store(accounts, lookups)
+    assert who(users.authenticate("sam", DB_PASSWORD)) == ("sam", "supervisor")
+    assert who(users.authenticate("sam", DB_PASSWORD)) == ("sam", "supervisor")
+    assert verifications == [DB_PASSWORD]  # the reconnect skipped argon2, not the lookup
+    assert lookups == ["sam", "sam"]
+
+    accounts.set_password("sam", "a new password")
+    assert users.authenticate("sam", DB_PASSWORD) is None  # checked again, and refused
+    assert who(users.authenticate("sam", "a new password")) == ("sam", "supervisor")
+    accounts.disable_user("sam")
+    assert users.authenticate("sam", "a new password") is None
+
+
+def test_a_name_in_the_config_and_control_db_logs_in_as_configured_with_a_warning(tmp_path, caplog):
+    with ControlDB(tmp_path / "control.db") as db:
+        accounts = AccountStore(db)
+        accounts.add_user("op", DB_PASSWORD, [Grant(role="admin")])
+        with caplog.at_level(logging.WARNING, logger="gateway.opcua_server.users"):
+            users = store(accounts=control_db_logins(accounts))
+        (line,) = [r.getMessage() for r in caplog.records if "both" in r.getMessage()]
+        assert "'op'" in line and "opcua_server.users" in line and "control.db" in line
+        assert who(users.authenticate("op", "s3cret")) == ("op", "supervisor")
+        assert users.authenticate("op", DB_PASSWORD) is None
+
+
+def test_control_db_failing_refuses_its_users_without_blaming_the_client(accounts, caplog):
+    def broken(name: str) -> StoredLogin | None:
+        raise StoreError("control.db: disk I/O error")
+
+    users = store(accounts=broken, max_failures_per_address=1)
+    with caplog.at_level(logging.ERROR, logger="gateway.opcua_server.users"):
+        for _ in range(5):
+            assert users.authenticate("ana", DB_PASSWORD, address="10.0.0.5") is None
+    lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(lines) == 1 and "disk I/O error" in lines[0]
+    # Not counted against the address: config users from it still log in.
+    assert who(users.authenticate("op", "s3cret", address="10.0.0.5")) == ("op", "supervisor")
+
+
+def test_the_current_principal_follows_control_db_through_a_long_session(accounts, lookups):
+    users = db_store(accounts, lookups)
+    account = users.authenticate("sam", DB_PASSWORD)
+    assert account is not None and account.principal is not None
+    assert users.current_principal(account) == account.principal
+    accounts.disable_user("sam")
+    now = users.current_principal(account)
+    assert now is not None and now.disabled and now.grants == account.principal.grants
+    config = users.authenticate("op", "s3cret")
+    assert config is not None and users.current_principal(config) is config.principal
+    assert users.current_principal(Account("anonymous", "viewer")) is None
+
+
+def test_the_current_principal_of_a_vanished_or_unreadable_user_is_disabled(accounts):
+    rows: dict[str, StoredLogin | None] = {"ana": control_db_logins(accounts)("ana")}
+    users = store(accounts=lambda name: rows.get(name))
+    account = users.authenticate("ana", DB_PASSWORD)
+    assert account is not None
+    del rows["ana"]
+    gone = users.current_principal(account)
+    assert gone is not None and gone.disabled and gone.name == "ana"
+
+    def broken(name: str) -> StoredLogin | None:
+        raise StoreError("control.db is closed")
+
+    users.accounts = broken
+    unreadable = users.current_principal(account)
+    assert unreadable is not None and unreadable.disabled
+
+
+def test_the_user_manager_hands_asyncua_the_control_db_principal(accounts, tmp_path):
+    manager = TwinUserManager(
+        store(accounts=control_db_logins(accounts)), ClientTrust(tmp_path, trust_all=True)
+    )
+    user = manager.get_user(None, username="ana", password=DB_PASSWORD, certificate=b"cert")
+    assert isinstance(user, GatewayUser)
+    assert (user.name, user.gateway_role) == ("ana", "agent")
+    assert user.principal == accounts.get_user("ana").principal()
+    assert manager.get_user(None, username="gone", password=DB_PASSWORD, certificate=b"c") is None
+
+
+def test_a_server_nobody_could_log_in_to_is_refused_at_construction(tmp_path):
+    from gateway.opcua_server.config import OpcuaServerConfig
+    from gateway.opcua_server.server import TwinOpcuaServer
+    from gateway.twin.store import TwinStore
+
+    config = OpcuaServerConfig(enabled=True)
+    twin = TwinStore(tmp_path / "twin.db", [])
+    with pytest.raises(GatewayError, match="nobody could log in"):
+        TwinOpcuaServer(config, twin, {}, pki_dir=tmp_path)
+    # With control.db's users it may start: they are looked up as they log in.
+    TwinOpcuaServer(config, twin, {}, pki_dir=tmp_path, accounts=lambda name: None)
 
 
 # -- certificate ----------------------------------------------------------------------------------
