@@ -104,12 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     hashpw.set_defaults(handler=cmd_hash_password)
 
+    from gateway.proposal_cli import add_proposal_commands
     from gateway.sim.cli import add_sim_commands
     from gateway.twin_cli import add_twin_commands
 
     add_twin_commands(sub)
     add_sim_commands(sub)
     _add_control_commands(sub)
+    add_proposal_commands(sub)
     return parser
 
 

@@ -1,11 +1,13 @@
-"""The gateway's HTTP listener: health, twin snapshot reads, history and aggregates.
+"""The gateway's HTTP listener: health, twin snapshot reads, history and aggregates, proposals.
 
 /health answers 200 while the process runs; `status` is `degraded`, with one sentence per cause
 in `reasons`, when a device is not connected, a connected device has every point BAD, or the
 twin store cannot commit or has met corruption. Reads that need the database (history,
 aggregates) answer 503 with a JSON error when it fails; values in memory (/twin) keep working.
 
-Later work adds the rest of the AIW protocol (DESIGN §5) on the same app.
+Setpoint changes are proposed, listed, approved, rejected and rolled back under `/proposals`,
+with authentication and RBAC (gateway/http_proposals.py). Later work adds the rest of the AIW
+protocol (DESIGN §5) on the same app.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from aiohttp import web
 from gateway import __version__
 from gateway.app import Gateway
 from gateway.errors import StoreError, UnknownPointError
+from gateway.http_proposals import add_proposal_routes
 from gateway.ratelog import RateLimitedLog
 from gateway.twin.model import PointValue, Quality
 
@@ -48,6 +51,7 @@ def create_app(gateway: Gateway) -> web.Application:
     app.router.add_get("/twin/{point_id:.+}", twin_point)
     app.router.add_get("/telemetry/query", telemetry_query)
     app.router.add_get("/telemetry/aggregate", telemetry_aggregate)
+    add_proposal_routes(app, GATEWAY)
     return app
 
 

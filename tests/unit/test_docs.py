@@ -22,7 +22,7 @@ def section(title: str) -> str:
 def test_every_cli_command_is_documented():
     parser = build_parser()
     commands = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
-    documented = section("Commands")
+    documented = section("Commands") + section("Proposing and approving changes")
     assert commands.choices is not None
     for name in commands.choices:
         assert f"`opstwin {name}" in documented, f"`opstwin {name}` missing from README Commands"
@@ -58,11 +58,17 @@ def test_every_http_route_is_documented(tmp_path):
     from gateway.http import create_app
 
     app = create_app(object())  # type: ignore[arg-type]  # routes only; nothing is served
-    routes = {resource.canonical for resource in app.router.resources()}
-    documented = section("HTTP endpoints")
-    for route in routes:
-        shown = route.replace("{point_id}", "{point}")
-        assert f"`GET {shown}" in documented, f"{route} missing from README HTTP endpoints"
+    routes = {
+        (route.method, resource.canonical)
+        for resource in app.router.resources()
+        for route in resource
+        if route.method != "HEAD"
+    }
+    assert ("POST", "/proposals") in routes  # the check sees every method
+    documented = section("HTTP endpoints") + section("Proposing and approving changes")
+    for method, path in routes:
+        shown = path.replace("{point_id}", "{point}")
+        assert f"`{method} {shown}" in documented, f"{method} {path} missing from README"
 
 
 def test_ci_runs_the_readme_test_command():
