@@ -10,7 +10,7 @@ import asyncio
 import importlib.util
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -107,3 +107,43 @@ def stored_revs(conn: Any) -> list[int]:
         [row[0] for row in stored_telemetry(conn)]
         + [rev for (rev,) in conn.execute("SELECT rev FROM events")]
     )
+
+
+def write_policy(
+    folder: Path, source: Path, changes: Mapping[str, Any], *, policy_id: str | None = None
+) -> Path:
+    """Copy the policy file `source` into `folder` with `changes` made, and return the copy.
+
+    `changes` maps dotted key paths (`trigger.for_s`, `simulation.model.gain`) to new values;
+    None deletes the key; `policy_id` renames it (the file is named after the id). The copy is
+    parsed (gateway.policy.load, without a site config), so a test that breaks its policy fails
+    here, naming the key, not later as a gateway that refuses to start.
+    """
+    import yaml
+
+    from gateway.policy.load import parse_policy
+
+    data = yaml.safe_load(source.read_text(encoding="utf-8"))
+    if policy_id is not None:
+        data["id"] = policy_id
+    for dotted, value in changes.items():
+        *parents, key = dotted.split(".")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+        if value is None:
+            node.pop(key, None)
+        else:
+            node[key] = value
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{data['id']}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    parse_policy(path.read_text(encoding="utf-8"), source=str(path))
+    return path
+
+
+async def logged_events(store: Any, *types: str) -> list[Any]:
+    """The events of the given types (all, if none) a TwinStore has committed, oldest first."""
+    await store.aflush()
+    events = await asyncio.to_thread(store.events_since, 0, 1_000_000)
+    return [e for e in events if not types or e.type in types]

@@ -19,13 +19,19 @@ faults (DEVICE:FAULT[:ARGS][@DELAY_S]):
   stop / start                     stop the server (port closed) / serve again on the same port
   restart[:DOWNTIME_S]             stop the server and start it again on the same port
   exception:CODE[,TABLE[,ADDR|LO-HI]...]   answer matching requests with a Modbus exception
+  ignore_writes:ABOVE[,TABLE[,ADDR|LO-HI]...]  acknowledge writes of raw values > ABOVE, keep old
   bad_status:SIGNAL,STATUS[,on|off]        serve an OPC UA status (BadSensorFailure, 0x808C0000)
   freeze:SIGNAL[,on|off]           hold a signal at its current value
   spike:SIGNAL,DELTA,DURATION_S    add DELTA to a signal for a while
   noise:SIGNAL,SIGMA               extra Gaussian noise (0 turns it off)
   slow:SECONDS                     delay every response
   garbage[:on|off]                 answer with malformed frames
-  clear                            remove every fault (and start a stopped server)"""
+  clear                            remove every fault (and start a stopped server)
+  ambient:OFFSET_C                 oven only: the hall warms (cools) by OFFSET_C °C from its usual
+                                   22 °C: the physics, not the reading (0 puts it back)"""
+
+# A hall 40 °C warmer or colder than usual is no hall; beyond it the oven's physics says little.
+AMBIENT_OFFSET_MAX_C = 40.0
 
 _ON = {
     "on": True,
@@ -90,8 +96,12 @@ async def apply_fault(command: FaultCommand, devices: Mapping[str, Device]) -> s
                 await f.start()
             case "exception":
                 _exception(device, a, t)
+            case "ignore_writes":
+                _ignore_writes(device, a, t)
             case "bad_status":
                 _bad_status(device, a, t)
+            case "ambient":
+                _ambient(device, a, t)
             case "freeze":
                 f.freeze(_arg(a, 0, t, "SIGNAL"), _flag(a[1:], t))
             case "spike":
@@ -124,13 +134,40 @@ def _exception(device: Device, args: tuple[str, ...], text: str) -> None:
     if exception is None:
         raise FaultSpecError(f"{text!r}: {device.name} has no Modbus exception fault")
     code = int(_number(_arg(args, 0, text, "CODE"), text, "code"))
-    table = args[1] if len(args) > 1 and args[1] else None
+    exception(code, *_where(args[1:], text))
+
+
+def _ignore_writes(device: Device, args: tuple[str, ...], text: str) -> None:
+    ignore_writes = getattr(device.faults, "ignore_writes", None)
+    if ignore_writes is None:
+        raise FaultSpecError(f"{text!r}: {device.name} has no Modbus ignore_writes fault")
+    above = _number(_arg(args, 0, text, "ABOVE"), text, "above")
+    if not above.is_integer():
+        raise FaultSpecError(f"{text!r}: above {args[0]!r} is not a whole raw value")
+    ignore_writes(int(above), *_where(args[1:], text))
+
+
+def _where(args: tuple[str, ...], text: str) -> tuple[str | None, list[int] | None]:
+    """`TABLE[,ADDR|LO-HI]...` of a Modbus rule: None for every table, every address."""
+    table = args[0] if args and args[0] else None
     addresses: list[int] | None = None
-    for item in args[2:]:
+    for item in args[1:]:
         lo, _, hi = item.partition("-")
         first, last = int(_number(lo, text, "address")), int(_number(hi or lo, text, "address"))
         addresses = [*(addresses or []), *range(first, last + 1)]
-    exception(code, table, addresses)
+    return table, addresses
+
+
+def _ambient(device: Device, args: tuple[str, ...], text: str) -> None:
+    # Not a fault of the device: the plant's surroundings change (the demo warms the hall so
+    # that the open-loop oven drifts, and the policy engine has something to correct).
+    model = device.model
+    if not hasattr(model, "ambient_offset_c"):
+        raise FaultSpecError(f"{text!r}: {device.name} has no ambient to move (the oven has)")
+    offset = _number(_arg(args, 0, text, "OFFSET_C"), text, "offset")
+    if not -AMBIENT_OFFSET_MAX_C <= offset <= AMBIENT_OFFSET_MAX_C:  # also refuses NaN
+        raise FaultSpecError(f"{text!r}: offset {offset:g} °C outside ±{AMBIENT_OFFSET_MAX_C:g} °C")
+    model.ambient_offset_c = offset
 
 
 def _bad_status(device: Device, args: tuple[str, ...], text: str) -> None:

@@ -3,7 +3,7 @@
 Signal faults (freeze, spike, noise) change what a device *reports*, never the physics behind
 it: a stuck transmitter does not stop the water. Link faults (refuse, slow, garbage, drop,
 stop/start, restart) act on the device's server. Protocol-specific faults live in subclasses:
-`ModbusFaults.exception`, `OpcuaFaults.bad_status`.
+`ModbusFaults.exception` and `ModbusFaults.ignore_writes`, `OpcuaFaults.bad_status`.
 """
 
 from __future__ import annotations
@@ -219,8 +219,16 @@ class _ExceptionRule:
     addresses: frozenset[int] | None
 
 
+@dataclass(frozen=True)
+class _IgnoreRule:
+    above: int
+    table: str | None
+    addresses: frozenset[int] | None
+
+
 class ModbusFaults(Faults):
-    """Faults of a Modbus device: the common switches plus exception responses."""
+    """Faults of a Modbus device: the common switches plus exception responses and ignored
+    writes."""
 
     def exception(
         self, code: int, table: str | None = None, addresses: Iterable[int] | None = None
@@ -248,18 +256,53 @@ class ModbusFaults(Faults):
                 return rule.code
         return None
 
+    def ignore_writes(
+        self, above: int = -1, table: str | None = None, addresses: Iterable[int] | None = None
+    ) -> None:
+        """Acknowledge writes of a raw value above `above` to `table`/`addresses`, and keep the
+        old value: the device answers as if it wrote, and reading back shows what it held.
+
+        A raw value is the register word (0..65535) or, for a coil, 1 or 0; the default -1
+        ignores every write. A request is ignored whole when any value it writes to a matching
+        address is above. No `table` means every table; no `addresses` every address. Rules add
+        up; `clear()` removes them. Some controllers do this with a setpoint beyond what they
+        accept (issue 16: one silently ignored values > 1000).
+        """
+        if isinstance(above, bool) or not isinstance(above, int) or not -1 <= above <= 0xFFFF:
+            raise ValueError(f"ignore_writes: above {above!r} is not a whole number in -1..65535")
+        if table is not None and table not in TABLES:
+            raise ValueError(f"ignore_writes: table {table!r}; use one of {', '.join(TABLES)}")
+        chosen = frozenset(addresses) if addresses is not None else None
+        self._ignored.append(_IgnoreRule(above, table, chosen))
+
+    def ignores(self, table: str, address: int, values: Iterable[int | bool]) -> bool:
+        """Whether a write of `values` from `address` is to be acknowledged and not applied."""
+        for rule in self._ignored:
+            if rule.table is not None and rule.table != table:
+                continue
+            for a, raw in enumerate(values, start=address):
+                if (rule.addresses is None or a in rule.addresses) and int(raw) > rule.above:
+                    return True
+        return False
+
     def active(self) -> dict[str, object]:
-        """Describe the faults that are on, exception rules included."""
+        """Describe the faults that are on, exception and ignored-write rules included."""
         out = super().active()
         if self._rules:
             out["exception"] = [
                 (r.code, r.table, sorted(r.addresses) if r.addresses else None) for r in self._rules
+            ]
+        if self._ignored:
+            out["ignore_writes"] = [
+                (r.above, r.table, sorted(r.addresses) if r.addresses else None)
+                for r in self._ignored
             ]
         return out
 
     def _reset(self) -> None:
         super()._reset()
         self._rules: list[_ExceptionRule] = []
+        self._ignored: list[_IgnoreRule] = []
 
 
 class OpcuaFaults(Faults):

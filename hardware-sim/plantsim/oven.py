@@ -63,6 +63,7 @@ class OvenModel:
         self.batch_count = self._rng.randint(1000, 5000)
         self._day_phase = self._rng.uniform(0.0, 2.0 * math.pi)
         self._ambient_dev_c = 0.0
+        self._ambient_offset_c = 0.0
         self.ambient_c = self._ambient()
         self._cure_s = 0.0
         # (time from which it applies, heater power %): the dead time reads this history.
@@ -82,6 +83,21 @@ class OvenModel:
             raise ValueError(f"oven: heater setpoint {value} °C outside 0..{top:g} °C")
         self._setpoint_c = float(value)
         self._record()
+
+    @property
+    def ambient_offset_c(self) -> float:
+        """How far the ambient's centre has moved from `params.ambient_c`, °C (default 0)."""
+        return self._ambient_offset_c
+
+    @ambient_offset_c.setter
+    def ambient_offset_c(self, value: float) -> None:
+        # The hall warming up (summer, a door shut): the ambient moves at once, while the heater
+        # curve stays calibrated at `params.ambient_c`, so the open-loop oven drifts with it.
+        # 0 keeps every value bit-identical to an oven that never had it set.
+        if not math.isfinite(value):
+            raise ValueError(f"oven: ambient offset {value} °C is not a finite number")
+        self._ambient_offset_c = float(value)
+        self.ambient_c = self._ambient()
 
     @property
     def heater_power_pct(self) -> float:
@@ -181,7 +197,8 @@ class OvenModel:
     def _ambient(self) -> float:
         p = self.params
         cycle = math.sin(2.0 * math.pi * self.time_s / p.ambient_day_s + self._day_phase)
-        return p.ambient_c + p.ambient_day_amplitude_c * cycle + self._ambient_dev_c
+        centre = p.ambient_c + self._ambient_offset_c
+        return centre + p.ambient_day_amplitude_c * cycle + self._ambient_dev_c
 
     def _command(self) -> float:
         p = self.params

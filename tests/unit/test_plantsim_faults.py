@@ -170,6 +170,7 @@ def test_readme_lists_every_fault_switch():
         "start",
         "restart",
         "exception",
+        "ignore_writes",
         "bad_status",
         "shutdown_notice",
         "freeze",

@@ -138,6 +138,31 @@ def test_ambient_wanders_within_bounds_and_the_oven_follows_it():
     assert max(gaps) - min(gaps) < 6.0
 
 
+def test_a_warmer_hall_moves_the_oven_by_as_much_and_leaves_the_heater_curve_alone():
+    oven, same = OvenModel(seed=2, params=QUIET), OvenModel(seed=2, params=QUIET)
+    before = oven.steady_state_c()
+    power = oven.heater_power_pct
+    oven.ambient_offset_c = 12.0
+    assert oven.ambient_c == pytest.approx(same.ambient_c + 12.0), "at once"
+    oven.step(0.1)
+    same.step(0.1)
+    assert oven.ambient_c == pytest.approx(same.ambient_c + 12.0)
+    # Open loop: the power the curve commands is the same, so the oven drifts with the hall.
+    assert oven.heater_power_pct == power
+    assert oven.steady_state_c() == pytest.approx(before + 12.0)
+    oven.step(20 * 120.0)
+    assert oven.temperature_c == pytest.approx(oven.steady_state_c(), abs=0.01)  # wear creeps
+    assert oven.temperature_c > 190.0, "a 180 °C cure leaves its 170..190 °C band"
+
+
+@pytest.mark.parametrize("offset", [math.nan, math.inf, -math.inf])
+def test_an_ambient_offset_that_is_no_number_is_refused(offset):
+    oven = OvenModel(seed=2)
+    with pytest.raises(ValueError, match="not a finite number"):
+        oven.ambient_offset_c = offset
+    assert oven.ambient_offset_c == 0.0 and math.isfinite(oven.ambient_c)
+
+
 def test_measurement_noise_is_seeded_and_small():
     oven = OvenModel(seed=5)
     errors = []

@@ -2,9 +2,9 @@
 
 Our own rather than pymodbus's server so that every fault is a plain line of code here: refusing
 and dropping connections, restarting on the same port, exception responses chosen per address,
-slow and malformed responses. It also means the gateway's pymodbus driver is checked against an
-independent implementation of the protocol. One request is handled at a time per connection, in
-order, as a device's Modbus task does.
+writes acknowledged and ignored, slow and malformed responses. It also means the gateway's
+pymodbus driver is checked against an independent implementation of the protocol. One request
+is handled at a time per connection, in order, as a device's Modbus task does.
 """
 
 from __future__ import annotations
@@ -119,6 +119,13 @@ class ModbusServer:
             code = self.faults.exception_for(request.table, request.address, request.count)
             if code is not None:
                 raise ModbusError(code, "injected")
+            if request.values and self.faults.ignores(
+                request.table, request.address, request.values
+            ):
+                log.debug(
+                    "%s: ignoring a write to %s:%d", self.name, request.table, request.address
+                )
+                return execute(request, _KeepsOldValues(self.store))
             return execute(request, self.store)
         except ModbusError as exc:
             log.debug("%s: exception %d: %s", self.name, exc.code, exc)
@@ -135,6 +142,21 @@ class ModbusServer:
         for i in range(1, len(body)):
             body[i] ^= self._rng.randrange(1, 256)
         return bytes(frame[:head]) + bytes(body)
+
+
+class _KeepsOldValues:
+    """A store that reads through and ignores writes: the `ignore_writes` fault."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def read(self, table: str, address: int, count: int) -> list[int] | list[bool]:
+        return self.store.read(table, address, count)
+
+    def write(self, table: str, address: int, values: list[int] | list[bool]) -> None:
+        # An address the device does not have is still exception 2; the rest is acknowledged
+        # by `execute` with the usual echo, and nothing changes.
+        self.store.read(table, address, len(values))
 
 
 class _Connection(asyncio.Protocol):
