@@ -13,6 +13,7 @@ from drivers.base import Driver
 from drivers.contract import ConnectionState
 from drivers.errors import DriverError
 from drivers.limits import limit_violation
+from gateway.auth.rbac import Principal
 from gateway.config import SiteConfig
 from gateway.control.db import ControlDB, control_db_path
 from gateway.control.users import AccountStore
@@ -20,9 +21,12 @@ from gateway.devices import build_drivers, point_defs
 from gateway.errors import DeviceError, GatewayError, UnknownPointError
 from gateway.lifecycle import Lifecycle, ShutdownError, wait_or_cancel
 from gateway.opcua_server import TwinOpcuaServer
+from gateway.opcua_server.proposals import ClientWrite, WriteAnswer
 from gateway.opcua_server.refusals import WriteRefusal
+from gateway.opcua_server.users import control_db_logins
 from gateway.policy.engine import PolicyEngine
 from gateway.policy.load import PolicySet, load_policies
+from gateway.policy.watch import AnomalyWatch
 from gateway.twin.model import PointDef
 from gateway.twin.store import TwinStore
 
@@ -49,6 +53,10 @@ class Gateway:
             event_log_max_mb=config.storage.event_log_max_mb,
         )
         self.drivers: dict[str, Driver] = build_drivers(config)
+        # None without rules; the policy engine sets its `on_anomalies`.
+        self.anomaly_watch: AnomalyWatch | None = AnomalyWatch.from_config(
+            self.store, config.anomalies, self.points.values()
+        )
         # Refused here, before anything starts: an invalid policy set never half-runs.
         self.policy_set: PolicySet = _policies(config)
         self.control: ControlDB | None = None
@@ -62,6 +70,9 @@ class Gateway:
                 self.points,
                 pki_dir=config.storage.pki_path,
                 on_write=self._on_opcua_write,
+                on_propose=self._on_client_write,
+                # control.db's users log in too; it opens at start, before the server.
+                accounts=control_db_logins(self),
             )
         self.started_at: float | None = None
         self._life: Lifecycle | None = None
@@ -76,6 +87,7 @@ class Gateway:
             await self._start_store(life)
             await self._start_control(life)
             await self._start_drivers(life)
+            self._start_anomaly_watch(life)
             await self._start_engine(life)
             life.task(self._prune_periodically(), "twin:prune")
             await self._start_opcua_server(life)
@@ -126,6 +138,8 @@ class Gateway:
             history=self._usable_history,
         )
         await engine.start(life)
+        if self.anomaly_watch is not None:
+            self.anomaly_watch.on_anomalies = engine.on_anomalies
 
     def _usable_history(self, point_id: str, start: float, end: float) -> list[tuple[float, float]]:
         """A point's GOOD and UNCERTAIN numeric history, for a fitted model (blocking)."""
@@ -151,6 +165,10 @@ class Gateway:
         life.on_stop("drivers", self._close_drivers)
         for driver in self.drivers.values():
             await driver.start()
+
+    def _start_anomaly_watch(self, life: Lifecycle) -> None:
+        if self.anomaly_watch is not None:
+            self.anomaly_watch.start(life)
 
     async def _start_opcua_server(self, life: Lifecycle) -> None:
         if self.opcua_server is None:
@@ -212,10 +230,26 @@ class Gateway:
                 "DeviceStateChanged", {"device": name, "state": state.value, "reason": reason}
             )
 
+    def login_record(self, name: str) -> tuple[str, Principal] | None:
+        """A control.db user's password hash and Principal, for the OPC UA server's logins."""
+        if self.accounts is None:
+            return None  # not started: only the config's users
+        return self.accounts.login_record(name)
+
+    async def _on_client_write(self, write: ClientWrite) -> WriteAnswer:
+        """An OPC UA client's write to a writable point: a proposal through the gate."""
+        if self.engine is None:
+            return WriteAnswer("BadResourceUnavailable", "the policy engine is not running")
+        status, text, proposal_id = await self.engine.on_client_write(
+            write.principal, write.user, write.client, write.point_id, write.value
+        )
+        return WriteAnswer(status, text, proposal_id)
+
     def _on_opcua_write(self, refusal: WriteRefusal) -> None:
-        # Until the policy engine exists, a SCADA write is refused; the attempt is on record.
-        # The server coalesces and caps these (one event may stand for many attempts: `count`),
-        # so a client looping over writes cannot flood the event log (issue 13).
+        # A write the server refused before it reached the engine (a viewer, a read-only point,
+        # too many in flight); the attempt is on record. The server coalesces and caps these
+        # (one event may stand for many attempts: `count`), so a client looping over writes
+        # cannot flood the event log (issue 13).
         data: dict[str, Any] = {
             "source": "opcua",
             "user": refusal.user,
@@ -226,7 +260,7 @@ class Gateway:
             "last_ts": refusal.last_ts,
             "sessions": list(refusal.sessions),
             "clients": list(refusal.clients),
-            "reason": "writes from OPC UA clients go through the policy engine (not yet built)",
+            "status": refusal.status,
         }
         if refusal.suppressed:
             data.update(suppressed=True, points=refusal.points)

@@ -25,6 +25,7 @@ from pydantic import (
 from drivers.modbus.options import ModbusOptions
 from drivers.opcua.options import OpcuaOptions
 from gateway.opcua_server.config import OpcuaServerConfig
+from gateway.policy.anomaly import AnomalyConfig
 
 DataType = Literal[
     "bool",
@@ -272,11 +273,12 @@ class HttpConfig(_Strict):
 class PoliciesConfig(_Strict):
     """Where the policy engine finds its policies."""
 
-    dir: FilePath = Field(
-        Path("policies"),
-        description="Folder of policy files (`*.yaml`, one policy each); a relative path is "
-        "relative to the config file. Not acted on yet: the engine that runs them is being "
-        "built (issue 16).",
+    dir: FilePath | None = Field(
+        None,
+        description="Folder of policy files (`*.yaml`, one policy each; the project ships "
+        "examples in `policies/`); a relative path is relative to the config file. Loaded and "
+        "checked against the points at start: one invalid file refuses the whole set. None: "
+        "no policies (people and agents can still propose changes).",
     )
 
 
@@ -296,6 +298,14 @@ class SiteConfig(_Strict):
     )
     policies: PoliciesConfig = Field(
         default_factory=PoliciesConfig, description="Policy files (see `policies/`)."
+    )
+    anomalies: AnomalyConfig = Field(
+        default_factory=AnomalyConfig,
+        description="Anomaly detectors per point: `rules`, applied in order, each "
+        "`{points: [globs], detectors: [{kind, ...}], off: [kinds]}`; kinds `zscore`, `ewma`, "
+        "`rate_of_change`, `flatline`, `out_of_range`, `stale`. Each firing is an "
+        "`AnomalyDetected` event (kind, score 0..1, features) and a log line. Every glob must "
+        "match a declared point. Default: no detectors.",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Log verbosity."

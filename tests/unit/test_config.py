@@ -365,3 +365,263 @@ def test_check_and_run_refuse_a_broken_config_without_starting(tmp_path, capsys)
     assert main(["run", "--config", str(path)]) == 2
     assert "devices[2].points[5].address" in capsys.readouterr().err
     assert not (tmp_path / "twin.db").exists(), "nothing may start on a bad config"
+
+
+# -- anomaly detectors (`anomalies:`) ------------------------------------------------------------
+
+ANOMALIES: dict[str, Any] = {
+    "rules": [
+        {
+            "points": ["area/line/*/p?"],
+            "detectors": [{"kind": "stale", "max_age_s": 30}],
+        },
+        {
+            "points": ["line1/oven1/temperature"],
+            "detectors": [
+                {"kind": "out_of_range", "lo": 150, "hi": 215},
+                {"kind": "rate_of_change", "max_rate": 5},
+            ],
+        },
+        {"points": ["area/line/dev2/**"], "off": ["stale"]},
+    ]
+}
+
+
+def with_anomalies(rules: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    data = copy.deepcopy(GOOD)
+    data["anomalies"] = copy.deepcopy(ANOMALIES) if rules is None else {"rules": rules}
+    return data
+
+
+def test_anomaly_rules_load_and_give_each_point_its_detectors(tmp_path):
+    from gateway.devices import point_defs
+    from gateway.policy.anomaly import resolve
+
+    config = load_config(write(tmp_path, with_anomalies()))
+    chosen = {
+        pid: [s.kind for s in specs]
+        for pid, specs in resolve(config.anomalies, point_defs(config)).items()
+    }
+    assert chosen["line1/oven1/temperature"] == ["rate_of_change", "out_of_range"]
+    assert chosen["area/line/dev0/p5"] == ["stale"]
+    assert "area/line/dev2/p0" not in chosen  # switched off by the last rule
+    assert len(chosen) == 1 + 12
+
+
+def test_no_anomalies_section_means_no_detectors(tmp_path):
+    assert load_config(write(tmp_path, GOOD)).anomalies.rules == []
+
+
+def test_the_gateway_builds_its_anomaly_watch_from_the_config(tmp_path):
+    from gateway.app import Gateway
+
+    assert Gateway(load_config(write(tmp_path, GOOD))).anomaly_watch is None
+    watch = Gateway(load_config(write(tmp_path, with_anomalies()))).anomaly_watch
+    assert watch is not None
+    assert "line1/oven1/temperature" in watch.detectors.point_ids
+
+
+def _rule(points: list[str], *detectors: dict[str, Any]) -> dict[str, Any]:
+    return {"points": points, "detectors": list(detectors) or [{"kind": "stale", "max_age_s": 9}]}
+
+
+# Each case: the rules, the key path the error must name, and a word it must say.
+ANOMALY_CASES = [
+    (
+        "unknown detector kind",
+        [_rule(["line1/**"], {"kind": "isolation_forest"})],
+        "anomalies.rules[0].detectors[0].kind",
+        "zscore",
+    ),
+    (
+        "glob matching no point",
+        [_rule(["line1/**"]), _rule(["line1/oven1/temperature", "line2/**"])],
+        "anomalies.rules[1].points[1]",
+        "matches no declared point",
+    ),
+    (
+        "an id that is not declared",
+        [_rule(["line1/oven1/temprature"])],
+        "anomalies.rules[0].points[0]",
+        "matches no declared point",
+    ),
+    (
+        "a star does not cross segments",
+        [_rule(["line1/*"])],
+        "anomalies.rules[0].points[0]",
+        "`**` crosses",
+    ),
+    (
+        "upper-case glob",
+        [_rule(["Line1/**"])],
+        "anomalies.rules[0].points[0]",
+        "pattern",
+    ),
+    (
+        "rule without points",
+        [{"points": [], "detectors": [{"kind": "stale", "max_age_s": 5}]}],
+        "anomalies.rules[0].points",
+        "at least 1",
+    ),
+    (
+        "unknown key in a detector",
+        [_rule(["line1/**"], {"kind": "stale", "max_age": 5})],
+        "anomalies.rules[0].detectors[0].stale.max_age",
+        "unknown key",
+    ),
+    (
+        "NaN threshold",
+        [_rule(["line1/**"], {"kind": "zscore", "threshold": float("nan")})],
+        "anomalies.rules[0].detectors[0].zscore.threshold",
+        "finite",
+    ),
+    (
+        "infinite duration",
+        [_rule(["line1/**"], {"kind": "flatline", "duration_s": float("inf")})],
+        "anomalies.rules[0].detectors[0].flatline.duration_s",
+        "finite",
+    ),
+    (
+        "negative age",
+        [_rule(["line1/**"], {"kind": "stale", "max_age_s": -1})],
+        "anomalies.rules[0].detectors[0].stale.max_age_s",
+        "greater than 0",
+    ),
+    (
+        "a boolean for a window",
+        [_rule(["line1/**"], {"kind": "zscore", "window": True})],
+        "anomalies.rules[0].detectors[0].zscore.window",
+        "integer",
+    ),
+    (
+        "a window of a billion samples",
+        [_rule(["line1/**"], {"kind": "zscore", "window": 10**9})],
+        "anomalies.rules[0].detectors[0].zscore.window",
+        "10000",
+    ),
+    (
+        "a pasted blob for a glob",
+        [_rule(["a" * 100_000])],
+        "anomalies.rules[0].points[0]",
+        "at most 256",
+    ),
+    (
+        "range upside down",
+        [_rule(["line1/**"], {"kind": "out_of_range", "lo": 5, "hi": 1})],
+        "anomalies.rules[0].detectors[0].out_of_range",
+        "below hi",
+    ),
+    (
+        "one kind twice",
+        [_rule(["line1/**"], {"kind": "stale", "max_age_s": 1}, {"kind": "stale", "max_age_s": 2})],
+        "anomalies.rules[0]",
+        "twice",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("rules", "key_path", "says"), [c[1:] for c in ANOMALY_CASES], ids=[c[0] for c in ANOMALY_CASES]
+)
+def test_broken_anomaly_rules_name_key_path(tmp_path, rules, key_path, says):
+    message = error_of(tmp_path, with_anomalies(rules))
+    line = next((ln for ln in message.splitlines() if key_path + " " in ln + " "), None)
+    assert line is not None, f"{key_path!r} not named in:\n{message}"
+    assert says.lower() in line.lower(), f"{says!r} not in {line!r}"
+
+
+def test_a_numeric_detector_on_switches_only_is_refused(tmp_path):
+    data = with_anomalies(
+        [
+            {
+                "points": ["area/line/dev0/switch*"],
+                "detectors": [{"kind": "stale", "max_age_s": 5}, {"kind": "zscore"}],
+            }
+        ]
+    )
+    data["devices"][0]["points"] += [
+        {"id": f"area/line/dev0/switch{k}", "address": f"coil:{k}", "datatype": "bool"}
+        for k in range(2)
+    ]
+    message = error_of(tmp_path, data)
+    assert "1 problem:" in message
+    assert "anomalies.rules[0].detectors[1].kind" in message
+    assert "zscore needs numeric points, and this rule's points are bool" in message
+
+
+def test_a_glob_matching_nothing_is_named_with_its_line(tmp_path):
+    path = write(tmp_path, with_anomalies([_rule(["line1/**", "line9/**"])]))
+    expected = next(i for i, ln in enumerate(path.read_text().splitlines(), 1) if "line9" in ln)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert str(path) in message
+    assert f"anomalies.rules[0].points[1] (line {expected}): 'line9/**' matches no" in message
+
+
+def test_every_unmatched_glob_is_reported_at_once(tmp_path):
+    rules = [_rule(["nope/**"]), _rule(["line1/**"]), _rule(["area/line/dev9/*", "zz/*"])]
+    message = error_of(tmp_path, with_anomalies(rules))
+    assert "3 problems" in message
+    for key in ("rules[0].points[0]", "rules[2].points[0]", "rules[2].points[1]"):
+        assert f"anomalies.{key} " in message
+
+
+def test_a_glob_that_would_backtrack_for_ages_is_judged_at_once(tmp_path):
+    # As a regex, `**a**a...**b` against a long id of `a`s backtracks exponentially: 10 stars
+    # took 3.5 s on a 100-character id, and each further star ~50 times that. A config must
+    # never hang `check` (pytest's timeout stands guard; no timing is asserted).
+    data = copy.deepcopy(GOOD)
+    long_id = "a" * 120 + "/" + "a" * 120
+    data["devices"][0]["points"].append(
+        {"id": long_id, "address": "holding:50", "datatype": "uint16"}
+    )
+    hostile = "**a" * 80 + "**b"
+    data["anomalies"] = {"rules": [_rule([hostile]), _rule(["*a" * 60 + "*/**a*a*"])]}
+    message = error_of(tmp_path, data)
+    assert "anomalies.rules[0].points[0]" in message and "matches no declared point" in message
+    assert "anomalies.rules[1]" not in message  # it matches the long id
+
+
+@pytest.mark.parametrize(
+    ("pattern", "point_id", "matches"),
+    [
+        ("line1/**", "line1/oven1/temperature", True),
+        ("line1/*", "line1/oven1/temperature", False),
+        ("*/oven?/temp*", "line1/oven1/temperature", True),
+        ("**/temperature", "line1/oven1/temperature", True),
+        ("**temperature", "line1/oven1/temperature", True),
+        ("line1/oven1/temperature", "line1/oven1/temperature", True),
+        ("line1/oven1/temperatur", "line1/oven1/temperature", False),
+        ("line1/oven1.temperature", "line1/oven1/temperature", False),  # `.` is no wildcard
+        ("*a*a*a*/**", "banana/x", True),
+        ("**a**a**a**a", "a/a/a/a", True),
+        ("**a**a**a**a", "a/a/a", False),
+        ("*a*a*a*a*", "aaa/a", False),
+        ("?*?*?*?", "ab/cd", False),
+        ("?*?*?*/?*", "abc/d", True),
+    ],
+)
+def test_globs_mean_what_the_reference_says(pattern, point_id, matches):
+    from gateway.policy.anomaly import glob_matcher, glob_regex
+
+    assert glob_matcher(pattern)(point_id) is matches
+    assert (glob_regex(pattern).fullmatch(point_id) is not None) is matches
+
+
+def test_the_glob_matcher_agrees_with_the_regex_on_random_globs():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from gateway.policy.anomaly import glob_matcher, glob_regex
+
+    glob = st.lists(st.sampled_from(["a", "b", "ab", "/", "*", "**", "?"]), max_size=9).map("".join)
+    text = st.text(alphabet="ab/", max_size=14)
+
+    @settings(max_examples=1000, deadline=None)
+    @given(glob, text)
+    def agree(pattern: str, point_id: str) -> None:
+        expected = glob_regex(pattern).fullmatch(point_id) is not None
+        assert glob_matcher(pattern)(point_id) is expected
+
+    agree()
