@@ -302,7 +302,7 @@ class SiteConfig(_Strict):
     anomalies: AnomalyConfig = Field(
         default_factory=AnomalyConfig,
         description="Anomaly detectors per point: `rules`, applied in order, each "
-        "`{points: [globs], detectors: [{kind, ...}], off: [kinds]}`; kinds `zscore`, `ewma`, "
+        "`{points: [globs], detectors: [{kind, ...}], disable: [kinds]}`; kinds `zscore`, `ewma`, "
         "`rate_of_change`, `flatline`, `out_of_range`, `stale`. Each firing is an "
         "`AnomalyDetected` event (kind, score 0..1, features) and a log line. Every glob must "
         "match a declared point. Default: no detectors.",

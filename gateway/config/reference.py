@@ -24,6 +24,16 @@ def sections() -> list[tuple[str, type[BaseModel]]]:
     from drivers.opcua.options import OpcuaOptions
     from gateway.config import model as m
     from gateway.opcua_server.config import OpcuaServerConfig, OpcuaUser
+    from gateway.policy.anomaly import (
+        AnomalyConfig,
+        AnomalyRule,
+        EwmaSpec,
+        FlatlineSpec,
+        OutOfRangeSpec,
+        RateOfChangeSpec,
+        StaleSpec,
+        ZScoreSpec,
+    )
 
     return [
         ("Top level", m.SiteConfig),
@@ -32,6 +42,14 @@ def sections() -> list[tuple[str, type[BaseModel]]]:
         ("`opcua_server`", OpcuaServerConfig),
         ("`opcua_server.users[]`", OpcuaUser),
         ("`policies`", m.PoliciesConfig),
+        ("`anomalies`", AnomalyConfig),
+        ("`anomalies.rules[]`", AnomalyRule),
+        ("`anomalies.rules[].detectors[]` of kind `zscore`", ZScoreSpec),
+        ("`anomalies.rules[].detectors[]` of kind `ewma`", EwmaSpec),
+        ("`anomalies.rules[].detectors[]` of kind `rate_of_change`", RateOfChangeSpec),
+        ("`anomalies.rules[].detectors[]` of kind `flatline`", FlatlineSpec),
+        ("`anomalies.rules[].detectors[]` of kind `out_of_range`", OutOfRangeSpec),
+        ("`anomalies.rules[].detectors[]` of kind `stale`", StaleSpec),
         ("`devices[]` with `driver: modbus`", m.ModbusDeviceConfig),
         ("`devices[].points[]` of a Modbus device", m.ModbusPointConfig),
         ("`devices[].options` of a Modbus device", ModbusOptions),

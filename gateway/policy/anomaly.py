@@ -299,7 +299,8 @@ class AnomalyRule(_Strict):
         description="Detector specs, at most one per kind. For a point several rules match, "
         "the last rule naming a kind wins.",
     )
-    off: list[Kind] = Field(
+    # Not `off`: YAML 1.1 reads a bare `off:` key as false.
+    disable: list[Kind] = Field(
         default_factory=list,
         description="Kinds switched off for these points (exempts them from an earlier rule).",
     )
@@ -307,14 +308,14 @@ class AnomalyRule(_Strict):
     @model_validator(mode="after")
     def _kinds(self) -> AnomalyRule:
         kinds = [spec.kind for spec in self.detectors]
-        if not kinds and not self.off:
-            raise ValueError("a rule needs `detectors`, `off` or both")
+        if not kinds and not self.disable:
+            raise ValueError("a rule needs `detectors`, `disable` or both")
         twice = sorted({k for k in kinds if kinds.count(k) > 1})
         if twice:
             raise ValueError(f"kind {', '.join(twice)} is given twice: merge the two specs")
-        both = sorted(set(kinds) & set(self.off))
+        both = sorted(set(kinds) & set(self.disable))
         if both:
-            raise ValueError(f"kind {', '.join(both)} is both in `detectors` and in `off`")
+            raise ValueError(f"kind {', '.join(both)} is both in `detectors` and in `disable`")
         return self
 
 
@@ -333,7 +334,7 @@ def resolve(
     that matches no point.
 
     Rules apply in order: for each point and kind the last rule naming the kind wins, so a
-    specific rule after a broad one overrides it, and a rule's `off` removes kinds. Numeric
+    specific rule after a broad one overrides it, and a rule's `disable` removes kinds. Numeric
     kinds go to numeric points only; `stale` to any point.
     """
     declared = list(points)
@@ -351,7 +352,7 @@ def resolve(
             unmatched.append(f"rules[{number}] (points {rule.points})")
         for point in matched:
             kinds = chosen[point.id]
-            for kind in rule.off:
+            for kind in rule.disable:
                 kinds.pop(kind, None)
             for spec in rule.detectors:
                 if spec.kind == "stale" or point.datatype in NUMERIC_TYPES:

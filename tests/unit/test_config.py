@@ -382,7 +382,7 @@ ANOMALIES: dict[str, Any] = {
                 {"kind": "rate_of_change", "max_rate": 5},
             ],
         },
-        {"points": ["area/line/dev2/**"], "off": ["stale"]},
+        {"points": ["area/line/dev2/**"], "disable": ["stale"]},
     ]
 }
 

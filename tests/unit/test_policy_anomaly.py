@@ -424,7 +424,7 @@ EXAMPLE = {
                 {"kind": "zscore", "window": 30, "threshold": 6},
             ],
         },
-        {"points": ["line1/*/mode"], "off": ["stale"]},
+        {"points": ["line1/*/mode"], "disable": ["stale"]},
     ]
 }
 
@@ -444,7 +444,7 @@ def test_example_config_resolves_per_point() -> None:
         # Every kind, in KINDS order; the later rule's zscore replaced the broad one.
         "line1/oven1/temperature": list(KINDS),
         "line1/oven1/heater_sp": ["zscore", "stale"],
-        # Text and bools get only `stale`; `off` took it from the mode.
+        # Text and bools get only `stale`; `disable` took it from the mode.
         "line1/press1/run": ["stale"],
     }
     assert specs["line1/oven1/temperature"][0] == ZScoreSpec(kind="zscore", window=30, threshold=6)
@@ -462,7 +462,7 @@ def test_defaults_of_a_minimal_spec() -> None:
 
 def test_a_rule_that_matches_nothing_is_an_error_naming_it() -> None:
     config = AnomalyConfig.model_validate(
-        {"rules": [*EXAMPLE["rules"], {"points": ["line9/*"], "off": ["zscore"]}]}, strict=True
+        {"rules": [*EXAMPLE["rules"], {"points": ["line9/*"], "disable": ["zscore"]}]}, strict=True
     )
     with pytest.raises(ConfigError, match=r"rules\[3\] \(points \['line9/\*'\]\) match"):
         resolve(config, POINTS)
@@ -513,15 +513,15 @@ def rule(*detectors: dict[str, Any], **extra: Any) -> dict[str, Any]:
         (rule({"kind": "out_of_range", "lo": 5, "hi": 5}), "must be below hi"),
         (rule({"kind": "out_of_range", "lo": 0, "hi": 10, "clear_margin": 5}), "half the range"),
         (rule({"kind": "zscore"}, {"kind": "zscore"}), "given twice: merge"),
-        (rule({"kind": "zscore"}, off=["zscore"]), "both in `detectors` and in `off`"),
-        (rule(), "needs `detectors`, `off` or both"),
-        (rule({"kind": "stale", "max_age_s": 1}, off=["bogus"]), "Input should be"),
-        ({"rules": [{"points": [], "off": ["stale"]}]}, "at least 1 item"),
-        ({"rules": [{"points": ["Line1/*"], "off": ["stale"]}]}, "should match pattern"),
-        ({"rules": [{"points": ["/a/b"], "off": ["stale"]}]}, "should match pattern"),
-        ({"rules": [{"points": ["a b"], "off": ["stale"]}]}, "should match pattern"),
-        ({"rules": [{"points": ["a/" * 200], "off": ["stale"]}]}, "at most 256"),
-        ({"rules": [{"points": "a/*", "off": ["stale"]}]}, "valid list"),
+        (rule({"kind": "zscore"}, disable=["zscore"]), "both in `detectors` and in `disable`"),
+        (rule(), "needs `detectors`, `disable` or both"),
+        (rule({"kind": "stale", "max_age_s": 1}, disable=["bogus"]), "Input should be"),
+        ({"rules": [{"points": [], "disable": ["stale"]}]}, "at least 1 item"),
+        ({"rules": [{"points": ["Line1/*"], "disable": ["stale"]}]}, "should match pattern"),
+        ({"rules": [{"points": ["/a/b"], "disable": ["stale"]}]}, "should match pattern"),
+        ({"rules": [{"points": ["a b"], "disable": ["stale"]}]}, "should match pattern"),
+        ({"rules": [{"points": ["a/" * 200], "disable": ["stale"]}]}, "at most 256"),
+        ({"rules": [{"points": "a/*", "disable": ["stale"]}]}, "valid list"),
         ({"rules": {"points": ["a/*"]}}, "valid list"),
         ({"rulez": []}, "Extra inputs are not permitted"),
     ],

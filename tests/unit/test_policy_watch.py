@@ -131,7 +131,7 @@ def test_a_config_without_rules_makes_no_watch(store: TwinStore) -> None:
 def test_a_rule_matching_no_point_is_refused(store: TwinStore) -> None:
     with pytest.raises(ConfigError, match=r"rules\[0\].*no declared point"):
         AnomalyWatch.from_config(
-            store, config({"rules": [{"points": ["nowhere/**"], "off": ["stale"]}]}), POINTS
+            store, config({"rules": [{"points": ["nowhere/**"], "disable": ["stale"]}]}), POINTS
         )
 
 
