@@ -53,6 +53,7 @@ from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 from typing import Any, Literal
 
+from drivers.contract import Quality
 from drivers.limits import limit_violation
 from gateway.audit.chain import AuditEntry
 from gateway.auth.rbac import AccessDecision, Principal, check
@@ -118,6 +119,7 @@ EVENT_TYPES = (
 FINISHED_KEPT = 1000  # finished proposals kept in memory for reads; the audit log keeps all
 DEFAULT_EXPIRY_S = 900.0  # a proposal no policy models waits this long for a person
 TICK_S = 1.0
+AUDIT_REASON_MAX = 4096  # gateway.audit.chain.AuditEntry.reason's max_length
 WriteFn = Callable[[str, float], Awaitable[Any]]
 HistoryFn = Callable[[str, float, float], Sequence[tuple[float, float]]]
 SimulateFn = Callable[..., Any]
@@ -241,6 +243,9 @@ class PolicyEngine:
         self.proposals: OrderedDict[str, ProposalRecord] = OrderedDict()
         self._locks: dict[str, asyncio.Lock] = {}
         self._busy: set[str] = set()  # policies with a proposal being decided or executed
+        # point -> (when, values it may hold) after a write that failed and was not restored:
+        # the device may have taken the value or kept the old one (see _unsure_steps).
+        self._unsure: dict[str, tuple[float, tuple[float, ...]]] = {}
         self._dirty: dict[str, Policy] = {}
         self._scheduled = False
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -359,10 +364,14 @@ class PolicyEngine:
     def _fire(self, policy: Policy, episode: float, why: str) -> None:
         if policy.id in self._busy:
             log.info(
-                "policy %s: fired (%s) while its last proposal is in flight; skipped",
+                "policy %s: fired (%s) while its last proposal is in flight; tried again at "
+                "the next check",
                 policy.id,
                 why,
             )
+            tracker = self._trackers.get(policy.id)
+            if tracker is not None:
+                tracker.fired = False  # the episode has not proposed yet: it may still
             return
         self._busy.add(policy.id)
         self._spawn(self._run_policy(policy, episode, why), f"policy:{policy.id}")
@@ -558,8 +567,11 @@ class PolicyEngine:
         # The cheap checks first: a change the gate rejects costs no simulation.
         decision = decide(p, record.limits, self.state, access, None, thresholds, now)
         extra = list(problems or []) + self._interlock_failures(record)
-        if decision.kind != "reject" and extra:
-            decision = replace(decision, kind="reject", reasons=(*extra, "rejected"))
+        if extra:
+            # Said even when the gate rejects anyway: a value expression that failed leaves NaN,
+            # which the gate names only as "not a finite number", not why it is one.
+            kept = decision.reasons if decision.kind == "reject" else ("rejected",)
+            decision = replace(decision, kind="reject", reasons=(*extra, *kept))
         if decision.kind != "reject":
             prediction = await self._predict(record)
             record.prediction = prediction
@@ -692,15 +704,26 @@ class PolicyEngine:
         lock = self._locks.setdefault(p.point, asyncio.Lock())
         async with lock:
             now = self._clock()
-            blockers = list(execution_blockers(p, record.limits, self.state, now))
+            before = self.store.get(p.point)
+            # The step is checked from what the point holds now, not from what the proposer saw:
+            # an approval can come long after, and an operator may have moved the setpoint at
+            # the HMI since (tests/unit/test_policy_engine_props.py found that case).
+            fresh = replace(
+                p,
+                created_ts=now,
+                current_value=before.value if _finite(before.value) else None,
+                current_quality=before.quality,
+                current_age_s=max(0.0, now - before.gateway_ts) if before.gateway_ts else 0.0,
+            )
+            blockers = list(execution_blockers(fresh, record.limits, self.state, now))
             blockers += self._interlock_failures(record)
+            blockers += self._unsure_steps(fresh, record.limits, before)
             if blockers:
                 record.error = "not written: " + "; ".join(blockers)
                 self._action_event(record, "ActionFailed", written=False)
                 self._finish(record, "failed")
                 return
             record.status = "executing"
-            before = self.store.get(p.point)
             record.previous_value = before.value if _finite(before.value) else None
             started = time.perf_counter()
             try:
@@ -710,8 +733,15 @@ class PolicyEngine:
                 record.error = str(exc)
                 record.restored = await self._restore(p.point, record.previous_value)
                 # The attempt spends its key and counts toward the rate limit: the device may
-                # have been touched. The point is taken to hold what was restored.
-                held = record.previous_value if record.restored.startswith("restored") else p.value
+                # have been touched. The point is taken to hold what was restored; unrestored,
+                # it may hold either value until the driver reports one (_unsure_steps).
+                restored = record.restored.startswith("restored")
+                held = record.previous_value if restored else p.value
+                if restored:
+                    self._unsure.pop(p.point, None)
+                else:
+                    maybe = (p.value, record.previous_value)
+                    self._unsure[p.point] = (now, tuple(float(v) for v in maybe if _finite(v)))
                 record_write(self.state, p.point, float(held), now, p.idempotency_key)
                 if p.policy is not None:
                     record_outcome(self.state, p.policy, False)
@@ -720,10 +750,32 @@ class PolicyEngine:
                 return
             record.timings_ms["write"] = (time.perf_counter() - started) * 1000
             record_write(self.state, p.point, float(p.value), now, p.idempotency_key)
+            self._unsure.pop(p.point, None)
             if p.policy is not None:
                 record_outcome(self.state, p.policy, True)
             self._action_event(record, "ActionSucceeded", written=True)
             self._finish(record, "succeeded")
+
+    def _unsure_steps(self, p: Proposal, limits: HardLimits, reading: PointValue) -> list[str]:
+        """Max-step violations from each value the point may hold after an unrestored failure.
+
+        The gate measures the step from one value, and after a write that failed and could not
+        be restored the engine takes the attempted one; but a device that refused it or was
+        unreachable kept the old one, and a change-filtered feed may never say so. Until a
+        reading arrives, a step must be within max_step of both.
+        """
+        unsure = self._unsure.get(p.point)
+        if unsure is None or limits.max_step is None or not _finite(p.value):
+            return []
+        since, candidates = unsure
+        if reading.gateway_ts > since and reading.quality in (Quality.GOOD, Quality.UNCERTAIN):
+            return []  # the driver has read what the device holds since (BAD keeps the old value)
+        return [
+            f"step {abs(p.value - held):g} from {held:g} exceeds max step {limits.max_step:g}: "
+            f"{p.point} may still hold {held:g} since a write at t={since:.3f} failed unverified"
+            for held in candidates
+            if abs(p.value - held) > limits.max_step
+        ]
 
     async def _restore(self, point: str, previous: float | None) -> str:
         if previous is None:
@@ -927,6 +979,7 @@ class PolicyEngine:
             except Exception as exc:
                 raise GatewayError(f"rollback of {p.point} to {previous:g} failed: {exc}") from exc
             record_write(self.state, p.point, float(previous), self._clock(), f"rollback:{p.id}")
+            self._unsure.pop(p.point, None)
         record.status = "rolled_back"
         data = {
             "by": principal.name,
@@ -1019,6 +1072,8 @@ class PolicyEngine:
         p = record.proposal
         fields.setdefault("actor", p.proposer.name)
         fields.setdefault("actor_kind", _audit_kind(p.proposer.kind))
+        if fields.get("reason") is not None:
+            fields["reason"] = _capped(fields["reason"])
         return AuditEntry(
             ts=self._clock(),
             action=action,
@@ -1163,6 +1218,7 @@ def _policy_access(policy: Policy, point: str, operation: str) -> AccessDecision
 def _access_entry(decision: AccessDecision, correlation: str, ts: float) -> AuditEntry:
     fields = decision.as_audit_fields()
     kind = fields.pop("actor_kind")
+    fields["reason"] = _capped(fields["reason"])  # a grant's 64 long globs make a long denial
     return AuditEntry(ts=ts, actor_kind=_audit_kind(kind), correlation_id=correlation, **fields)
 
 
@@ -1225,12 +1281,20 @@ def _rounded(breakdown: Mapping[str, float]) -> dict[str, float]:
 
 
 def _json_value(value: Any) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+        value = repr(value)  # the audit chain refuses ints beyond 64 bits (JSON readers do)
     if value is None or isinstance(value, bool | int | str):
         return value if not isinstance(value, str) or len(value) <= 256 else value[:256] + "…"
     if isinstance(value, float):
         return value if math.isfinite(value) else repr(value)
     text = repr(value)
     return text if len(text) <= 256 else text[:256] + "…"
+
+
+def _capped(text: str) -> str:
+    """Text that fits an audit entry's reason (4,096 characters): a hostile value's repr, a
+    long comment or a device's message must not make the entry, and so the step, fail."""
+    return text if len(text) <= AUDIT_REASON_MAX else text[: AUDIT_REASON_MAX - 1] + "…"
 
 
 def _show(value: Any) -> str:

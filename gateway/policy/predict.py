@@ -207,10 +207,14 @@ def success_mask(
             np.asarray(vector_eval(objective.expression, arrays), dtype=float), safe.shape
         )
     better = scores < now if objective.minimize is not None else scores > now
-    better &= np.isfinite(scores)
+    finite = np.isfinite(scores)
+    better &= finite
+    # Of the finite paths only: one NaN (an unstable model's path, a 0/0) makes np.median NaN,
+    # and the audit log refuses a decision whose figures are not JSON numbers.
+    scored = scores[finite]
     details.update(
         objective_now=float(now),
-        objective_median=float(np.median(scores)) if scores.size else None,
+        objective_median=float(np.median(scored)) if scored.size else None,
         paths_improved=int(better.sum()),
     )
     return safe & better, details
@@ -234,7 +238,7 @@ def run_prediction(
     try:
         result = simulate(scenario, path_stats=True)
         ok, figures = success_mask(policy, result, values)
-    except (SimulationError, ExprError, ValueError) as exc:
+    except (SimulationError, ExprError, ValueError, TypeError) as exc:
         details["error"] = str(exc)
         return Prediction(SimSummary(0, 0, error=str(exc)), details)
     details.update(figures)
@@ -321,8 +325,17 @@ def _node(node: Node, env: Mapping[str, Any]) -> Any:
     if node.func == "clamp":
         return np.clip(args[0], args[1], args[2])
     if node.func == "round":
-        return np.round(args[0], int(args[1]) if len(args) > 1 else 0)
+        ndigits = int(args[1]) if len(args) > 1 else 0
+        if ndigits == 0:
+            return np.round(args[0])  # exact, halves to even: Python's round(x, 0)
+        # NumPy scales by 10**ndigits and rounds the product (2.675 -> 2.68); Python's round is
+        # correctly rounded (2.675 is 2.67499…, so 2.67), and the objective must agree with it.
+        return np.asarray(_PY_ROUND(args[0], ndigits), dtype=float)
     raise ExprError(f"unknown function {node.func!r}")
+
+
+# Python's round over an array, element by element (a ufunc of Python objects).
+_PY_ROUND = np.frompyfunc(round, 2, 1)
 
 
 def _finite(x: object) -> bool:
