@@ -588,6 +588,21 @@ class PolicyEngine:
             )
             if execute_audit and decision.kind in ("auto_execute", "require_approval"):
                 self._audit([_access_entry(execute_access, record.id, now)])
+            if decision.kind == "auto_execute" and p.policy is None:
+                # A person's or agent's change is not bound by a policy's interlocks, but it
+                # never writes alone past them: the oven stopped, a person decides.
+                held = self._interlock_failures(record, of_model=True)
+                if held:
+                    assert record.model_policy is not None
+                    decision = replace(
+                        decision,
+                        kind="require_approval",
+                        reasons=(
+                            *decision.reasons,
+                            f"policy {record.model_policy.id}'s {'; '.join(held)}: a person "
+                            "approves",
+                        ),
+                    )
         note_proposal(self.state, p)
         record.decision = decision
         record.timings_ms["decided"] = time.perf_counter() * 1000 - record.timings_ms["t0"]
@@ -637,8 +652,10 @@ class PolicyEngine:
             ]
         )
 
-    def _interlock_failures(self, record: ProposalRecord) -> list[str]:
-        policy = self._by_id.get(record.proposal.policy or "")
+    def _interlock_failures(self, record: ProposalRecord, *, of_model: bool = False) -> list[str]:
+        """The interlocks of the proposal's own policy (or, `of_model`, of the policy whose
+        model judges it) that do not hold now."""
+        policy = record.model_policy if of_model else self._by_id.get(record.proposal.policy or "")
         if policy is None:
             return []
         env = self._env(policy, self._values(policy))

@@ -483,6 +483,17 @@ async def test_an_executor_with_a_confident_simulation_writes(rig: Rig, drift: P
     assert "access.execute" in actions and actions[-1] == "action.succeeded"
 
 
+async def test_an_executor_never_writes_alone_past_the_models_interlocks(
+    rig: Rig, drift: Policy
+) -> None:
+    rig.oven(running=False)
+    engine = await rig.start([drift])
+    record = await engine.propose(EXECUTOR, SP, 175.0, reason="the hall is warm")
+    assert record.status == "pending_approval", record.to_json()
+    assert "interlock `running` does not hold: a person approves" in reasons(record)
+    assert rig.device.writes == []
+
+
 @pytest.mark.parametrize("value", [300.5, -0.1, 1e9, -math.inf, math.inf], ids=repr)
 async def test_a_value_outside_the_points_range_is_rejected_never_clamped(
     rig: Rig, drift: Policy, value: float
