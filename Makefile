@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/modbus_decode.py
 	$(BIN)/python bench/opcua.py
 	$(BIN)/python bench/sim.py
+	$(BIN)/python bench/decide.py
 	$(BIN)/python bench/footprint.py --quick
 
 clean:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import secrets
 import socket
 import subprocess
@@ -17,17 +18,23 @@ from typing import Any
 
 import yaml
 
+import gateway
 from gateway.app import Gateway
 from gateway.config import SiteConfig, load_config
-from gateway.demo.script import Script, banner
-from gateway.errors import GatewayError
+from gateway.demo.script import PLANT_SPEED, Script, banner
+from gateway.errors import ConfigError, GatewayError
 from gateway.opcua_server.users import hash_password
+from gateway.policy.anomaly import glob_matcher
+from gateway.policy.load import load_policies
 from gateway.serve import serve
 
-# The real tank's time constant is about 13 minutes; at 10x a level change shows within the
-# first minute of the demo.
-PLANT_SPEED = 10
 SCADA_USER = "scada"
+# The repo's policies for the demo plant (the project is installed editable, so they sit beside
+# the package); the demo runs copies of them, their plant times scaled to PLANT_SPEED.
+SHIPPED_POLICIES = Path(gateway.__file__).resolve().parents[1] / "policies"
+# Keys holding seconds of plant time: a hold and a rate-limit window. A simulation's horizon
+# stays as it is: it is plant time inside the model too.
+_PLANT_SECONDS = re.compile(r"\b(for_s|per_s)(\s*:\s*)(\d+(?:\.\d*)?)")
 
 
 def run_demo(*, state_dir: str, http_port: int, seed: int, duration: float | None) -> int:
@@ -65,6 +72,7 @@ def run_demo(*, state_dir: str, http_port: int, seed: int, duration: float | Non
         _wait_for_ports(sim, list(ports.values()), sim_log)
         # A fresh password each run: the demo never ships a default credential.
         password = secrets.token_urlsafe(9)
+        policies = install_policies(state / "policies")
         config_path = write_demo_config(
             state,
             device_ports=ports,
@@ -73,8 +81,11 @@ def run_demo(*, state_dir: str, http_port: int, seed: int, duration: float | Non
             users=[
                 {"username": SCADA_USER, "password_hash": hash_password(password), "role": "viewer"}
             ],
+            policies_dir="policies",
         )
         config = load_config(config_path)
+        if policies:
+            _check_policies(state / "policies", config)
         asyncio.run(_run(config, config_path, sim, sim_log, password, duration))
     finally:
         sim.terminate()
@@ -92,8 +103,9 @@ def demo_config_data(
     http_port: int,
     opcua_port: int,
     users: list[dict[str, str]] | None = None,
+    policies_dir: str | None = None,
 ) -> dict[str, Any]:
-    """The bundled demo config as data, pointed at the given ports.
+    """The bundled demo config as data, pointed at the given ports (and policy folder).
 
     Devices without a port are left out (a test may start only part of the plant).
     """
@@ -109,11 +121,73 @@ def demo_config_data(
         device["endpoint"] = f"{scheme}://127.0.0.1:{port}" + (f"/{path}" if path else "")
         kept.append(device)
     data["devices"] = kept
+    _keep_anomaly_rules_of(data)
     data["http"]["port"] = http_port
     data["opcua_server"]["endpoint"] = f"opc.tcp://127.0.0.1:{opcua_port}/opstwin"
     if users:
         data["opcua_server"]["users"] = users
+    if policies_dir is not None:
+        data["policies"] = {"dir": policies_dir}
     return data
+
+
+def install_policies(folder: Path, source: Path = SHIPPED_POLICIES) -> list[str]:
+    """Fill `folder` with demo copies of the shipped policies; return their file names.
+
+    Copies, not the files: the demo plant runs PLANT_SPEED times faster than real time, so
+    each copy's `for_s` and `per_s` (plant seconds) are divided by it. A previous run's copies
+    are replaced. Without the shipped folder the demo runs with none, and says so.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.y*ml"):
+        old.unlink()
+    if not source.is_dir():
+        print(f"opstwin demo: no policies folder at {source}; running without policies")
+        return []
+    names = []
+    for path in sorted(source.glob("*.yaml")):
+        text = demo_policy_text(path.read_text(encoding="utf-8"), PLANT_SPEED, path.name)
+        (folder / path.name).write_text(text, encoding="utf-8")
+        names.append(path.name)
+    return names
+
+
+def demo_policy_text(text: str, speed: float, name: str) -> str:
+    """A policy file's text with its plant-time durations divided by `speed`, comments kept."""
+
+    def scaled(match: re.Match[str]) -> str:
+        return f"{match[1]}{match[2]}{float(match[3]) / speed:g}"
+
+    header = (
+        f"# Demo copy of policies/{name}, written by `opstwin demo`; edit the original instead.\n"
+        f"# for_s and per_s are divided by {speed:g}: the demo plant runs {speed:g}x faster than "
+        "real time.\n"
+    )
+    return header + _PLANT_SECONDS.sub(scaled, text)
+
+
+def _check_policies(folder: Path, config: SiteConfig) -> None:
+    # An invalid policy would stop the gateway from starting; the demo runs without instead.
+    try:
+        load_policies(folder, config)
+    except ConfigError as exc:
+        first = str(exc).splitlines()[0]
+        print(f"opstwin demo: the policies do not load ({first}); running without policies")
+        for path in folder.glob("*.y*ml"):
+            path.unlink()
+
+
+def _keep_anomaly_rules_of(data: dict[str, Any]) -> None:
+    """Drop the anomaly globs of the points of devices left out, and rules left with none:
+    every glob of a config must match a declared point."""
+    ids = [point["id"] for device in data["devices"] for point in device["points"]]
+    rules = []
+    for rule in data.get("anomalies", {}).get("rules", []):
+        rule["points"] = [g for g in rule["points"] if any(map(glob_matcher(g), ids))]
+        if rule["points"]:
+            rules.append(rule)
+    if "anomalies" in data:
+        data["anomalies"]["rules"] = rules
 
 
 def write_demo_config(state: Path, **ports: Any) -> Path:

@@ -3,38 +3,61 @@
 from __future__ import annotations
 
 import asyncio
+import math
+import secrets
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from gateway.app import Gateway
+from gateway.auth.rbac import Grant, Principal
+from gateway.demo.narrative import Narrator
 from gateway.errors import GatewayError, StoreError
 
+# The real tank's time constant is about 13 minutes; at 10x a level change shows within the
+# first minute of the demo.
+PLANT_SPEED = 10
 VALVE = "utilities/cooling/tank1/inlet_valve"
 OVEN_TEMPERATURE = "line1/oven1/temperature"
 OVEN_SETPOINT = "line1/oven1/heater_setpoint"
+OVEN_AMBIENT = "line1/oven1/ambient"
+OVEN_POLICY = "oven-overtemp-drift"
+CURE_C = 180.0
+# The hall 10 °C warmer: the open-loop oven would settle ~10 °C higher, above its 190 °C limit
+# from any start the plant's seeds give (176..183 °C), and the policy corrects it in one step
+# (the excess when it fires, ~5..7 °C, is inside its max_step of 10).
+HALL_WARMING_C = 10.0
+AGENT_ASSETS = "line1/oven1/*"
+SUPERVISOR = "demo-supervisor"
 WATCHED = [
     OVEN_TEMPERATURE,
     OVEN_SETPOINT,
+    OVEN_AMBIENT,
     "utilities/cooling/tank1/level",
     VALVE,
     "utilities/cooling/tank1/outlet_flow",
     "utilities/power/meter1/power",
 ]
 
-# (seconds after start, step): setpoints written through both drivers and read back (the oven's
-# first simulated by the C kernel from the twin's live values), a SCADA client reading the twin
-# over OPC UA, a second gateway refused the same database, and two controller restarts the
-# gateway rides through, with /health saying what is wrong while a device is away.
+# (seconds after start, step): a setpoint written through the Modbus driver and read back; a
+# what-if on the C kernel from the twin's live values; the hall warming up, so that the oven
+# drifts and its policy corrects it (the narrator prints the proposal, simulation, decision and
+# verified write); a SCADA client reading the twin over OPC UA; a second gateway refused the
+# same database; an agent's proposal waiting for a supervisor, who approves it; and two
+# controller restarts the gateway rides through, with /health saying what is wrong meanwhile.
 STEPS: list[tuple[float, tuple]] = [
     (6.0, ("write", VALVE, 65.0)),
     (8.0, ("whatif", 20.0, 203.0)),
-    (9.0, ("write", OVEN_SETPOINT, 200.0)),
+    (10.0, ("warm_hall", HALL_WARMING_C)),
     (12.0, ("scada",)),
     (14.0, ("second_gateway",)),
+    (16.0, ("warm_check",)),
     (18.0, ("plant", "tank:restart:3", "the tank's Modbus controller restarts")),
     (20.0, ("health",)),
+    (24.0, ("agent",)),
+    (26.0, ("approve",)),
     (26.0, ("health",)),
     (28.0, ("plant", "oven:restart:3", "the oven's OPC UA PLC restarts")),
     (44.0, ("storage",)),
@@ -61,11 +84,18 @@ class Script:
         self.scada_password = scada_password
         self.base_url = base_url
         self.config_path = config_path
+        self.ambient_before: float | None = None
+        self.waiting: str | None = None  # the agent's proposal, until the supervisor sees it
 
     async def run(self, stop: asyncio.Event, duration: float | None) -> None:
         """Step through the demo; set `stop` after `duration` seconds if one is given."""
         t0 = time.monotonic()
         steps = list(STEPS)
+        done = asyncio.Event()
+        engine = self.gateway.engine
+        if engine is not None:
+            units = {pid: p.unit or "" for pid, p in self.gateway.points.items()}
+            narrator = asyncio.create_task(Narrator(engine, units).run(done), name="demo:narrator")
         try:
             while duration is None or time.monotonic() - t0 < duration:
                 await asyncio.sleep(2.0)
@@ -75,6 +105,9 @@ class Script:
                     await getattr(self, f"_{kind}")(*args)
                 self._table(elapsed)
         finally:
+            done.set()
+            if engine is not None:
+                await narrator
             if duration is not None:
                 stop.set()
 
@@ -89,14 +122,140 @@ class Script:
             f"  setpoint {point_id} <- {value:g} {unit}: read back {readback:g} {unit}", flush=True
         )
 
-    async def _plant(self, command: str, what: str) -> None:
-        print(
-            f"  plant: {what} ({command}); watch its points go STALE and come back by themselves",
-            flush=True,
-        )
+    async def _plant(self, command: str, what: str, *, quiet: bool = False) -> None:
+        if not quiet:
+            print(
+                f"  plant: {what} ({command}); watch its points go STALE and come back by "
+                "themselves",
+                flush=True,
+            )
         if self.sim.stdin is not None:
             self.sim.stdin.write(f"{command}\n".encode())
             self.sim.stdin.flush()
+
+    async def _warm_hall(self, offset: float) -> None:
+        """Warm the oven's hall: the open-loop oven drifts up, and its policy should act."""
+        temperature = _number(self.gateway.store.get(OVEN_TEMPERATURE).value)
+        self.ambient_before = _number(self.gateway.store.get(OVEN_AMBIENT).value)
+        drift = (
+            ""
+            if temperature is None
+            else f", from {temperature:.1f} toward ~{temperature + offset:.0f} °C"
+        )
+        print(
+            f"  plant: the hall warms up by {offset:g} °C (oven:ambient:{offset:g}); the oven's "
+            "heater runs open loop from a curve calibrated at 22 °C, so the oven drifts up with "
+            f"it{drift}",
+            flush=True,
+        )
+        engine = self.gateway.engine
+        policy = (
+            None
+            if engine is None
+            else next((p for p in engine.policies if p.id == OVEN_POLICY), None)
+        )
+        if policy is None:
+            print(
+                f"  policy: {OVEN_POLICY} is not loaded; nothing will correct the oven", flush=True
+            )
+        else:
+            trigger = policy.trigger
+            held = getattr(trigger, "for_s", 0.0)
+            band = ", ".join(
+                f"{c.lower:g}..{c.upper:g}" for c in policy.safety if c.lower is not None
+            )
+            when = getattr(getattr(trigger, "when", None), "text", str(trigger))
+            print(
+                f"  policy {OVEN_POLICY} watches: `{when}` held {held:g} s (the demo's copy: "
+                f"{held * PLANT_SPEED:g} s in policies/, the plant runs {PLANT_SPEED}x fast) -> "
+                "lower the heater setpoint by the excess, if a simulation of the next "
+                f"{policy.simulation.horizon_s / 60:g} min keeps the oven inside {band} °C",
+                flush=True,
+            )
+        await self._plant(f"oven:ambient:{offset:g}", "the hall warms up", quiet=True)
+
+    async def _warm_check(self) -> None:
+        """Say so if the plant did not warm (an old plantsim without the ambient command)."""
+        now = _number(self.gateway.store.get(OVEN_AMBIENT).value)
+        before = self.ambient_before
+        if before is not None and now is not None and now < before + HALL_WARMING_C / 2:
+            print(
+                f"  plant: the hall is at {now:.1f} °C, not warmer: the plant did not take "
+                "the ambient command (see its log); the oven will not drift",
+                flush=True,
+            )
+
+    async def _agent(self) -> None:
+        """An AI agent's token proposes a setpoint: it may propose, not execute."""
+        engine, accounts = self.gateway.engine, self.gateway.accounts
+        if engine is None or accounts is None:
+            print("  agent: the policy engine is not running", flush=True)
+            return
+        setpoint = _number(self.gateway.store.get(OVEN_SETPOINT).value)
+        temperature = _number(self.gateway.store.get(OVEN_TEMPERATURE).value)
+        if setpoint is None or temperature is None:
+            print("  agent: no oven readings to reason from; no proposal", flush=True)
+            return
+        name = f"demo-agent-{secrets.token_hex(2)}"
+        try:
+            token = await asyncio.to_thread(
+                accounts.create_token, name, [Grant(role="agent", assets=(AGENT_ASSETS,))]
+            )
+            principal = await accounts.authenticate_token_async(token.secret)
+        except GatewayError as exc:
+            print(f"  agent: cannot make its token: {exc}", flush=True)
+            return
+        value = round(setpoint - (temperature - CURE_C), 1)
+        print(
+            f"  agent: token `{name}` (role agent on {AGENT_ASSETS}, made in control.db for "
+            f"this run) proposes the heater setpoint {setpoint:g} -> {value:g} °C to bring the "
+            f"cure from {temperature:.1f} back to {CURE_C:g} °C; an agent may propose, "
+            "not execute",
+            flush=True,
+        )
+        try:
+            record = await engine.propose(
+                principal,
+                OVEN_SETPOINT,
+                value,
+                reason=f"bring the cure back to {CURE_C:g} °C",
+                source="agent",
+            )
+        except GatewayError as exc:
+            print(f"  agent: proposal failed: {exc}", flush=True)
+            return
+        self.waiting = record.id
+
+    async def _approve(self) -> None:
+        """A supervisor approves the agent's waiting proposal; the engine writes it."""
+        engine, accounts, proposal = self.gateway.engine, self.gateway.accounts, self.waiting
+        if engine is None or accounts is None or proposal is None:
+            print("  supervisor: no proposal waits for approval", flush=True)
+            return
+        self.waiting = None
+        try:
+            status = engine.get(proposal).status
+        except GatewayError as exc:
+            print(f"  supervisor: {exc}", flush=True)
+            return
+        if status not in ("pending_approval", "pending_analysis"):
+            print(f"  supervisor: proposal {proposal} is {status}; nothing to approve", flush=True)
+            return
+        password = secrets.token_urlsafe(9)
+        try:
+            principal = await asyncio.to_thread(_supervisor, accounts, password)
+        except GatewayError as exc:
+            print(f"  supervisor: cannot log in: {exc}", flush=True)
+            return
+        print(
+            f"  supervisor: user `{SUPERVISOR}` (password {password!r}, made for this run) "
+            f"reads proposal {proposal}'s simulation and approves it",
+            flush=True,
+        )
+        try:
+            await engine.approve(principal, proposal, comment="simulation read; approved")
+        except GatewayError as exc:
+            print(f"  supervisor: approval refused: {exc}", flush=True)
 
     async def _health(self) -> None:
         """Ask /health over HTTP, as a monitoring system would, and show why if degraded."""
@@ -251,10 +410,26 @@ async def scada_read(gateway: Gateway, user: str, password: str) -> list[str]:
         except ua.UaStatusCodeError as exc:
             name = ua.StatusCode(exc.code).name
             out.append(
-                f"write of 210 to {OVEN_SETPOINT} refused: {name} (SCADA writes will go "
-                "through the policy engine)"
+                f"write of 210 to {OVEN_SETPOINT} refused: {name} (user {user!r} is a viewer: "
+                "it may read, not propose a change)"
             )
     return out
+
+
+def _supervisor(accounts: Any, password: str) -> Principal:
+    """The demo's supervisor with a password made for this run (blocking: argon2)."""
+    try:
+        accounts.add_user(SUPERVISOR, password, [Grant(role="supervisor")])
+    except GatewayError:  # a previous run's: same user, this run's password
+        accounts.set_password(SUPERVISOR, password)
+    principal: Principal = accounts.authenticate_user(SUPERVISOR, password)
+    return principal
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
 
 
 def banner(
@@ -276,6 +451,15 @@ def banner(
         if opcua is not None
         else "    (off)"
     )
+    engine = gateway.engine
+    loaded = ", ".join(p.id for p in engine.policies) if engine is not None else ""
+    folder = gateway.config.policies.dir
+    policies = (
+        f"{rel(folder)}/ ({loaded or 'none loaded'}; copies of policies/, their plant times "
+        f"/ {PLANT_SPEED} like the plant's clock)"
+        if folder is not None
+        else "none"
+    )
     print(
         f"""
 OpsTwin demo is running: a gateway reading the simulated plant.
@@ -293,6 +477,9 @@ OpsTwin demo is running: a gateway reading the simulated plant.
     opstwin twin --config {rel(config_path)}
     opstwin history --config {rel(config_path)} {OVEN_TEMPERATURE}
     opstwin events --config {rel(config_path)}
+  policies:  {policies}
+    opstwin audit show --config {rel(config_path)}      (every proposal, decision and write)
+    opstwin audit verify --config {rel(config_path)}    (the hash chain)
 Press Ctrl-C to stop.
 """,
         flush=True,

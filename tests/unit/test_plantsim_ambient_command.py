@@ -33,7 +33,7 @@ async def test_the_hall_warms_the_oven_and_cools_back():
     ],
 )
 async def test_a_bad_ambient_command_is_refused_and_changes_nothing(text):
-    devices = {"oven": OvenDevice(seed=7, tick_hz=0), "tank": TankDevice(seed=1, tick_hz=0)}
+    oven = OvenDevice(seed=7, tick_hz=0)
     with pytest.raises(FaultSpecError):
-        await apply_fault(parse_fault(text), devices)
-    assert devices["oven"].model.ambient_offset_c == 0.0
+        await apply_fault(parse_fault(text), {"oven": oven, "tank": TankDevice(seed=1, tick_hz=0)})
+    assert oven.model.ambient_offset_c == 0.0
