@@ -14,8 +14,12 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from asyncua.crypto import cert_gen
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from native_kernel import HAVE_GCC, build
-from tests_support import FakeClock
+from tests_support import SCADA_CLIENT_URI, ClientPki, FakeClock
 
 
 @pytest.fixture
@@ -65,3 +69,21 @@ def install_pki(opcua_certificates: Path) -> Callable[[str, Path], Path]:
         return dest
 
     return install
+
+
+@pytest.fixture(scope="session")
+def client_pki(tmp_path_factory: pytest.TempPathFactory) -> ClientPki:
+    """One SCADA client certificate for every test: RSA key generation is the slow part."""
+    folder = tmp_path_factory.mktemp("scada-pki")
+    key = cert_gen.generate_private_key()
+    cert = cert_gen.generate_self_signed_app_certificate(
+        key,
+        "scada",
+        {},
+        [x509.UniformResourceIdentifier(SCADA_CLIENT_URI), x509.DNSName(socket.gethostname())],
+        extended=[ExtendedKeyUsageOID.CLIENT_AUTH],
+    )
+    pki = ClientPki(folder / "cert.der", folder / "key.pem")
+    pki.cert.write_bytes(cert.public_bytes(Encoding.DER))
+    pki.key.write_bytes(cert_gen.dump_private_key_as_pem(key))
+    return pki

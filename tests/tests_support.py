@@ -11,6 +11,7 @@ import importlib.util
 import socket
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -147,3 +148,15 @@ async def logged_events(store: Any, *types: str) -> list[Any]:
     await store.aflush()
     events = await asyncio.to_thread(store.events_since, 0, 1_000_000)
     return [e for e in events if not types or e.type in types]
+
+
+# The application URI of the test SCADA client's certificate (conftest's `client_pki`).
+SCADA_CLIENT_URI = "urn:opstwin-tests:scada"
+
+
+@dataclass(frozen=True)
+class ClientPki:
+    """A SCADA client's certificate and key files."""
+
+    cert: Path
+    key: Path

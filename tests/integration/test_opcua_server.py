@@ -16,7 +16,6 @@ import shutil
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,11 +24,8 @@ from urllib.parse import urlsplit
 import pytest
 import pytest_asyncio
 from asyncua import Client, ua
-from asyncua.crypto import cert_gen
 from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
-from cryptography.x509.oid import ExtendedKeyUsageOID
+from tests_support import SCADA_CLIENT_URI, ClientPki
 
 from drivers.contract import Quality, Sample
 from gateway.errors import GatewayError
@@ -42,7 +38,7 @@ from gateway.twin.store import TwinStore
 pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio(loop_scope="module")]
 
 S = ua.StatusCodes
-CLIENT_URI = "urn:opstwin-tests:scada"
+CLIENT_URI = SCADA_CLIENT_URI
 PASSWORD = "correct horse"
 HASH = hash_password(PASSWORD)
 WATCHER_PASSWORD = "just looking"
@@ -79,30 +75,6 @@ BASE: dict[str, Any] = {
 }
 READ = {ua.AccessLevel.CurrentRead}
 READ_WRITE = {ua.AccessLevel.CurrentRead, ua.AccessLevel.CurrentWrite}
-
-
-@dataclass(frozen=True)
-class ClientPki:
-    cert: Path
-    key: Path
-
-
-@pytest.fixture(scope="session")
-def client_pki(tmp_path_factory) -> ClientPki:
-    """One client certificate for every test: RSA key generation is the slow part."""
-    folder = tmp_path_factory.mktemp("scada-pki")
-    key = cert_gen.generate_private_key()
-    cert = cert_gen.generate_self_signed_app_certificate(
-        key,
-        "scada",
-        {},
-        [x509.UniformResourceIdentifier(CLIENT_URI), x509.DNSName(socket.gethostname())],
-        extended=[ExtendedKeyUsageOID.CLIENT_AUTH],
-    )
-    pki = ClientPki(folder / "cert.der", folder / "key.pem")
-    pki.cert.write_bytes(cert.public_bytes(Encoding.DER))
-    pki.key.write_bytes(cert_gen.dump_private_key_as_pem(key))
-    return pki
 
 
 @pytest.fixture(scope="module")

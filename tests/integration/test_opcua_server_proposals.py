@@ -15,21 +15,15 @@ import contextlib
 import logging
 import math
 import shutil
-import socket
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_asyncio
 from asyncua import Client, ua
-from asyncua.crypto import cert_gen
 from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
-from cryptography.x509.oid import ExtendedKeyUsageOID
-from tests_support import eventually
+from tests_support import SCADA_CLIENT_URI, ClientPki, eventually
 
 from gateway.auth.rbac import Grant, Principal, Role
 from gateway.control import AccountStore, ControlDB
@@ -43,7 +37,7 @@ from gateway.twin.store import TwinStore
 pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio(loop_scope="module")]
 
 S = ua.StatusCodes
-CLIENT_URI = "urn:opstwin-tests:scada"
+CLIENT_URI = SCADA_CLIENT_URI
 PASSWORD = "correct horse"
 HASH = hash_password(PASSWORD)
 TIMEOUT_S = 1.0  # opcua_server.propose_timeout_s of the shared server: short, for the hang test
@@ -103,29 +97,6 @@ class Engine:
             return result
         finally:
             self.returned += 1
-
-
-@dataclass(frozen=True)
-class ClientPki:
-    cert: Path
-    key: Path
-
-
-@pytest.fixture(scope="module")
-def client_pki(tmp_path_factory) -> ClientPki:
-    folder = tmp_path_factory.mktemp("scada-pki")
-    key = cert_gen.generate_private_key()
-    cert = cert_gen.generate_self_signed_app_certificate(
-        key,
-        "scada",
-        {},
-        [x509.UniformResourceIdentifier(CLIENT_URI), x509.DNSName(socket.gethostname())],
-        extended=[ExtendedKeyUsageOID.CLIENT_AUTH],
-    )
-    pki = ClientPki(folder / "cert.der", folder / "key.pem")
-    pki.cert.write_bytes(cert.public_bytes(Encoding.DER))
-    pki.key.write_bytes(cert_gen.dump_private_key_as_pem(key))
-    return pki
 
 
 @pytest.fixture(scope="module")
