@@ -1213,7 +1213,14 @@ class PolicyEngine:
 
 
 def _recent_actions(conn: Any, since: float) -> list[dict[str, Any]]:
-    rows = conn.execute("SELECT entry FROM audit WHERE ts >= ? ORDER BY seq", (since,))
+    # Canonical JSON writes `"action":"..."` exactly so: SQLite skips the access checks (most
+    # rows, with HTTP reads audited) without handing them to the JSON parser.
+    rows = conn.execute(
+        'SELECT entry FROM audit WHERE ts >= ? AND (instr(entry, \'"action":"proposal.\') > 0'
+        ' OR instr(entry, \'"action":"action.\') > 0'
+        ' OR instr(entry, \'"action":"approval.\') > 0) ORDER BY seq',
+        (since,),
+    )
     out = []
     for (text,) in rows:
         with contextlib.suppress(ValueError, TypeError):
