@@ -27,6 +27,7 @@ from gateway.opcua_server.users import control_db_logins
 from gateway.policy.engine import PolicyEngine
 from gateway.policy.load import PolicySet, load_policies
 from gateway.policy.watch import AnomalyWatch
+from gateway.sim.fit import usable_rows
 from gateway.twin.model import PointDef
 from gateway.twin.store import TwinStore
 
@@ -143,14 +144,7 @@ class Gateway:
 
     def _usable_history(self, point_id: str, start: float, end: float) -> list[tuple[float, float]]:
         """A point's GOOD and UNCERTAIN numeric history, for a fitted model (blocking)."""
-        rows = self.store.history(point_id, start, end, limit=1_000_000)
-        return [
-            (r.ts, float(r.value))
-            for r in rows
-            if str(r.quality) in ("GOOD", "UNCERTAIN")
-            and isinstance(r.value, int | float)
-            and not isinstance(r.value, bool)
-        ]
+        return usable_rows(self.store.history(point_id, start, end, limit=1_000_000))
 
     async def _start_drivers(self, life: Lifecycle) -> None:
         pumps = [

@@ -242,6 +242,8 @@ class PolicyEngine:
                 self._trackers[policy.id] = HoldTracker(trigger)
                 for ref in trigger.when.names:
                     self._watch.setdefault(policy.point_id(ref), []).append(policy)
+        # The points each policy reads, worked out once: triggers evaluate on every change.
+        self._reads = {p.id: _points_read(p, points) for p in self.policies}
         self._anomaly_policies = [p for p in self.policies if isinstance(p.trigger, AnomalyTrigger)]
         self.proposals: OrderedDict[str, ProposalRecord] = OrderedDict()
         self._locks: dict[str, asyncio.Lock] = {}
@@ -1044,24 +1046,7 @@ class PolicyEngine:
     # -- reading the twin ----------------------------------------------------------------------
 
     def _values(self, policy: Policy) -> dict[str, PointValue]:
-        ids = set(policy.points.values())
-        ids.add(policy.point_id(policy.action.point))
-        for ref in policy.simulation.outputs:
-            if ref != "failure":
-                ids.add(policy.point_id(ref))
-        trigger = policy.trigger
-        names: set[str] = set()
-        if isinstance(trigger, ConditionTrigger):
-            names |= trigger.when.names
-        names |= policy.action.value.names
-        for interlock in policy.action.interlocks:
-            names |= interlock.names
-        for expr in policy.simulation.bind.values():
-            names |= expr.names
-        if policy.objective is not None:
-            names |= policy.objective.expression.names
-        ids |= {policy.point_id(n) for n in names}
-        return {pid: self.store.get(pid) for pid in ids if pid in self.points}
+        return {pid: self.store.get(pid) for pid in self._reads[policy.id]}
 
     @staticmethod
     def _env(policy: Policy, values: Mapping[str, PointValue]) -> dict[str, Any]:
@@ -1210,6 +1195,24 @@ class PolicyEngine:
 
 
 # -- helpers ----------------------------------------------------------------------------------
+
+
+def _points_read(policy: Policy, points: Mapping[str, PointDef]) -> tuple[str, ...]:
+    """Every declared point a policy's keys and expressions refer to."""
+    ids = set(policy.points.values())
+    ids.add(policy.point_id(policy.action.point))
+    ids |= {policy.point_id(ref) for ref in policy.simulation.outputs if ref != "failure"}
+    trigger = policy.trigger
+    names: set[str] = set(trigger.when.names) if isinstance(trigger, ConditionTrigger) else set()
+    names |= policy.action.value.names
+    for interlock in policy.action.interlocks:
+        names |= interlock.names
+    for expr in policy.simulation.bind.values():
+        names |= expr.names
+    if policy.objective is not None:
+        names |= policy.objective.expression.names
+    ids |= {policy.point_id(n) for n in names}
+    return tuple(sorted(pid for pid in ids if pid in points))
 
 
 def _recent_actions(conn: Any, since: float) -> list[dict[str, Any]]:

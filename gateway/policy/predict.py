@@ -50,7 +50,7 @@ from gateway.policy.expr import (
 )
 from gateway.policy.gate import SimSummary
 from gateway.policy.model import FAILURE_OUTPUT, Policy
-from gateway.sim.fit import fit_fopdt
+from gateway.sim.fit import fit_histories
 from gateway.sim.models import (
     Constraint,
     FopdtModel,
@@ -258,14 +258,8 @@ def fit_history(
             f"not enough history to fit: {len(u_rows)} input and {len(y_rows)} output samples "
             f"(need 1 and {MIN_FIT_SAMPLES})"
         )
-    t0, t1 = y_rows[0][0], y_rows[-1][0]
-    grid = np.arange(t0, t1 + 1e-9, dt)
-    u_ts = np.array([r[0] for r in u_rows])
-    u_vals = np.array([r[1] for r in u_rows], dtype=float)
-    u = u_vals[np.clip(np.searchsorted(u_ts, grid, side="right") - 1, 0, len(u_ts) - 1)]
-    y = np.interp(grid, [r[0] for r in y_rows], [r[1] for r in y_rows])
     try:
-        return fit_fopdt(grid - t0, u, y).as_uncertain_model()
+        return fit_histories(u_rows, y_rows, dt).as_uncertain_model()
     except ValueError as exc:
         raise SimulationError(f"cannot fit a model: {exc}") from None
 

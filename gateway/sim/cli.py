@@ -120,7 +120,7 @@ def cmd_sim_run(args: argparse.Namespace) -> int:
 def cmd_sim_fit(args: argparse.Namespace) -> int:
     """Fit an FOPDT model to a point pair's history and print it with its uncertainty."""
     from gateway.sim import SimulationError
-    from gateway.sim.fit import fit_fopdt, resample
+    from gateway.sim.fit import fit_histories, usable_rows
     from gateway.twin.history import HistoryReader
 
     path = twin_db_path(args.config)
@@ -130,9 +130,9 @@ def cmd_sim_fit(args: argparse.Namespace) -> int:
     try:
         with reading_twin(path):
             with known_point(args.input, path):
-                u_rows = _usable(reader.history(args.input, start, end, limit=1_000_000))
+                u_rows = usable_rows(reader.history(args.input, start, end, limit=1_000_000))
             with known_point(args.output, path):
-                y_rows = _usable(reader.history(args.output, start, end, limit=1_000_000))
+                y_rows = usable_rows(reader.history(args.output, start, end, limit=1_000_000))
     finally:
         reader.close()
     if len(u_rows) < 1 or len(y_rows) < 10:
@@ -140,21 +140,12 @@ def cmd_sim_fit(args: argparse.Namespace) -> int:
             f"not enough GOOD history in the last {args.minutes:g} min: {len(u_rows)} samples of "
             f"{args.input}, {len(y_rows)} of {args.output} (need 1 and 10)"
         )
-    # One grid for both: from the first output sample, inputs held between their changes.
-    t0, t1 = y_rows[0][0], y_rows[-1][0]
-    grid = np.arange(t0, t1 + 1e-9, args.dt)
-    u_ts = np.array([r[0] for r in u_rows])
-    u_vals = np.array([r[1] for r in u_rows], dtype=float)
-    idx = np.clip(np.searchsorted(u_ts, grid, side="right") - 1, 0, len(u_ts) - 1)
-    u = u_vals[idx]
-    _, y = resample(
-        np.array([r[0] for r in y_rows]), np.array([r[1] for r in y_rows], float), args.dt
-    )
-    n = min(len(grid), len(y))
     try:
-        fit = fit_fopdt(grid[:n] - t0, u[:n], y[:n])
+        # One grid from the first output sample; the input holds its value between changes.
+        fit = fit_histories(u_rows, y_rows, args.dt)
     except (SimulationError, ValueError) as exc:
         raise GatewayError(f"cannot fit {args.input} -> {args.output}: {exc}") from exc
+    n = fit.n
     model = fit.as_uncertain_model()
     if args.json:
         print(
@@ -185,11 +176,3 @@ def cmd_sim_fit(args: argparse.Namespace) -> int:
         .rstrip()
     )
     return 0
-
-
-def _usable(rows: list[Any]) -> list[tuple[float, float]]:
-    return [
-        (r.ts, float(r.value))
-        for r in rows
-        if str(r.quality) in ("GOOD", "UNCERTAIN") and r.value is not None
-    ]

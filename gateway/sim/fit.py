@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -88,6 +88,34 @@ def resample(
         idx = np.searchsorted(ts, grid * (1 + 1e-15), side="right") - 1
         return grid, values[np.clip(idx, 0, ts.size - 1)]
     raise ValueError(f"method must be 'linear' or 'hold', got {method!r}")
+
+
+def usable_rows(rows: Iterable[Any]) -> list[tuple[float, float]]:
+    """(ts, value) of the GOOD and UNCERTAIN numeric rows of a twin history, for a fit."""
+    return [
+        (r.ts, float(r.value))
+        for r in rows
+        if str(r.quality) in ("GOOD", "UNCERTAIN")
+        and isinstance(r.value, int | float)
+        and not isinstance(r.value, bool)
+    ]
+
+
+def fit_histories(
+    u_rows: Sequence[tuple[float, float]], y_rows: Sequence[tuple[float, float]], dt: float
+) -> FopdtFit:
+    """Fit an input's and an output's (ts, value) histories on one grid of step `dt`.
+
+    The grid starts at the first output sample; the input holds its value between changes (a
+    setpoint), the output is interpolated. Raises what fit_fopdt raises.
+    """
+    t0, t1 = y_rows[0][0], y_rows[-1][0]
+    grid = np.arange(t0, t1 + 1e-9, dt)
+    u_ts = np.array([r[0] for r in u_rows])
+    u_vals = np.array([r[1] for r in u_rows], dtype=float)
+    u = u_vals[np.clip(np.searchsorted(u_ts, grid, side="right") - 1, 0, len(u_ts) - 1)]
+    y = np.interp(grid, [r[0] for r in y_rows], [r[1] for r in y_rows])
+    return fit_fopdt(grid - t0, u, y)
 
 
 def fit_fopdt(
