@@ -10,6 +10,7 @@ from drivers.modbus.options import ModbusOptions
 from drivers.opcua import OpcuaDriver, OpcuaPoint
 from drivers.opcua.options import OpcuaOptions
 from gateway.config.model import (
+    HttpDeviceConfig,
     ModbusDeviceConfig,
     ModbusPointConfig,
     OpcuaDeviceConfig,
@@ -61,11 +62,14 @@ def twin_datatype(point: ModbusPointConfig | OpcuaPointConfig) -> str:
 
 
 def build_drivers(config: SiteConfig) -> dict[str, Driver]:
-    """One driver per enabled device, keyed by device name."""
+    """One driver per enabled Modbus or OPC UA device, keyed by device name (`http` devices
+    are pushed to, not read)."""
     drivers: dict[str, Driver] = {}
     for device in config.devices:
         if not device.enabled:
             continue
+        if isinstance(device, HttpDeviceConfig):
+            continue  # pushed over HTTP: nothing to read
         if isinstance(device, ModbusDeviceConfig):
             drivers[device.name] = modbus_driver(device)
         else:

@@ -187,8 +187,33 @@ class OpcuaDeviceConfig(_Strict):
     points: list[OpcuaPointConfig] = Field(min_length=1, description="The device's points.")
 
 
-DeviceConfig = Annotated[ModbusDeviceConfig | OpcuaDeviceConfig, Field(discriminator="driver")]
-DRIVERS = ("modbus", "opcua")
+class HttpPointConfig(_PointBase):
+    """A point whose values arrive by `POST /telemetry/ingest` (no protocol address)."""
+
+
+class HttpDeviceConfig(_Strict):
+    """A source without a driver: something on the network pushes its values over HTTP."""
+
+    name: Name = Field(
+        description="Unique device name (letters, digits, `_ . -`, up to 64 characters)."
+    )
+    driver: Literal["http"] = Field(
+        description="`http`: values are pushed to `POST /telemetry/ingest` with a token of role "
+        "`ingest` (or `admin`); the gateway reads nothing."
+    )
+    enabled: bool = Field(True, description="A disabled device's points refuse ingest.")
+    stale_after_s: float | None = Field(
+        None,
+        gt=0,
+        description="A point not pushed within this time turns STALE (None: never).",
+    )
+    points: list[HttpPointConfig] = Field(min_length=1, description="The device's points.")
+
+
+DeviceConfig = Annotated[
+    ModbusDeviceConfig | OpcuaDeviceConfig | HttpDeviceConfig, Field(discriminator="driver")
+]
+DRIVERS = ("modbus", "opcua", "http")
 
 
 class StorageConfig(_Strict):
@@ -261,6 +286,26 @@ class HttpConfig(_Strict):
         description="A request body not received within this time gets 408.",
     )
 
+    read_access: Literal["open", "token"] = Field(
+        "open",
+        description="Who may read the twin, history, events and schemas: `open` (anyone who "
+        "reaches the port) or `token` (a bearer token or user of any role). Writes always need "
+        "a token or user whose role allows them. `/health` and the AIW manifest stay open.",
+    )
+    sse_heartbeat_s: float = Field(
+        15.0,
+        gt=0,
+        le=300,
+        description="`/subscribe` sends a comment line this often when no event flows, so "
+        "proxies and clients see a live stream.",
+    )
+    max_subscribers: StrictInt = Field(
+        16,
+        ge=1,
+        le=1000,
+        description="Concurrent `/subscribe` streams; one more is answered 503.",
+    )
+
     @field_validator("host")
     @classmethod
     def _host(cls, value: str) -> str:
@@ -268,6 +313,103 @@ class HttpConfig(_Strict):
         if problem is not None:
             raise ValueError(problem)
         return value
+
+
+class SyncTlsConfig(_Strict):
+    """TLS towards the MQTT broker."""
+
+    ca_file: FilePath | None = Field(
+        None,
+        description="PEM file of the CA(s) that signed the broker's certificate; None: the "
+        "system's trust store. A relative path is relative to the config file.",
+    )
+    cert_file: FilePath | None = Field(
+        None, description="Client certificate (PEM) when the broker asks for one."
+    )
+    key_file: FilePath | None = Field(None, description="The client certificate's private key.")
+    verify_hostname: bool = Field(
+        True, description="Check that the broker's certificate names the host connected to."
+    )
+
+
+class SyncConfig(_Strict):
+    """Cloud sync over MQTT (DESIGN §6): birth, diffs in rev order, store-and-forward."""
+
+    broker: str | None = Field(
+        None,
+        description="`mqtt://host:port` or `mqtts://host:port` (TLS); None: no cloud sync.",
+    )
+    client_id: str | None = Field(
+        None,
+        max_length=128,
+        description="MQTT client id; default `opstwin-{site_id}-{gateway_id}`.",
+    )
+    username: str | None = Field(None, max_length=256, description="Broker user name.")
+    password_file: FilePath | None = Field(
+        None,
+        description="File whose first line is the broker password (kept out of the site "
+        "config). A relative path is relative to the config file.",
+    )
+    tls: SyncTlsConfig = Field(
+        default_factory=SyncTlsConfig, description="TLS settings, used with `mqtts://`."
+    )
+    topic_prefix: str = Field(
+        "aiw/v1",
+        pattern=r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$",
+        max_length=128,
+        description="Topics are `{topic_prefix}/{site_id}/{gateway_id}/...`.",
+    )
+    keepalive_s: StrictInt = Field(30, ge=5, le=3600, description="MQTT keep-alive interval.")
+    batch_max_events: StrictInt = Field(
+        1000, ge=1, le=100_000, description="Most events in one diff message."
+    )
+    max_inflight: StrictInt = Field(
+        16,
+        ge=1,
+        le=1000,
+        description="Diff messages published and not yet acknowledged (PUBACK) at once.",
+    )
+    reconnect_max_s: float = Field(
+        30.0, gt=0, le=3600, description="Longest wait between reconnect attempts (jittered)."
+    )
+    accept_proposals: bool = Field(
+        True,
+        description="Take proposals from `.../cmd/proposal` (each carries an API token and "
+        "goes through the policy gate like any other).",
+    )
+
+    @field_validator("broker")
+    @classmethod
+    def _broker(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        match = re.fullmatch(r"(mqtts?)://([^:/?#]+|\[[0-9A-Fa-f:.]+\])(?::([0-9]{1,5}))?/?", value)
+        if match is None:
+            raise ValueError(
+                f"{value!r}: expected mqtt://host:port or mqtts://host:port "
+                "(port optional: 1883, or 8883 with TLS)"
+            )
+        host = match.group(2).strip("[]")
+        problem = host_problem(host)
+        if problem is not None:
+            raise ValueError(problem)
+        if match.group(3) is not None and not 0 < int(match.group(3)) < 65536:
+            raise ValueError(f"{value!r}: the port must be 1-65535")
+        return value
+
+    @property
+    def endpoint(self) -> tuple[str, int, bool]:
+        """(host, port, tls) of `broker`; only valid when `broker` is set."""
+        assert self.broker is not None
+        scheme, _, rest = self.broker.partition("://")
+        rest = rest.rstrip("/")
+        tls = scheme == "mqtts"
+        if rest.startswith("["):
+            host, _, port = rest[1:].partition("]")
+            port = port.lstrip(":")
+        else:
+            host, _, port = rest.partition(":")
+        return host, int(port) if port else (8883 if tls else 1883), tls
 
 
 class PoliciesConfig(_Strict):
@@ -298,6 +440,9 @@ class SiteConfig(_Strict):
     )
     policies: PoliciesConfig = Field(
         default_factory=PoliciesConfig, description="Policy files (see `policies/`)."
+    )
+    sync: SyncConfig = Field(
+        default_factory=SyncConfig, description="Cloud sync over MQTT (off unless `broker`)."
     )
     anomalies: AnomalyConfig = Field(
         default_factory=AnomalyConfig,

@@ -177,6 +177,14 @@ class HistoryReader:
             )
             return merged[:limit]
 
+    def log_hold(self, name: str) -> int | None:
+        """The rev consumer `name` holds the event log at, or None when it holds nothing."""
+        with self._reading():
+            row = (
+                self._conn().execute("SELECT rev FROM log_holds WHERE name = ?", (name,)).fetchone()
+            )
+        return None if row is None else int(row[0])
+
     def footprint(self) -> dict[str, int]:
         """How much history is stored and in how many bytes: blocks, and frames not compacted."""
         with self._reading():

@@ -47,6 +47,7 @@ from drivers.contract import Quality, Sample
 from gateway import sdnotify
 from gateway.errors import DatabaseFault, StoreError, UnknownPointError
 from gateway.twin import codec
+from gateway.twin.commits import CommitSignal
 from gateway.twin.files import StoreLock, check_writable, create_private_dirs, create_private_file
 from gateway.twin.history import Bucket, HistoryReader, HistoryRow, decode_value
 from gateway.twin.model import EventRecord, PointDef, PointValue, asset_of
@@ -184,6 +185,7 @@ class TwinStore:
         self._unknown_seen: set[str] = set()
         self._listeners: list[ChangeListener] = []
         self._id_of_pid: dict[int, str] = {}
+        self._commits: CommitSignal | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -216,6 +218,7 @@ class TwinStore:
             if not self._open:
                 return
             self._open = False
+        self._commits = None
         try:
             if self._writer is not None:
                 self._writer.stop(timeout=60.0)
@@ -385,6 +388,39 @@ class TwinStore:
         (the writer does both on its own as frames accumulate); return the compacted rev."""
         self.flush(timeout)
         return self._require_writer().compact(timeout)
+
+    def commit_signal(self) -> CommitSignal:
+        """The committed rev as the running event loop sees it, and a way to wait for commits.
+
+        Created on first call, bound to the calling thread's running loop; call it on the loop
+        that will wait, after open().
+        """
+        if self._commits is None:
+            writer = self._require_writer()
+            self._commits = CommitSignal(asyncio.get_running_loop(), lambda: writer.committed_rev)
+            writer.on_commit = self._commits.committed
+        return self._commits
+
+    async def committed_snapshot(
+        self, max_wait_s: float = 2.0
+    ) -> tuple[int, dict[str, PointValue]]:
+        """Every point's current value at a rev that is committed: the snapshot is taken, then
+        its rev waited for (a few ms: the writer's flush interval). StoreError when the writer
+        cannot commit it within `max_wait_s` (the database is failing)."""
+        rev, values = self.snapshot()
+        try:
+            async with asyncio.timeout(max_wait_s):
+                await self.commit_signal().wait_for(rev)
+        except TimeoutError:
+            raise StoreError(
+                f"{self.path}: rev {rev} not committed within {max_wait_s:g} s"
+                + (f": {self.stats.writer_error}" if self.stats.writer_error else "")
+            ) from None
+        return rev, values
+
+    def log_hold(self, name: str) -> int | None:
+        """Consumer `name`'s hold on the event log (its persisted cursor), or None (blocking)."""
+        return self._reading(self._require_reader().log_hold, name)
 
     def hold_log(self, name: str, rev: int) -> None:
         """Keep the event log after `rev` for consumer `name` (sync: its cursor), within the

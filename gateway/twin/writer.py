@@ -52,7 +52,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from operator import itemgetter
 from pathlib import Path
@@ -266,6 +266,9 @@ class Writer:
         self._history_s = history_s
         self._events_s = events_s
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        # Called on this thread after each commit with the new committed rev (the store's
+        # CommitSignal wakes the event loop with it); must be quick and must not raise.
+        self.on_commit: Callable[[int], None] | None = None
         self._cond = threading.Condition()
         self._conn: sqlite3.Connection | None = None
         self._thread = threading.Thread(target=self._run, name="twin-writer", daemon=True)
@@ -633,6 +636,11 @@ class Writer:
             self.error = None
             self.failing_since = None
             self._cond.notify_all()
+        if self.on_commit is not None:
+            try:
+                self.on_commit(self.committed_rev)
+            except Exception:
+                log.exception("%s: commit callback failed", self.path)
         return True
 
     def _fail(self, exc: BaseException, what: str) -> None:
@@ -979,6 +987,11 @@ class Writer:
             events_cut,
             "SELECT coalesce(max(rev), 0) + 1 FROM events",
         )
+        # A consumer's hold (sync) keeps events it has not delivered, like the frames; while
+        # the log is over its bound the holds lose here too (see _trim_log).
+        hold = conn.execute("SELECT min(rev) FROM log_holds").fetchone()[0]
+        if hold is not None and self.log_bytes <= self.log_max_bytes:
+            job.events_below = min(job.events_below, int(hold) + 1)
         # The log is a contiguous suffix: it cannot serve a rev whose event is gone.
         job.log_start = self.log_start_rev
         if job.events_below > job.event_from:
