@@ -8,13 +8,14 @@ is the event's cursor. Cursors are opaque to clients; ours encode the rev (`curs
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Any
 
+import orjson
+
 from gateway.twin.model import EventRecord
 
-__all__ = ["CursorError", "cursor", "event_json", "parse_cursor", "twin_id"]
+__all__ = ["CursorError", "cursor", "dumps", "event_json", "parse_cursor", "twin_id"]
 
 _CURSOR = re.compile(r"(?:cursor_)?([0-9]{1,18})")
 
@@ -45,24 +46,22 @@ def twin_id(site_id: str, gateway_id: str) -> str:
 
 
 def event_json(event: EventRecord, twin: str) -> dict[str, Any]:
-    """One event as every AIW channel sends it (JSON-safe: NaN/inf become null)."""
+    """One event as every AIW channel sends it; encode it with `dumps` (NaN/inf → null)."""
     return {
-        "id": cursor(event.rev),
+        "id": f"cursor_{event.rev:06d}",  # cursor(), inlined: this runs once per change sent
         "rev": event.rev,
         "type": event.type,
         "ts": event.ts,
         "twin_id": twin,
         "asset_id": event.asset_id,
         "point_id": event.point_id,
-        "data": _finite(event.data),
+        "data": event.data,
     }
 
 
-def _finite(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
+def dumps(value: Any) -> bytes:
+    """JSON bytes for anything leaving over AIW: orjson, ~10x the standard encoder on event
+    batches (bench/sync.py), and it writes NaN and infinities as null (JSON has neither; a BAD
+    point may still carry a NaN) without a walk over the data first. Non-str dict keys and
+    other types orjson refuses fall back to `str`."""
+    return orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS)

@@ -105,6 +105,7 @@ class HistoryReader:
         self._closed = False
         self._by_id: dict[str, tuple[int, str]] = {}
         self._by_pid: dict[int, tuple[str, str]] = {}
+        self._telemetry_of: dict[int, tuple[Any, str, Callable[[Any], Any] | None]] = {}
 
     def history(
         self, point_id: str, start: float, end: float, limit: int = 1000
@@ -296,6 +297,7 @@ class HistoryReader:
         rows = conn.execute("SELECT pid, id, datatype FROM points").fetchall()
         self._by_id = {point_id: (pid, datatype) for pid, point_id, datatype in rows}
         self._by_pid = {pid: (point_id, datatype) for pid, point_id, datatype in rows}
+        self._telemetry_of = {}
 
     def _point_of(self, conn: sqlite3.Connection, pid: int | None) -> tuple[Any, Any]:
         if pid is None:
@@ -306,15 +308,20 @@ class HistoryReader:
 
     def _telemetry_event(self, conn: sqlite3.Connection, row: tuple[Any, ...]) -> EventRecord:
         rev, ts, pid, value, quality, source_ts, reason = row
-        point_id, datatype = self._point_of(conn, pid)
-        decode = decode_value(datatype or "")
+        # Per point, worked out once: the sync reads every change through here (bench/sync.py).
+        known = self._telemetry_of.get(pid)
+        if known is None:
+            point_id, datatype = self._point_of(conn, pid)
+            known = (point_id, asset_of(point_id or ""), decode_value(datatype or ""))
+            self._telemetry_of[pid] = known
+        point_id, asset_id, decode = known
         payload = {
             "value": decode(value) if decode else value,
             "quality": QUALITIES[quality],
             "source_ts": source_ts,
             "reason": reason,
         }
-        return EventRecord(rev, ts, TELEMETRY, asset_of(point_id or ""), point_id, payload)
+        return EventRecord(rev, ts, TELEMETRY, asset_id, point_id, payload)
 
     def _event(self, conn: sqlite3.Connection, row: tuple[Any, ...]) -> EventRecord:
         rev, ts, kind, pid, asset_id, data = row
