@@ -13,6 +13,7 @@ from drivers.base import Driver
 from drivers.contract import ConnectionState
 from drivers.errors import DriverError
 from drivers.limits import limit_violation
+from gateway.aiw.push import PushSources
 from gateway.auth.rbac import Principal
 from gateway.config import SiteConfig
 from gateway.control.db import ControlDB, control_db_path
@@ -28,6 +29,8 @@ from gateway.policy.engine import PolicyEngine
 from gateway.policy.load import PolicySet, load_policies
 from gateway.policy.watch import AnomalyWatch
 from gateway.sim.fit import usable_rows
+from gateway.sync import SyncService
+from gateway.sync.gate import gateway_gate
 from gateway.twin.model import PointDef
 from gateway.twin.store import TwinStore
 
@@ -54,6 +57,8 @@ class Gateway:
             event_log_max_mb=config.storage.event_log_max_mb,
         )
         self.drivers: dict[str, Driver] = build_drivers(config)
+        # The `driver: http` devices have no driver: their points are pushed to the gateway.
+        self.push = PushSources(config, self.points)
         # None without rules; the policy engine sets its `on_anomalies`.
         self.anomaly_watch: AnomalyWatch | None = AnomalyWatch.from_config(
             self.store, config.anomalies, self.points.values()
@@ -64,6 +69,17 @@ class Gateway:
         self.accounts: AccountStore | None = None
         self.engine: PolicyEngine | None = None
         self.opcua_server: TwinOpcuaServer | None = None
+        # Cloud sync over MQTT (DESIGN §6): None without `sync.broker`.
+        self.sync: SyncService | None = None
+        if config.sync.broker is not None:
+            self.sync = SyncService(
+                config.sync,
+                self.store,
+                site_id=config.site_id,
+                gateway_id=config.gateway_id,
+                points=self.points,
+                gate=gateway_gate(self),
+            )
         if config.opcua_server.enabled:
             self.opcua_server = TwinOpcuaServer(
                 config.opcua_server,
@@ -88,8 +104,10 @@ class Gateway:
             await self._start_store(life)
             await self._start_control(life)
             await self._start_drivers(life)
+            life.task(self.push.watch(self.store.ingest, self.store.get), "push:stale")
             self._start_anomaly_watch(life)
             await self._start_engine(life)
+            await self._start_sync(life)
             life.task(self._prune_periodically(), "twin:prune")
             await self._start_opcua_server(life)
         except BaseException:
@@ -141,6 +159,14 @@ class Gateway:
         await engine.start(life)
         if self.anomaly_watch is not None:
             self.anomaly_watch.on_anomalies = engine.on_anomalies
+
+    async def _start_sync(self, life: Lifecycle) -> None:
+        # After the store and the engine (cmd/proposal needs it); registered after the store, so
+        # it stops before the store closes: `offline` is published and the cursor persisted.
+        if self.sync is None:
+            return
+        life.on_stop("cloud sync", self.sync.stop)
+        await self.sync.start()
 
     def _usable_history(self, point_id: str, start: float, end: float) -> list[tuple[float, float]]:
         """A point's GOOD and UNCERTAIN numeric history, for a fitted model (blocking)."""
@@ -195,18 +221,31 @@ class Gateway:
         if why is not None:
             limits = f"[{point.lo}, {point.hi}]"
             raise DeviceError(f"{point_id}: value {value!r} outside limits {limits}: {why}")
-        driver = self.drivers[point.device]
+        driver = self.drivers.get(point.device)
+        if driver is None:
+            how = "pushed over HTTP (driver: http)" if point.device in self.push.devices else None
+            raise DeviceError(
+                f"{point_id}: device {point.device} is "
+                + (f"{how}: the gateway has no connection to write to" if how else "disabled")
+            )
         try:
             return await driver.write(point_id, value)
         except DriverError as exc:
             raise DeviceError(f"{point_id}: write of {value!r} failed: {exc}") from exc
 
     def device_states(self) -> dict[str, dict[str, Any]]:
-        """Each device's connection state, last error and polls skipped by overrunning ones."""
-        return {
+        """Each device's connection state, last error and polls skipped by overrunning ones.
+
+        A pushed (`driver: http`) device has no connection: its state says whether its source
+        pushes (RECEIVING), has not yet since the start (WAITING), or fell silent for longer
+        than `stale_after_s` (STALE), with the age of the last push.
+        """
+        states = {
             name: {"state": d.state.value, "last_error": d.last_error, "polls_skipped": d.overruns}
             for name, d in self.drivers.items()
         }
+        states.update(self.push.device_states())
+        return states
 
     async def _pump(self, driver: Driver) -> None:
         # One pump per driver: ingest never waits on SQLite, so this loop never blocks.

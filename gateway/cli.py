@@ -14,6 +14,7 @@ from typing import Any
 
 from gateway import __version__
 from gateway.config import SiteConfig, load_config
+from gateway.config.model import HttpDeviceConfig
 from gateway.errors import ConfigError, GatewayError
 
 EXIT_OK = 0
@@ -104,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     hashpw.set_defaults(handler=cmd_hash_password)
 
+    from gateway.mirror.cli import add_mirror_command
     from gateway.proposal_cli import add_proposal_commands
     from gateway.sim.cli import add_sim_commands
     from gateway.twin_cli import add_twin_commands
@@ -112,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sim_commands(sub)
     _add_control_commands(sub)
     add_proposal_commands(sub)
+    add_mirror_command(sub)
     return parser
 
 
@@ -505,13 +508,20 @@ def describe(config: SiteConfig, source: str) -> str:
     ]
     for device in config.devices:
         state = "" if device.enabled else " [disabled]"
-        lines.append(f"  {device.name} ({device.driver}) {device.endpoint}{state}")
+        # An http device has no endpoint nor addresses: its values are pushed to the gateway.
+        endpoint = (
+            "(pushed to POST /telemetry/ingest)"
+            if isinstance(device, HttpDeviceConfig)
+            else device.endpoint
+        )
+        lines.append(f"  {device.name} ({device.driver}) {endpoint}{state}")
         for point in device.points:
             rng = f" [{point.range.lo:g}..{point.range.hi:g}]" if point.range else ""
             flags = " writable" if point.writable else ""
             unit = f" {point.unit}" if point.unit else ""
             lines.append(
-                f"    {point.id:<44} {point.address:<14} {point.datatype:<8}{unit}{rng}{flags}"
+                f"    {point.id:<44} {getattr(point, 'address', 'pushed'):<14} "
+                f"{point.datatype:<8}{unit}{rng}{flags}"
             )
     return "\n".join(lines)
 

@@ -11,6 +11,7 @@ from drivers.opcua import OpcuaDriver, OpcuaPoint
 from drivers.opcua.options import OpcuaOptions
 from gateway.config.model import (
     HttpDeviceConfig,
+    HttpPointConfig,
     ModbusDeviceConfig,
     ModbusPointConfig,
     OpcuaDeviceConfig,
@@ -49,7 +50,7 @@ def point_defs(config: SiteConfig) -> list[PointDef]:
     ]
 
 
-def twin_datatype(point: ModbusPointConfig | OpcuaPointConfig) -> str:
+def twin_datatype(point: ModbusPointConfig | OpcuaPointConfig | HttpPointConfig) -> str:
     """The datatype of the value the twin holds: the engineering value, not the raw register.
 
     A Modbus int16 with scale 0.01 carries 18.09 °C, so the twin (and the OPC UA variable

@@ -4,6 +4,8 @@
 in `reasons`, when a device is not connected, a connected device has every point BAD, or the
 twin store cannot commit or has met corruption. Reads that need the database (history,
 aggregates) answer 503 with a JSON error when it fails; values in memory (/twin) keep working.
+The reads that carry a rev (/twin and its ETag, /diff, the /subscribe SSE stream) are in
+gateway/aiw/stream.py: they only ever hand out committed revs.
 
 Setpoint changes are proposed, listed, approved, rejected and rolled back under `/proposals`,
 with authentication and RBAC (gateway/http_proposals.py). Later work adds the rest of the AIW
@@ -24,6 +26,10 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from gateway import __version__
+from gateway.aiw.auth import add_read_access
+from gateway.aiw.openapi import add_document_routes
+from gateway.aiw.stream import add_stream_routes
+from gateway.aiw.writes import add_write_routes
 from gateway.app import Gateway
 from gateway.errors import StoreError, UnknownPointError
 from gateway.http_proposals import add_proposal_routes
@@ -47,11 +53,17 @@ def create_app(gateway: Gateway) -> web.Application:
     app[GATEWAY] = gateway
     app.cleanup_ctx.append(_gateway_lifecycle)
     app.router.add_get("/health", health)
-    app.router.add_get("/twin", twin_snapshot)
-    app.router.add_get("/twin/{point_id:.+}", twin_point)
+    # /twin, /twin/{point}, /diff, /subscribe: everything that carries a rev, committed only.
+    add_stream_routes(app, GATEWAY)
     app.router.add_get("/telemetry/query", telemetry_query)
     app.router.add_get("/telemetry/aggregate", telemetry_aggregate)
     add_proposal_routes(app, GATEWAY)
+    # /telemetry/ingest, /sim/run, /actions, /rollback/{action_id} (gateway/aiw/writes.py).
+    add_write_routes(app, GATEWAY)
+    # `http.read_access: token`: reads need a principal with RBAC `read` (gateway/aiw/auth.py).
+    add_read_access(app, GATEWAY)
+    # /openapi.json, the manifest, /schemas (from the router, at first request); JSON 404/405/413.
+    add_document_routes(app, GATEWAY)
     return app
 
 
@@ -67,6 +79,9 @@ async def health(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
     devices = gateway.device_states()
     reasons = [*_device_problems(gateway, devices), *gateway.store.problems()]
+    sync = gateway.sync
+    if sync is not None:
+        reasons += sync.problems()  # only when configured and disconnected for over 60 s
     return web.json_response(
         {
             "status": "degraded" if reasons else "ok",
@@ -78,35 +93,10 @@ async def health(request: web.Request) -> web.Response:
             "uptime_s": round(time.time() - (gateway.started_at or time.time()), 3),
             "devices": devices,
             "storage": gateway.store.storage_info(),
+            # The cloud sync's connection, cursor and lag; null when no broker is configured.
+            "sync": None if sync is None else sync.health(),
         }
     )
-
-
-async def twin_snapshot(request: web.Request) -> web.Response:
-    """Every point's current value, with the rev it was taken at."""
-    gateway = request.app[GATEWAY]
-    rev, values = gateway.store.snapshot()
-    etag = f'"rev:{rev}"'
-    if request.headers.get("If-None-Match") == etag:
-        return web.Response(status=304, headers={"ETag": etag})
-    body = {
-        "site_id": gateway.config.site_id,
-        "gateway_id": gateway.config.gateway_id,
-        "rev": rev,
-        "points": {pid: _point_json(gateway, v) for pid, v in sorted(values.items())},
-    }
-    return web.json_response(body, headers={"ETag": etag})
-
-
-async def twin_point(request: web.Request) -> web.Response:
-    """One point's current value and metadata."""
-    gateway = request.app[GATEWAY]
-    point_id = request.match_info["point_id"]
-    try:
-        value = gateway.store.get(point_id)
-    except UnknownPointError:
-        raise _error(404, f"unknown point {point_id!r}") from None
-    return web.json_response({"rev": gateway.store.rev, **_point_json(gateway, value)})
 
 
 async def telemetry_query(request: web.Request) -> web.Response:
@@ -145,13 +135,18 @@ async def telemetry_aggregate(request: web.Request) -> web.Response:
 
 
 def _device_problems(gateway: Gateway, devices: dict[str, dict[str, Any]]) -> Iterator[str]:
-    """A disconnected device, or a connected one whose every point is BAD (it refuses reads)."""
+    """A disconnected device, or a connected one whose every point is BAD (it refuses reads).
+
+    A pushed (`driver: http`) device has no connection: it is a problem only when STALE (its
+    source fell silent for longer than `stale_after_s`), not while RECEIVING or WAITING for a
+    first push (gateway/aiw/push.py).
+    """
     _, values = gateway.store.snapshot()
     by_device: dict[str, list[PointValue]] = {}
     for point_id, value in values.items():
         by_device.setdefault(gateway.points[point_id].device, []).append(value)
     for name, device in devices.items():
-        if device["state"] != "CONNECTED":
+        if device["state"] not in ("CONNECTED", "RECEIVING", "WAITING"):
             error = device["last_error"]
             yield f"device {name} is {device['state']}" + (f": {error}" if error else "")
             continue
@@ -172,25 +167,6 @@ async def _read(request: web.Request, read: Callable[..., _T], *args: Any) -> _T
     except StoreError as exc:
         _read_failures.log(logging.WARNING, request.path, "%s: answered 503: %s", request.path, exc)
         raise _error(503, f"the twin database cannot be read: {exc}") from None
-
-
-def _point_json(gateway: Gateway, value: PointValue) -> dict[str, Any]:
-    point = gateway.points[value.point_id]
-    return {
-        "id": point.id,
-        "value": _finite(value.value),
-        "quality": str(value.quality),
-        "reason": value.reason,
-        "source_ts": value.source_ts,
-        "gateway_ts": value.gateway_ts,
-        "rev": value.rev,
-        "unit": point.unit,
-        "range": None if point.lo is None else {"lo": point.lo, "hi": point.hi},
-        "writable": point.writable,
-        "datatype": point.datatype,
-        "device": point.device,
-        "description": point.description,
-    }
 
 
 def _range_args(request: web.Request, gateway: Gateway) -> tuple[str, float, float]:

@@ -34,15 +34,10 @@ with one sentence saying what to do:
   same request may succeed once the device accepts writes again;
 - 503 the gateway has not started its engine yet (or is stopping), or control.db cannot be read.
 
-Authentication, on every route: `Authorization: Bearer otw_...` (an API token; a SHA-256 and
-one index probe) or `Basic` (a control.db user's name and password; one argon2 verification,
-~25 ms, in a worker thread). A refused login is recorded in the audit log (`auth.refused`, with
-the real reason, which the client never sees) and counted against the client's address: within
-`window_s`, an address with `max_failures` refused logins, or `max_concurrent` password checks
-still running, gets 429 without any check, so a guesser buys at most a few argon2 verifications
-a minute and cannot grow the audit log faster than that. Passwords and tokens have separate
-rations: an agent looping with a revoked token on the gateway's own host must not lock the
-operator's `opstwin approve` (same address) out.
+Authentication, on every route: `Authorization: Bearer otw_...` (an API token) or `Basic` (a
+control.db user's name and password), resolved, throttled and audited by gateway/aiw/auth.py,
+the one implementation every HTTP route uses (its rations are the app's, shared with the AIW
+routes).
 
 Reads are checked too (RBAC `read`, recorded like every check): `GET /proposals/{id}` on the
 proposal's point; `GET /proposals` lists the proposals on the points the caller's grants cover
@@ -52,27 +47,35 @@ able to find the proposals waiting for them. One audit entry per request, not on
 
 from __future__ import annotations
 
-import base64
-import binascii
 import functools
-import json
-import logging
-import math
 import re
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING
 
 from aiohttp import web
-from multidict import CIMultiDict
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from gateway.aiw.answers import (
+    HttpRefusal,
+    int_query,
+    json_answer,
+    read_body,
+    refusal_answer,
+    running_engine,
+)
+from gateway.aiw.auth import (
+    CREDENTIALS_REFUSED,
+    Authenticator,
+    LoginRation,
+    audit,
+    checks_its_own_access,
+    ensure_authenticator,
+    parse_authorization,
+    require_principal,
+)
 from gateway.audit.chain import AuditEntry
 from gateway.auth.rbac import AccessDecision, Principal, check
-from gateway.control.audit import append_rows
-from gateway.control.users import AuthError
 from gateway.errors import GatewayError, UnknownPointError
 from gateway.policy.engine import (
     AccessDeniedError,
@@ -80,13 +83,10 @@ from gateway.policy.engine import (
     ProposalRecord,
     ProposalStateError,
 )
-from gateway.ratelog import RateLimitedLog
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
     from gateway.policy.engine import PolicyEngine
-
-log = logging.getLogger(__name__)
 
 __all__ = [
     "CREDENTIALS_REFUSED",
@@ -119,13 +119,7 @@ LIST_STATUSES = (
     "rolled_back",
     "expired",
 )
-CREDENTIALS_REFUSED = (
-    "credentials refused: send `Authorization: Bearer <API token>` (`opstwin token create`) or "
-    "Basic with a user's name and password (`opstwin user add`)"
-)
-_CHALLENGES = ('Bearer realm="opstwin"', 'Basic realm="opstwin", charset="UTF-8"')
 
-_T = TypeVar("_T", bound=BaseModel)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -177,140 +171,11 @@ class RollbackBody(_Body):
     reason: str = Field("", max_length=MAX_REASON)
 
 
-# -- failed-login ration --------------------------------------------------------------------------
-
-
-class LoginRation:
-    """Refused logins per client address within a sliding window; pure but for the clock.
-
-    `retry_after(address)` says whether the address may try (None) or in how many seconds;
-    `begin` / `end(ok=...)` bracket one check, so that checks still running count as well
-    (a burst of parallel guesses would otherwise all pass before the first one fails).
-    """
-
-    def __init__(
-        self,
-        *,
-        max_failures: int,
-        window_s: float,
-        max_concurrent: int | None = None,
-        max_tracked: int = 1024,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        if max_failures < 1 or window_s <= 0:
-            raise ValueError("a ration allows at least one failure within a window above 0 s")
-        self.max_failures = max_failures
-        self.window_s = window_s
-        self.max_concurrent = max_concurrent
-        self._max_tracked = max_tracked
-        self._clock = clock
-        self._failures: dict[str, deque[float]] = {}
-        self._running: dict[str, int] = {}
-
-    def retry_after(self, address: str) -> float | None:
-        """None if `address` may try a login now; else the seconds until it may."""
-        now = self._clock()
-        failures = self._recent(address, now)
-        if len(failures) >= self.max_failures:
-            return max(1.0, failures[0] + self.window_s - now)
-        if self.max_concurrent is not None and self._running.get(address, 0) >= self.max_concurrent:
-            return 1.0
-        return None
-
-    def begin(self, address: str) -> None:
-        """A check for `address` starts."""
-        self._running[address] = self._running.get(address, 0) + 1
-
-    def end(self, address: str, *, ok: bool) -> None:
-        """The check `begin` announced ended; a failure counts for the window."""
-        running = self._running.get(address, 0) - 1
-        if running > 0:
-            self._running[address] = running
-        else:
-            self._running.pop(address, None)
-        if not ok:
-            self.fail(address)
-
-    def fail(self, address: str) -> None:
-        """Count one refused login of `address`."""
-        now = self._clock()
-        if address not in self._failures and len(self._failures) >= self._max_tracked:
-            # Addresses come from the network: sweep the expired ones, then the oldest.
-            for old in list(self._failures):
-                self._recent(old, now)
-            if len(self._failures) >= self._max_tracked:
-                oldest = min(self._failures, key=lambda a: self._failures[a][-1])
-                del self._failures[oldest]
-        self._failures.setdefault(address, deque()).append(now)
-
-    def _recent(self, address: str, now: float) -> deque[float]:
-        failures = self._failures.get(address)
-        if failures is None:
-            return deque()
-        while failures and failures[0] <= now - self.window_s:
-            failures.popleft()
-        if not failures:
-            del self._failures[address]
-        return failures
-
-
 # -- the routes -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Credentials:
-    """What an Authorization header offers: a token, or a user's name and password."""
-
-    kind: str  # "token" or "user"
-    secret: str  # the token, or the password
-    name: str | None = None  # the user's name
-
-
-class _Refusal(Exception):
-    """An HTTP error answer: status, the sentence for `error`, extra headers and body keys."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        headers: CIMultiDict[str] | dict[str, str] | None = None,
-        extra: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers
-        self.extra = extra or {}
-
-
-def parse_authorization(header: str | None) -> Credentials | None:
-    """Return the credentials an Authorization header carries, None if it carries none.
-
-    ValueError (the reason, never echoing the header) when it is there but malformed.
-    """
-    if header is None or not header.strip():
-        return None
-    scheme, _, rest = header.strip().partition(" ")
-    rest = rest.strip()
-    if scheme.lower() == "bearer":
-        if not rest or " " in rest:
-            raise ValueError("a Bearer header holds one token")
-        return Credentials("token", rest)
-    if scheme.lower() == "basic":
-        try:
-            decoded = base64.b64decode(rest, validate=True).decode("utf-8")
-        except (binascii.Error, ValueError):
-            raise ValueError("Basic credentials are not base64 of UTF-8 `name:password`") from None
-        name, colon, password = decoded.partition(":")
-        if not colon:
-            raise ValueError("Basic credentials have no `:` between name and password")
-        return Credentials("user", password, name)
-    raise ValueError("the Authorization scheme is neither Bearer nor Basic")
-
-
 class ProposalRoutes:
-    """The proposal routes of one app, with its failed-login rations."""
+    """The proposal routes of one app; its failed-login rations are the app's authenticator's."""
 
     def __init__(
         self,
@@ -320,17 +185,30 @@ class ProposalRoutes:
         token_ration: LoginRation | None = None,
     ) -> None:
         self._key = gateway_key
-        # Each refused password costs ~25 ms of argon2: 10 a minute per address is plenty for a
-        # person who mistyped, and bounds a guesser. Tokens cost a hash and an index probe; their
-        # ration only bounds the audit rows a broken agent can cause.
-        self.password_ration = password_ration or LoginRation(
-            max_failures=10, window_s=60.0, max_concurrent=4
-        )
-        self.token_ration = token_ration or LoginRation(max_failures=30, window_s=60.0)
-        self._lines = RateLimitedLog(log, 60.0)
+        # Replaced by the app's own in register() when the app already has one.
+        self.auth = Authenticator(password_ration=password_ration, token_ration=token_ration)
+
+    @property
+    def password_ration(self) -> LoginRation:
+        """Refused password logins per address (shared by every route of the app)."""
+        return self.auth.password_ration
+
+    @password_ration.setter
+    def password_ration(self, ration: LoginRation) -> None:
+        self.auth.password_ration = ration
+
+    @property
+    def token_ration(self) -> LoginRation:
+        """Refused token logins per address (shared by every route of the app)."""
+        return self.auth.token_ration
+
+    @token_ration.setter
+    def token_ration(self, ration: LoginRation) -> None:
+        self.auth.token_ration = ration
 
     def register(self, app: web.Application) -> None:
         """Add the routes to `app`."""
+        self.auth = ensure_authenticator(app, self.auth)
         app[PROPOSAL_ROUTES] = self
         app.router.add_post("/proposals", self._wrap(self.propose))
         app.router.add_get("/proposals", self._wrap(self.list_proposals))
@@ -345,7 +223,7 @@ class ProposalRoutes:
         """Put a change through the gate; 201 with the proposal as the gate left it."""
         gateway, engine = self._engine(request)
         principal = await self._principal(request, gateway)
-        body = await _body(request, ProposeBody, required=True)
+        body = await read_body(request, ProposeBody, required=True)
         try:
             record = await engine.propose(
                 principal,
@@ -356,7 +234,7 @@ class ProposalRoutes:
                 idempotency_key=body.idempotency_key,
             )
         except UnknownPointError:
-            raise _Refusal(
+            raise HttpRefusal(
                 404,
                 f"unknown point {body.point[:256]!r}; `GET /twin` lists the points, and the "
                 "writable ones say `writable: true`",
@@ -364,13 +242,13 @@ class ProposalRoutes:
         # The same pure check the engine made: it rejected the proposal for want of a grant.
         access = check(principal, "propose", body.point)
         if not access.allowed:
-            raise _Refusal(
+            raise HttpRefusal(
                 403,
                 f"{access.reason}; proposal {record.id} is recorded as rejected. Ask an admin "
                 "for an `agent` (or higher) grant covering this point",
                 extra={"proposal": record.to_json()},
             )
-        return _json(record.to_json(), status=201)
+        return json_answer(record.to_json(), status=201)
 
     async def list_proposals(self, request: web.Request) -> web.Response:
         """The newest proposals first, on the points the caller may read."""
@@ -378,8 +256,8 @@ class ProposalRoutes:
         principal = await self._principal(request, gateway)
         status = request.query.get("status") or None
         if status is not None and status not in LIST_STATUSES:
-            raise _Refusal(400, f"status must be one of {', '.join(LIST_STATUSES)}")
-        limit = _int_query(request, "limit", DEFAULT_LIST, 1, MAX_LIST)
+            raise HttpRefusal(400, f"status must be one of {', '.join(LIST_STATUSES)}")
+        limit = int_query(request, "limit", DEFAULT_LIST, 1, MAX_LIST)
         site = check(principal, "read", None)
         records = engine.recent(status, limit=len(engine.proposals) or 1)
         if site.allowed:
@@ -397,7 +275,7 @@ class ProposalRoutes:
             shown = visible[:limit]
             hidden = len(records) - len(visible)
         self._audit_access(gateway, site, None, listed=(len(shown), hidden))
-        return _json({"proposals": [r.to_json() for r in shown], "hidden": hidden})
+        return json_answer({"proposals": [r.to_json() for r in shown], "hidden": hidden})
 
     async def show(self, request: web.Request) -> web.Response:
         """One proposal, if the caller may read its point."""
@@ -407,14 +285,14 @@ class ProposalRoutes:
         access = check(principal, "read", record.proposal.point)
         self._audit_access(gateway, access, record.id)
         if not access.allowed:
-            raise _Refusal(403, f"{access.reason}; ask an admin for a grant covering this point")
-        return _json(record.to_json())
+            raise HttpRefusal(403, f"{access.reason}; ask an admin for a grant covering this point")
+        return json_answer(record.to_json())
 
     async def approve(self, request: web.Request) -> web.Response:
         """Approve a waiting proposal; it is executed before the answer."""
         gateway, engine = self._engine(request)
         principal = await self._principal(request, gateway)
-        body = await _body(request, ApproveBody)
+        body = await read_body(request, ApproveBody)
         proposal_id = _proposal_id(request)
         return await _act(engine.approve(principal, proposal_id, comment=body.comment))
 
@@ -422,17 +300,27 @@ class ProposalRoutes:
         """Reject a waiting proposal."""
         gateway, engine = self._engine(request)
         principal = await self._principal(request, gateway)
-        body = await _body(request, RejectBody)
+        body = await read_body(request, RejectBody)
         proposal_id = _proposal_id(request)
         return await _act(engine.reject(principal, proposal_id, reason=body.reason))
 
     async def rollback(self, request: web.Request) -> web.Response:
         """Restore the value a succeeded change replaced."""
+        return json_answer((await self.rolled_back(request)).to_json())
+
+    async def rolled_back(self, request: web.Request) -> ProposalRecord:
+        """Roll back the proposal the request names (`{id}` or `{action_id}`) as its caller;
+        every error a refusal. Shared with `POST /rollback/{action_id}`, which answers with
+        the action instead of the proposal."""
         gateway, engine = self._engine(request)
         principal = await self._principal(request, gateway)
-        body = await _body(request, RollbackBody)
+        body = await read_body(request, RollbackBody)
         proposal_id = _proposal_id(request)
-        return await _act(engine.rollback(principal, proposal_id, reason=body.reason))
+        return await _acted(engine.rollback(principal, proposal_id, reason=body.reason))
+
+    def wrapped(self, handler: Handler) -> Handler:
+        """`handler` (one of this object's) answering its refusals as JSON, for another route."""
+        return self._wrap(handler)
 
     # -- helpers ----------------------------------------------------------------------------------
 
@@ -441,121 +329,20 @@ class ProposalRoutes:
         async def wrapped(request: web.Request) -> web.StreamResponse:
             try:
                 return await handler(request)
-            except _Refusal as refusal:
-                body = {"error": refusal.message, **refusal.extra}
-                return _json(body, status=refusal.status, headers=refusal.headers)
+            except HttpRefusal as refusal:
+                return refusal_answer(refusal)
 
-        return wrapped
+        # Reads too authenticate here, whatever `http.read_access` says: proposals are never
+        # open (gateway/aiw/auth.py's middleware passes these routes through).
+        return checks_its_own_access(wrapped)
 
     def _engine(self, request: web.Request) -> tuple[Gateway, PolicyEngine]:
         gateway = request.app[self._key]
-        engine = getattr(gateway, "engine", None)
-        if engine is None or getattr(gateway, "accounts", None) is None:
-            raise _Refusal(
-                503,
-                "the gateway's policy engine is not running (the gateway is starting or "
-                "stopping); retry in a few seconds",
-                headers={"Retry-After": "5"},
-            )
-        return gateway, engine
+        return gateway, running_engine(gateway)
 
     async def _principal(self, request: web.Request, gateway: Gateway) -> Principal:
         """Who is asking: the principal of the request's credentials, or a 401 / 429 refusal."""
-        address = request.remote or "unknown"
-        header = request.headers.get("Authorization")
-        try:
-            credentials = parse_authorization(header)
-        except ValueError as exc:
-            # Malformed Basic counts against the password ration, anything else the token's.
-            kind = "user" if (header or "").strip().lower().startswith("basic") else "token"
-            ration = self.password_ration if kind == "user" else self.token_ration
-            self._throttle(ration, address)
-            ration.fail(address)
-            self._refused(gateway, kind, None, str(exc), address)
-            raise self._unauthorized() from None
-        if credentials is None:
-            # Nothing offered, nothing tried: not counted (a browser's first request).
-            raise self._unauthorized()
-        ration = self.password_ration if credentials.kind == "user" else self.token_ration
-        self._throttle(ration, address)
-        accounts = gateway.accounts
-        assert accounts is not None  # _engine checked it
-        ration.begin(address)
-        ok = False
-        try:
-            if credentials.kind == "user":
-                principal = await accounts.authenticate_user_async(
-                    credentials.name or "", credentials.secret
-                )
-            else:
-                principal = await accounts.authenticate_token_async(credentials.secret)
-            ok = True
-        except AuthError as exc:
-            self._refused(gateway, credentials.kind, exc.principal, exc.why, address)
-            raise self._unauthorized() from None
-        except GatewayError as exc:
-            # control.db cannot be read: not the client's failure, and not a refusal.
-            ok = True
-            raise _Refusal(
-                503,
-                f"the gateway cannot check credentials: {exc}",
-                headers={"Retry-After": "5"},
-            ) from None
-        finally:
-            ration.end(address, ok=ok)
-        return principal
-
-    def _throttle(self, ration: LoginRation, address: str) -> None:
-        wait = ration.retry_after(address)
-        if wait is None:
-            return
-        self._lines.log(
-            logging.WARNING,
-            f"throttled:{address}",
-            "HTTP logins from %s throttled: %d refused logins within %g s (or too many at once)",
-            address,
-            ration.max_failures,
-            ration.window_s,
-        )
-        seconds = math.ceil(wait)
-        raise _Refusal(
-            429,
-            f"too many refused logins from this address; retry in {seconds} s",
-            headers={"Retry-After": str(seconds)},
-        )
-
-    @staticmethod
-    def _unauthorized() -> _Refusal:
-        headers: CIMultiDict[str] = CIMultiDict()
-        for challenge in _CHALLENGES:
-            headers.add("WWW-Authenticate", challenge)
-        return _Refusal(401, CREDENTIALS_REFUSED, headers=headers)
-
-    def _refused(
-        self, gateway: Gateway, kind: str, name: str | None, why: str, address: str
-    ) -> None:
-        """Record a refused login: one audit entry, and a log line per address and minute."""
-        self._lines.log(
-            logging.WARNING,
-            f"refused:{address}",
-            "HTTP login refused from %s (%s %.64r): %s",
-            address,
-            kind,
-            name or "?",
-            why,
-        )
-        _audit(
-            gateway,
-            lambda: AuditEntry(
-                ts=time.time(),
-                actor=(name or "unknown")[:128],
-                actor_kind="user" if kind == "user" else "token",
-                action="auth.refused",
-                decision="denied",
-                reason=why,
-                details={"via": "http", "address": address[:128]},
-            ),
-        )
+        return await require_principal(request, gateway)
 
     @staticmethod
     def _audit_access(
@@ -573,7 +360,7 @@ class ProposalRoutes:
                 f"{fields['reason']}; listed the {shown} proposals on points the grants cover, "
                 f"left out {hidden} on others"
             )
-        _audit(
+        audit(
             gateway,
             lambda: AuditEntry(ts=time.time(), correlation_id=correlation, **fields),
         )
@@ -593,28 +380,34 @@ def add_proposal_routes(app: web.Application, gateway_key: web.AppKey[Gateway]) 
 
 
 async def _act(call: Awaitable[ProposalRecord]) -> web.Response:
-    """Await an engine call on an existing proposal; its errors as HTTP answers."""
+    """Await an engine call on an existing proposal; the proposal, or its errors, as HTTP."""
+    return json_answer((await _acted(call)).to_json())
+
+
+async def _acted(call: Awaitable[ProposalRecord]) -> ProposalRecord:
+    """Await an engine call on an existing proposal; its errors as refusals."""
     try:
         record = await call
     except ProposalNotFoundError as exc:
-        raise _Refusal(404, _not_found(str(exc))) from None
+        raise HttpRefusal(404, _not_found(str(exc))) from None
     except AccessDeniedError as exc:
-        raise _Refusal(403, f"{exc}; ask an admin for a grant that allows it") from None
+        raise HttpRefusal(403, f"{exc}; ask an admin for a grant that allows it") from None
     except ProposalStateError as exc:
-        raise _Refusal(409, f"{exc}; `GET /proposals/{{id}}` shows its state") from None
+        raise HttpRefusal(409, f"{exc}; `GET /proposals/{{id}}` shows its state") from None
     except GatewayError as exc:
         # Only a write can fail here: the device refused the rollback or read back another
         # value. The proposal keeps its state; the same request may be tried again.
-        raise _Refusal(
+        raise HttpRefusal(
             502, f"{exc}; the change is still in place: check the device, then try again"
         ) from None
-    return _json(record.to_json())
+    return record
 
 
 def _proposal_id(request: web.Request) -> str:
-    proposal_id = request.match_info.get("id", "")
+    # `/proposals/{id}/...`, or `/rollback/{action_id}` (an action's id is its proposal's).
+    proposal_id = request.match_info.get("id") or request.match_info.get("action_id", "")
     if not _ID_RE.fullmatch(proposal_id):
-        raise _Refusal(404, _not_found(f"no proposal {proposal_id[:64]!r}"))
+        raise HttpRefusal(404, _not_found(f"no proposal {proposal_id[:64]!r}"))
     return proposal_id
 
 
@@ -623,7 +416,7 @@ def _record(engine: PolicyEngine, request: web.Request) -> ProposalRecord:
     try:
         return engine.get(proposal_id)
     except ProposalNotFoundError as exc:
-        raise _Refusal(404, _not_found(str(exc))) from None
+        raise HttpRefusal(404, _not_found(str(exc))) from None
 
 
 def _not_found(message: str) -> str:
@@ -633,89 +426,7 @@ def _not_found(message: str) -> str:
     )
 
 
-async def _body(request: web.Request, model: type[_T], *, required: bool = False) -> _T:
-    """The request's JSON body as `model`; 400 naming each problem."""
-    raw = await request.read()
-    if not raw.strip() and not required:
-        raw = b"{}"
-    try:
-        return model.model_validate_json(raw)
-    except ValidationError as exc:
-        problems = "; ".join(_problem(error) for error in exc.errors()[:5])
-        keys = ", ".join(
-            f"`{name}`" + ("" if info.is_required() else "?")
-            for name, info in model.model_fields.items()
-        )
-        raise _Refusal(
-            400, f"invalid request body: {problems}; send a JSON object with {keys}"
-        ) from None
-
-
-def _problem(error: Any) -> str:
-    # Keys come from the client (an unknown key is named): short, escaped.
-    where = ".".join(
-        repr(part)[:40] if isinstance(part, str) else str(part) for part in error["loc"]
-    )
-    message = str(error["msg"]).removeprefix("Value error, ")
-    return f"{where}: {message}" if where else message
-
-
-def _int_query(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
-    text = request.query.get(name)
-    if text is None or text == "":
-        return default
-    try:
-        value = int(text)
-    except ValueError:
-        raise _Refusal(400, f"{name} must be a whole number in [{lo}, {hi}]") from None
-    if not lo <= value <= hi:
-        raise _Refusal(400, f"{name} must be in [{lo}, {hi}]")
-    return value
-
-
 def _source(request: web.Request) -> str:
     # The client's own claim; only a label for the record (who proposed is the principal).
     agent = request.headers.get("User-Agent", "")
     return "cli" if agent.startswith("opstwin-cli/") else "http"
-
-
-def _json(
-    data: Any, *, status: int = 200, headers: CIMultiDict[str] | dict[str, str] | None = None
-) -> web.Response:
-    return web.Response(
-        text=json.dumps(_finite(data), allow_nan=False, default=str),
-        status=status,
-        content_type="application/json",
-        headers=headers,
-    )
-
-
-def _finite(value: Any) -> Any:
-    # JSON has no NaN: a simulation figure over no paths can be one.
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
-
-
-def _audit(gateway: Gateway, make: Callable[[], AuditEntry]) -> None:
-    """Queue one audit entry on control.db's writer; a failure is logged, never raised."""
-    control = getattr(gateway, "control", None)
-    if control is None:
-        return
-    try:
-        entry = make()
-        future = control.submit(lambda conn: append_rows(conn, [entry]))
-    except (GatewayError, ValueError) as exc:
-        log.error("HTTP: cannot record an audit entry: %s", exc)
-        return
-    future.add_done_callback(_log_audit_failure)
-
-
-def _log_audit_failure(future: Any) -> None:
-    exc = future.exception()
-    if exc is not None:
-        log.error("HTTP: cannot record an audit entry: %s", exc)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import shutil
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -18,8 +18,9 @@ from asyncua.crypto import cert_gen
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID
+from mqtt_support import MOSQUITTO_HINT, Mosquitto, mosquitto_binary
 from native_kernel import HAVE_GCC, build
-from tests_support import SCADA_CLIENT_URI, ClientPki, FakeClock
+from tests_support import SCADA_CLIENT_URI, ClientPki, FakeClock, free_port
 
 
 @pytest.fixture
@@ -87,3 +88,20 @@ def client_pki(tmp_path_factory: pytest.TempPathFactory) -> ClientPki:
     pki.cert.write_bytes(cert.public_bytes(Encoding.DER))
     pki.key.write_bytes(cert_gen.dump_private_key_as_pem(key))
     return pki
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A real mosquitto broker on a free port, anonymous, stopped after the test.
+
+    The test may stop, kill or restart it (same port). Skipped only when the binary is absent:
+    CI installs it through scripts/bootstrap.
+    """
+    if mosquitto_binary() is None:
+        pytest.skip(MOSQUITTO_HINT)
+    broker = Mosquitto(free_port(), tmp_path / "mosquitto")
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.kill()

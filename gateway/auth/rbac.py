@@ -13,6 +13,7 @@ Operations and the roles that grant them (DESIGN.md §8, RBAC; `Y` = granted):
     reject           -       -      Y           -         Y
     execute          -       -      -           Y         Y
     rollback         -       -      Y           Y         Y
+    ingest           -       -      -           Y         Y
     manage_users     -       -      -           -         Y
     manage_tokens    -       -      -           -         Y
     manage_policies  -       -      -           -         Y
@@ -28,6 +29,10 @@ Operations and the roles that grant them (DESIGN.md §8, RBAC; `Y` = granted):
   the one who approves a change is not the one who writes it (only `admin` holds both).
 - `rollback` belongs to whoever answers for a write: the executor who made it and the
   supervisor who approved it; undoing a change must not wait for someone else.
+- `ingest`: push values of points of `driver: http` devices (`POST /telemetry/ingest`). Not a
+  `read`-only or `agent` right: an ingested value is a measurement the policies act on, so
+  whoever may feed it may as well drive a write; it goes to the service accounts that write
+  (`executor`), not to the people who decide (`supervisor`).
 - `admin`: everything, including the three `manage_*` operations.
 
 Scope. Every operation but `manage_*` is about an asset (a point id such as
@@ -82,6 +87,7 @@ Operation = Literal[
     "reject",
     "execute",
     "rollback",
+    "ingest",
     "manage_users",
     "manage_tokens",
     "manage_policies",
@@ -99,7 +105,7 @@ ROLE_OPERATIONS: dict[Role, frozenset[Operation]] = {
     "viewer": frozenset({"read"}),
     "agent": frozenset({"read", "propose"}),
     "supervisor": frozenset({"read", "propose", "approve", "reject", "rollback"}),
-    "executor": frozenset({"read", "propose", "execute", "rollback"}),
+    "executor": frozenset({"read", "propose", "execute", "rollback", "ingest"}),
     "admin": frozenset(OPERATIONS),
 }
 

@@ -334,6 +334,17 @@ def _check_host(where: PathParts, host: str) -> Iterator[Problem]:
         yield Problem(where, f"host {problem}")
 
 
+def _check_http(base: PathParts, device: Any) -> Iterator[Problem]:
+    # Pushed points have no connection to write to: a proposal on one could only ever fail.
+    for p, point in enumerate(device.points):
+        if point.writable:
+            yield Problem(
+                (*base, "points", p, "writable"),
+                "a point of a `driver: http` device is pushed to the gateway, which cannot "
+                "write it back; remove `writable: true`",
+            )
+
+
 def _check_opcua_server(config: SiteConfig) -> Iterator[Problem]:
     server = config.opcua_server
     host = urlsplit(server.endpoint).hostname  # the model checked the URL's shape
@@ -448,6 +459,7 @@ _CONFIG_KEY_OF_DRIVER_FIELD = {"lo": "range", "hi": "range", "key": "id", "node_
 _DRIVER_CHECKS: dict[str, Callable[[PathParts, Any], Iterator[Problem]]] = {
     "modbus": _check_modbus,
     "opcua": _check_opcua,
+    "http": _check_http,
 }
 
 

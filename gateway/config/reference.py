@@ -42,6 +42,8 @@ def sections() -> list[tuple[str, type[BaseModel]]]:
         ("`opcua_server`", OpcuaServerConfig),
         ("`opcua_server.users[]`", OpcuaUser),
         ("`policies`", m.PoliciesConfig),
+        ("`sync`", m.SyncConfig),
+        ("`sync.tls`", m.SyncTlsConfig),
         ("`anomalies`", AnomalyConfig),
         ("`anomalies.rules[]`", AnomalyRule),
         ("`anomalies.rules[].detectors[]` of kind `zscore`", ZScoreSpec),
@@ -56,6 +58,8 @@ def sections() -> list[tuple[str, type[BaseModel]]]:
         ("`devices[]` with `driver: opcua`", m.OpcuaDeviceConfig),
         ("`devices[].points[]` of an OPC UA device", m.OpcuaPointConfig),
         ("`devices[].options` of an OPC UA device", OpcuaOptions),
+        ("`devices[]` with `driver: http`", m.HttpDeviceConfig),
+        ("`devices[].points[]` of an http (pushed) device", m.HttpPointConfig),
     ]
 
 

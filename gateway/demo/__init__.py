@@ -21,6 +21,8 @@ import yaml
 import gateway
 from gateway.app import Gateway
 from gateway.config import SiteConfig, load_config
+from gateway.demo.broker import INSTALL_HINT, LocalBroker, find_mosquitto
+from gateway.demo.cloud import CloudView
 from gateway.demo.script import PLANT_SPEED, Script, banner
 from gateway.errors import ConfigError, GatewayError
 from gateway.opcua_server.users import hash_password
@@ -68,6 +70,7 @@ def run_demo(*, state_dir: str, http_port: int, seed: int, duration: float | Non
             stdout=log_file,
             stderr=subprocess.STDOUT,
         )
+    broker = _start_broker(state)
     try:
         _wait_for_ports(sim, list(ports.values()), sim_log)
         # A fresh password each run: the demo never ships a default credential.
@@ -82,12 +85,15 @@ def run_demo(*, state_dir: str, http_port: int, seed: int, duration: float | Non
                 {"username": SCADA_USER, "password_hash": hash_password(password), "role": "viewer"}
             ],
             policies_dir="policies",
+            sync_broker=broker.url if broker is not None else None,
         )
         config = load_config(config_path)
         if policies:
             _check_policies(state / "policies", config)
-        asyncio.run(_run(config, config_path, sim, sim_log, password, duration))
+        asyncio.run(_run(config, config_path, sim, sim_log, password, duration, broker))
     finally:
+        if broker is not None:
+            broker.stop()
         sim.terminate()
         try:
             sim.wait(5)
@@ -104,6 +110,7 @@ def demo_config_data(
     opcua_port: int,
     users: list[dict[str, str]] | None = None,
     policies_dir: str | None = None,
+    sync_broker: str | None = None,
 ) -> dict[str, Any]:
     """The bundled demo config as data, pointed at the given ports (and policy folder).
 
@@ -128,6 +135,9 @@ def demo_config_data(
         data["opcua_server"]["users"] = users
     if policies_dir is not None:
         data["policies"] = {"dir": policies_dir}
+    if sync_broker is not None:
+        # Reconnects within 2 s, so the demo's broker outage ends on screen, not 30 s later.
+        data["sync"] = {"broker": sync_broker, "reconnect_max_s": 2.0}
     return data
 
 
@@ -210,6 +220,7 @@ async def _run(
     sim_log: Path,
     password: str,
     duration: float | None,
+    broker: LocalBroker | None = None,
 ) -> None:
     stop = asyncio.Event()
     tasks: set[asyncio.Task[None]] = set()  # held so the script task is not garbage-collected
@@ -218,11 +229,35 @@ async def _run(
         base = urls[0] if urls else f"http://{config.http.host}:{config.http.port}"
         banner(gateway, base, config_path, sim_log, SCADA_USER, password)
         script = Script(
-            gateway, sim, SCADA_USER, password, base_url=base, config_path=config_path
+            gateway,
+            sim,
+            SCADA_USER,
+            password,
+            base_url=base,
+            config_path=config_path,
+            cloud=CloudView(gateway, broker),
         ).run(stop, duration)
         tasks.add(asyncio.create_task(script, name="demo:script"))
 
     await serve(config, on_ready=on_ready, stop=stop)
+
+
+def _start_broker(state: Path) -> LocalBroker | None:
+    """A local mosquitto for the cloud side of the demo, or None (and how to get one)."""
+    if find_mosquitto() is None:
+        print(
+            f"cloud sync: mosquitto is not installed, so the demo runs without its cloud side; "
+            f"`{INSTALL_HINT}` and run the demo again to see the cloud mirror",
+            flush=True,
+        )
+        return None
+    broker = LocalBroker(state / "broker")
+    try:
+        broker.start()
+    except (OSError, RuntimeError) as exc:
+        print(f"cloud sync: the local mosquitto did not start ({exc}); running without it")
+        return None
+    return broker
 
 
 def _prefer(port: int, what: str) -> int:

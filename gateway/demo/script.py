@@ -13,6 +13,7 @@ from typing import Any
 
 from gateway.app import Gateway
 from gateway.auth.rbac import Grant, Principal
+from gateway.demo.cloud import CloudView
 from gateway.demo.narrative import Narrator
 from gateway.errors import GatewayError, StoreError
 
@@ -64,8 +65,12 @@ STEPS: list[tuple[float, tuple]] = [
     (28.0, ("plant", "oven:restart:3", "the oven's OPC UA PLC restarts")),
     (29.0, ("health", "degraded")),
     (36.0, ("health", "ok")),
+    (32.0, ("cloud",)),
+    (38.0, ("cloud_outage",)),
     (44.0, ("storage",)),
+    (46.0, ("cloud_back",)),
     (50.0, ("write", VALVE, 50.0)),
+    (52.0, ("cloud",)),
 ]
 
 
@@ -81,8 +86,10 @@ class Script:
         *,
         base_url: str,
         config_path: Path,
+        cloud: CloudView | None = None,
     ) -> None:
         self.gateway = gateway
+        self.cloud = cloud
         self.sim = sim
         self.scada_user = scada_user
         self.scada_password = scada_password
@@ -100,6 +107,12 @@ class Script:
         if engine is not None:
             units = {pid: p.unit or "" for pid, p in self.gateway.points.items()}
             narrator = asyncio.create_task(Narrator(engine, units).run(done), name="demo:narrator")
+        if self.cloud is not None:
+            try:
+                await self.cloud.start()
+            except GatewayError as exc:
+                print(f"  cloud: the mirror cannot reach the broker: {exc}", flush=True)
+                self.cloud = None
         try:
             while duration is None or time.monotonic() - t0 < duration:
                 await asyncio.sleep(2.0)
@@ -112,6 +125,8 @@ class Script:
             done.set()
             if engine is not None:
                 await narrator
+            if self.cloud is not None:
+                await self.cloud.stop()
             if duration is not None:
                 stop.set()
 
@@ -260,6 +275,18 @@ class Script:
             await engine.approve(principal, proposal, comment="simulation read; approved")
         except GatewayError as exc:
             print(f"  supervisor: approval refused: {exc}", flush=True)
+
+    async def _cloud(self) -> None:
+        if self.cloud is not None:
+            await self.cloud.check()
+
+    async def _cloud_outage(self) -> None:
+        if self.cloud is not None:
+            await self.cloud.broker_down()
+
+    async def _cloud_back(self) -> None:
+        if self.cloud is not None:
+            await self.cloud.broker_up()
 
     async def _health(self, expect: str | None = None) -> None:
         """Ask /health over HTTP, as a monitoring system would, and show why if degraded.
@@ -453,7 +480,8 @@ def banner(
     here = Path.cwd()
     rel = lambda p: p.relative_to(here) if p.is_relative_to(here) else p  # noqa: E731
     devices = "\n".join(
-        f"    {d.name:<9} {d.driver:<6} {d.endpoint}" for d in gateway.config.devices
+        f"    {d.name:<9} {d.driver:<6} {getattr(d, 'endpoint', '(pushed over HTTP)')}"
+        for d in gateway.config.devices  # an http device has no endpoint
     )
     opcua = gateway.opcua_server
     opcua_lines = (

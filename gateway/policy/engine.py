@@ -90,11 +90,13 @@ log = logging.getLogger(__name__)
 __all__ = [
     "EVENT_TYPES",
     "AccessDeniedError",
+    "NoModelError",
     "PolicyEngine",
     "ProposalNotFoundError",
     "ProposalRecord",
     "ProposalStateError",
     "Status",
+    "WhatIf",
 ]
 
 Status = Literal[
@@ -141,6 +143,29 @@ class ProposalNotFoundError(GatewayError, KeyError):
 
 class ProposalStateError(GatewayError):
     """The proposal is not in a state that allows this (approve a finished one, say)."""
+
+
+class NoModelError(GatewayError):
+    """No enabled policy models the point: there is nothing to simulate a change of it with."""
+
+
+@dataclass(frozen=True, slots=True)
+class WhatIf:
+    """What `PolicyEngine.what_if` found: the gate's figures and the simulation's result."""
+
+    point: str
+    value: float
+    current_value: float | None
+    policy: Policy  # with the horizon and paths the simulation ran
+    prediction: Prediction
+    result: Any  # gateway.sim.results.SimResult, or None when no simulation ran
+    elapsed_ms: float
+
+    @property
+    def p_success(self) -> float:
+        """The share of paths that were safe and improved the objective (0 with none)."""
+        summary = self.prediction.summary
+        return summary.paths_ok / summary.paths if summary.paths else 0.0
 
 
 @dataclass(slots=True)
@@ -681,24 +706,114 @@ class PolicyEngine:
         if policy is None or not _finite(p.value) or p.current_value is None:
             return None
         started = time.perf_counter()
+        prediction, _ = await self._simulate_change(
+            policy, p.point, p.current_value, float(p.value)
+        )
+        record.timings_ms["simulation"] = (time.perf_counter() - started) * 1000
+        return prediction
+
+    async def _simulate_change(
+        self, policy: Policy, point: str, current: float, proposed: float
+    ) -> tuple[Prediction, Any]:
+        """The prediction of `proposed` replacing `current` on `point` by `policy`'s model, and
+        the simulation's whole result (None when none ran); in the simulation thread."""
         values = {pid: pv.value for pid, pv in self._values(policy).items()}
-        values[p.point] = p.current_value
+        values[point] = current
         try:
             model = None
             if policy.simulation.fitted is not None:
                 model = await self._fitted(policy)
             scenario = build_scenario(
-                policy, values, current=p.current_value, proposed=float(p.value), model=model
+                policy, values, current=current, proposed=proposed, model=model
             )
         except SimulationError as exc:
-            return Prediction(SimSummary(0, 0, error=str(exc)), {"error": str(exc)})
+            return Prediction(SimSummary(0, 0, error=str(exc)), {"error": str(exc)}), None
         simulate = self._simulate or _native_simulate
+        results: list[Any] = []
+
+        def kept(scenario: Any, **kwargs: Any) -> Any:
+            # run_prediction keeps only its counts; a what-if also shows the fan and KPIs.
+            result = simulate(scenario, **kwargs)
+            results.append(result)
+            return result
+
         loop = asyncio.get_running_loop()
         prediction = await loop.run_in_executor(
-            self._executor, run_prediction, policy, scenario, values, simulate
+            self._executor, run_prediction, policy, scenario, values, kept
         )
-        record.timings_ms["simulation"] = (time.perf_counter() - started) * 1000
-        return prediction
+        return prediction, results[0] if results else None
+
+    def model_policy(self, point: str) -> Policy | None:
+        """The policy whose simulation judges others' proposals for `point`, if one does."""
+        return self._model_policy.get(point)
+
+    async def what_if(
+        self,
+        point: str,
+        value: float,
+        *,
+        horizon_s: float | None = None,
+        paths: int | None = None,
+        by: str | None = None,
+    ) -> WhatIf:
+        """Simulate `value` replacing `point`'s current value as the gate would judge a person's
+        proposal of it, optionally over another horizon or number of paths; write nothing.
+
+        Records a `SimulationCompleted` event. UnknownPointError for an unknown point,
+        NoModelError when no policy models it.
+        """
+        if point not in self.points:
+            raise UnknownPointError(f"unknown point {point!r}")
+        policy = self._model_policy.get(point)
+        if policy is None:
+            raise NoModelError(
+                f"no enabled policy models {point}: a proposal for it is not simulated and "
+                "waits for a person (require_analysis)"
+            )
+        sim = policy.simulation
+        if horizon_s is not None or paths is not None:
+            # Frozen models: a copy with the request's horizon or paths, nothing else changed.
+            changed = sim.model_copy(
+                update={
+                    "horizon_s": sim.horizon_s if horizon_s is None else horizon_s,
+                    "paths": sim.paths if paths is None else paths,
+                }
+            )
+            policy = policy.model_copy(update={"simulation": changed})
+        reading = self.store.get(point)
+        current = reading.value if _finite(reading.value) else None
+        started = time.perf_counter()
+        if current is None:
+            error = f"{point} has no current numeric value ({reading.quality}) to start from"
+            prediction, result = Prediction(SimSummary(0, 0, error=error), {"error": error}), None
+        else:
+            prediction, result = await self._simulate_change(policy, point, current, value)
+        outcome = WhatIf(
+            point=point,
+            value=value,
+            current_value=current,
+            policy=policy,
+            prediction=prediction,
+            result=result,
+            elapsed_ms=(time.perf_counter() - started) * 1000,
+        )
+        summary = prediction.summary
+        data = {
+            "value": value,
+            "current_value": current,
+            "policy": policy.id,
+            "by": by,
+            "paths": summary.paths,
+            "paths_ok": summary.paths_ok,
+            "p_success": outcome.p_success,
+            "elapsed_ms": round(outcome.elapsed_ms, 3),
+            "simulation": prediction.details,
+        }
+        try:
+            self.store.append_event("SimulationCompleted", data, point_id=point)
+        except GatewayError as exc:
+            log.error("policy engine: cannot record SimulationCompleted for %s: %s", point, exc)
+        return outcome
 
     async def _fitted(self, policy: Policy) -> Any:
         fitted = policy.simulation.fitted

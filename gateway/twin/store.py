@@ -399,6 +399,8 @@ class TwinStore:
             writer = self._require_writer()
             self._commits = CommitSignal(asyncio.get_running_loop(), lambda: writer.committed_rev)
             writer.on_commit = self._commits.committed
+            # A commit between the signal's first read and the line above woke no one.
+            self._commits.committed(writer.committed_rev)
         return self._commits
 
     async def committed_snapshot(

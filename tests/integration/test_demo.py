@@ -37,10 +37,10 @@ def demo(tmp_path_factory) -> tuple[Path, str]:
     state = tmp_path_factory.mktemp("demo") / "state"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     run = subprocess.run(
-        [*OPSTWIN, "demo", "--duration", "42", "--http-port", "0", "--state-dir", str(state)],
+        [*OPSTWIN, "demo", "--duration", "58", "--http-port", "0", "--state-dir", str(state)],
         capture_output=True,
         text=True,
-        timeout=90,
+        timeout=120,
         env=env,
     )
     output = run.stdout + run.stderr
@@ -164,6 +164,25 @@ def test_demo_shows_a_second_gateway_refused_and_health_naming_the_device(demo):
 
 
 @slow
+def test_demo_shows_the_cloud_mirror_equal_to_the_twin_through_a_broker_outage(demo):
+    """The demo's local mosquitto, the sync and the reference mirror (bootstrap installs
+    mosquitto, so CI always has it)."""
+    _, out = demo
+    equal = re.compile(
+        r"cloud: the mirror \(gateway/mirror, through mosquitto\) is equal to the twin at rev "
+        r"(\d+): all (\d+) points, value and quality.*mirror gaps (\d+).*historical events (\d+)"
+    )
+    before = equal.search(out)
+    assert before, "the mirror is shown equal to the twin"
+    assert "cloud: the broker stops" in out[before.end() :]
+    back = out.index("cloud: the broker is back")
+    after = equal.search(out, back)
+    assert after, "and equal again after the outage"
+    assert int(after.group(1)) > int(before.group(1))
+    assert int(after.group(4)) > 0, "the backlog of the outage arrived, marked historical"
+
+
+@slow
 @pytest.mark.parametrize(
     ("command", "point", "unit"), [("tank:restart", LEVEL, "m"), ("oven:restart", OVEN, "°C")]
 )
@@ -189,7 +208,7 @@ def test_views_read_the_demo_database(demo):
 
     twin = opstwin("twin", "--config", config)
     assert re.search(rf"{re.escape(LEVEL)}\s+\d+\.\d+\s+GOOD", twin)
-    history = opstwin("history", "--config", config, LEVEL, "--minutes", "5")
+    history = opstwin("history", "--config", config, LEVEL, "--minutes", "5", "--limit", "1000")
     assert "STALE" in history and "GOOD" in history
     buckets = opstwin("history", "--config", config, LEVEL, "--bucket", "10")
     assert "mean" in buckets.splitlines()[0]

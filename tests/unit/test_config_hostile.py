@@ -22,7 +22,7 @@ import yaml
 from gateway.cli import main
 from gateway.config import load_config
 from gateway.config.load import MAX_CONFIG_BYTES
-from gateway.config.model import OpcuaDeviceConfig
+from gateway.config.model import ModbusDeviceConfig, OpcuaDeviceConfig
 from gateway.config.yamlpos import MAX_ALIAS_VALUES, MAX_DEPTH
 
 MiB = 1024 * 1024
@@ -143,9 +143,11 @@ devices:
     path = tmp_path / "aliases.yaml"
     path.write_text(text)
     config = load_config(path)
-    assert config.devices[1].options.poll_interval_s == 0.5
-    assert config.devices[0].points[1].range == config.devices[1].points[0].range
-    assert config.devices[0].points[1].address == "holding:1"
+    tank1, tank2 = config.devices
+    assert isinstance(tank1, ModbusDeviceConfig) and isinstance(tank2, ModbusDeviceConfig)
+    assert tank2.options.poll_interval_s == 0.5
+    assert tank1.points[1].range == tank2.points[0].range
+    assert tank1.points[1].address == "holding:1"
 
 
 @pytest.mark.timeout(10)

@@ -28,6 +28,7 @@ TABLE = """
     reject           -       -      Y           -         Y
     execute          -       -      -           Y         Y
     rollback         -       -      Y           Y         Y
+    ingest           -       -      -           Y         Y
     manage_users     -       -      -           -         Y
     manage_tokens    -       -      -           -         Y
     manage_policies  -       -      -           -         Y
@@ -40,6 +41,7 @@ OPERATIONS = [
     "reject",
     "execute",
     "rollback",
+    "ingest",
     "manage_users",
     "manage_tokens",
     "manage_policies",
