@@ -198,8 +198,8 @@ class HttpDeviceConfig(_Strict):
         description="Unique device name (letters, digits, `_ . -`, up to 64 characters)."
     )
     driver: Literal["http"] = Field(
-        description="`http`: values are pushed to `POST /telemetry/ingest` by a token or user whose role "
-        "grants `ingest` (`executor` or `admin`); the gateway reads nothing."
+        description="`http`: values are pushed to `POST /telemetry/ingest` by a token or user "
+        "whose role grants `ingest` (`executor` or `admin`); the gateway reads nothing."
     )
     enabled: bool = Field(True, description="A disabled device's points refuse ingest.")
     stale_after_s: float | None = Field(
