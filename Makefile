@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/opcua.py
 	$(BIN)/python bench/sim.py
 	$(BIN)/python bench/decide.py
+	$(BIN)/python bench/sync.py
 	$(BIN)/python bench/footprint.py --quick
 
 clean:
