@@ -72,6 +72,7 @@ from gateway.aiw.auth import (
     checks_its_own_access,
     ensure_authenticator,
     parse_authorization,
+    readable,
     require_principal,
 )
 from gateway.audit.chain import AuditEntry
@@ -264,14 +265,7 @@ class ProposalRoutes:
             shown = records[:limit]
             hidden = 0
         else:
-            readable: dict[str, bool] = {}
-            visible = []
-            for record in records:
-                point = record.proposal.point
-                if point not in readable:
-                    readable[point] = check(principal, "read", point).allowed
-                if readable[point]:
-                    visible.append(record)
+            visible = readable(principal, records)
             shown = visible[:limit]
             hidden = len(records) - len(visible)
         self._audit_access(gateway, site, None, listed=(len(shown), hidden))

@@ -35,9 +35,9 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -55,6 +55,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
+class _HasProposal(Protocol):
+    @property
+    def proposal(self) -> Any: ...
+
+
+_R = TypeVar("_R", bound=_HasProposal)
+
 __all__ = [
     "AUTHENTICATOR",
     "CREDENTIALS_REFUSED",
@@ -69,6 +77,7 @@ __all__ = [
     "ensure_authenticator",
     "parse_authorization",
     "principal_of",
+    "readable",
     "require",
     "require_principal",
     "unauthorized",
@@ -455,3 +464,17 @@ def _read_asset(request: web.Request) -> str | None:
     if request.path in _POINT_QUERY_PATHS:
         return request.query.get("point") or None
     return None
+
+
+def readable(principal: Principal, records: Iterable[_R]) -> list[_R]:
+    """The proposal records whose point `principal` may read, in their order (one check per
+    point). Filtered, not refused: a supervisor of `line1/oven1/*` must find the oven's ones."""
+    allowed: dict[str, bool] = {}
+    kept = []
+    for record in records:
+        point = record.proposal.point
+        if point not in allowed:
+            allowed[point] = check(principal, "read", point).allowed
+        if allowed[point]:
+            kept.append(record)
+    return kept

@@ -63,6 +63,7 @@ from gateway.aiw.auth import (
     audit_denial,
     checks_its_own_access,
     ensure_authenticator,
+    readable,
     require,
     require_principal,
 )
@@ -247,18 +248,9 @@ class _WriteRoutes:
         records = [
             r for r in engine.recent(status, limit=len(engine.proposals) or 1) if _reached_device(r)
         ]
-        if check(principal, "read", None).allowed:
-            visible = records
-        else:
-            # Filtered, not refused: a supervisor of `line1/oven1/*` must find the oven's actions.
-            readable: dict[str, bool] = {}
-            visible = []
-            for record in records:
-                point = record.proposal.point
-                if point not in readable:
-                    readable[point] = check(principal, "read", point).allowed
-                if readable[point]:
-                    visible.append(record)
+        visible = (
+            records if check(principal, "read", None).allowed else readable(principal, records)
+        )
         shown = visible[:limit]
         return json_answer(
             {

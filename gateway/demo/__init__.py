@@ -21,7 +21,7 @@ import yaml
 import gateway
 from gateway.app import Gateway
 from gateway.config import SiteConfig, load_config
-from gateway.demo.broker import INSTALL_HINT, LocalBroker, find_mosquitto
+from gateway.demo.broker import INSTALL_HINT, LocalBroker, mosquitto_binary
 from gateway.demo.cloud import CloudView
 from gateway.demo.script import PLANT_SPEED, Script, banner
 from gateway.errors import ConfigError, GatewayError
@@ -244,7 +244,7 @@ async def _run(
 
 def _start_broker(state: Path) -> LocalBroker | None:
     """A local mosquitto for the cloud side of the demo, or None (and how to get one)."""
-    if find_mosquitto() is None:
+    if mosquitto_binary() is None:
         print(
             f"cloud sync: mosquitto is not installed, so the demo runs without its cloud side; "
             f"`{INSTALL_HINT}` and run the demo again to see the cloud mirror",
