@@ -251,7 +251,16 @@ def _start_broker(state: Path) -> LocalBroker | None:
             flush=True,
         )
         return None
-    broker = LocalBroker(state / "broker")
+    folder = state / "broker"
+    # Sessions and queued messages kept across the demo's broker outage (saved to disk when it
+    # stops), as a cloud broker would: the mirror's persistent session then gets the backlog
+    # the gateway sends before the mirror is back. A previous run's are not this run's.
+    (folder / "mosquitto.db").unlink(missing_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    broker = LocalBroker(
+        folder,
+        extra_config=f"persistence true\npersistence_location {folder}/\nautosave_interval 0",
+    )
     try:
         broker.start()
     except (OSError, RuntimeError) as exc:

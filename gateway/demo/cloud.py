@@ -42,6 +42,10 @@ class CloudView:
                 site_id=self.site,
                 gateway_id=self.gw,
                 reconnect_max_s=1.0,
+                # A persistent session: what the gateway sends while the mirror reconnects
+                # after the broker's outage waits for it in the broker, as in a real cloud.
+                client_id=f"opstwin-demo-mirror-{self.site}-{self.gw}",
+                persistent=True,
             )
 
     async def start(self) -> None:
