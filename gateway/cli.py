@@ -494,6 +494,17 @@ def _printable(value: Any, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def _describe_sync(config: SiteConfig) -> str:
+    sync = config.sync
+    if sync.broker is None:
+        return "cloud sync off (no sync.broker)"
+    who = f" as {sync.username}" if sync.username else ""
+    return (
+        f"cloud sync to {sync.broker}{who}, topics "
+        f"{sync.topic_prefix}/{config.site_id}/{config.gateway_id}/..."
+    )
+
+
 def describe(config: SiteConfig, source: str) -> str:
     """A human summary of what a config declares."""
     npoints = sum(len(d.points) for d in config.devices)
@@ -502,8 +513,9 @@ def describe(config: SiteConfig, source: str) -> str:
         f"site {config.site_id}, gateway {config.gateway_id}",
         f"storage {config.storage.path} (history {config.storage.history_days:g} d, "
         f"events {config.storage.events_days:g} d)",
-        f"http {config.http.host}:{config.http.port}",
+        f"http {config.http.host}:{config.http.port} (reads {config.http.read_access})",
         _describe_opcua_server(config),
+        _describe_sync(config),
         f"{len(config.devices)} device(s), {npoints} point(s):",
     ]
     for device in config.devices:

@@ -215,3 +215,21 @@ def test_check_into_a_closed_pipe_exits_quietly(tmp_path):
     assert b"OK" in first
     assert err == "", err
     assert code in (0, 141)  # 141: the shell's code for a command ended by a closed pipe
+
+
+def test_check_says_where_the_cloud_sync_goes_and_how_reads_are_guarded(tmp_path, capsys):
+    data = site_config()
+    path = tmp_path / "site.yaml"
+    path.write_text(yaml.safe_dump(data))
+    code, out, _ = run_cli(["check", str(path)], capsys)
+    assert code == 0
+    assert "cloud sync off (no sync.broker)" in out
+    assert "(reads open)" in out
+    data["sync"] = {"broker": "mqtts://cloud.example.com", "username": "gw7"}
+    data["http"] = {"read_access": "token"}
+    path.write_text(yaml.safe_dump(data))
+    code, out, _ = run_cli(["check", str(path)], capsys)
+    assert code == 0
+    site, gateway = data["site_id"], data["gateway_id"]
+    assert f"cloud sync to mqtts://cloud.example.com as gw7, topics aiw/v1/{site}/{gateway}/" in out
+    assert "(reads token)" in out
