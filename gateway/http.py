@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from gateway import __version__
+from gateway.aiw.answers import int_query
 from gateway.aiw.auth import add_read_access
 from gateway.aiw.openapi import add_document_routes
 from gateway.aiw.stream import add_stream_routes
@@ -103,7 +104,7 @@ async def telemetry_query(request: web.Request) -> web.Response:
     """History rows of one point in [start, end], oldest first."""
     gateway = request.app[GATEWAY]
     point_id, start, end = _range_args(request, gateway)
-    limit = _int_arg(request, "limit", 1000, 1, MAX_HISTORY_ROWS)
+    limit = int_query(request, "limit", 1000, 1, MAX_HISTORY_ROWS)
     rows = await _read(request, gateway.store.history, point_id, start, end, limit)
     return web.json_response(
         {"point_id": point_id, "start": start, "end": end, "rows": [_jsonable(r) for r in rows]}
@@ -193,19 +194,6 @@ def _float_arg(request: web.Request, name: str, default: float) -> float:
         raise _error(400, f"{name} must be a number (epoch seconds), got {text!r}") from None
     if not math.isfinite(value):
         raise _error(400, f"{name} must be finite")
-    return value
-
-
-def _int_arg(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
-    text = request.query.get(name)
-    if text is None:
-        return default
-    try:
-        value = int(text)
-    except ValueError:
-        raise _error(400, f"{name} must be an integer, got {text!r}") from None
-    if not lo <= value <= hi:
-        raise _error(400, f"{name} must be in [{lo}, {hi}]")
     return value
 
 

@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue
 from pydantic.json_schema import models_json_schema
 
 from gateway import __version__
+from gateway.aiw.answers import HttpRefusal, refusal_answer
 from gateway.aiw.manifest import Manifest, build_manifest
 from gateway.aiw.schemas import (
     CURSOR_PATTERN,
@@ -913,10 +914,14 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
 
     aiohttp answers in text when no route matches (a point id with a newline matches no
     `{point_id:.+}`), for a method a route does not take, and for a body above the app's
-    `client_max_size`; the handlers' own errors are JSON already and pass untouched.
+    `client_max_size`; the handlers' own errors are JSON already and pass untouched, and an
+    `HttpRefusal` a handler raises is answered here.
     """
     try:
         return await handler(request)
+    except HttpRefusal as refusal:
+        # Any handler may raise the AIW refusal; those with their own wrapper never get here.
+        return refusal_answer(refusal)
     except web.HTTPException as exc:
         if exc.status < 400 or exc.content_type == "application/json":
             raise

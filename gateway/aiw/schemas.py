@@ -31,6 +31,8 @@ from pydantic import (
 )
 
 from gateway.config.model import NAME_PATTERN, POINT_ID_PATTERN
+from gateway.policy.engine import Status
+from gateway.policy.gate import DecisionKind
 from gateway.policy.model import Policy
 
 __all__ = [
@@ -71,17 +73,9 @@ MAX_TEXT = 4096  # a string point's value; longer is no telemetry
 MAX_SIM_PATHS = 100_000
 MAX_SIM_HORIZON_S = 7 * 24 * 3600.0
 
-ProposalStatus = Literal[
-    "rejected",
-    "pending_approval",
-    "pending_analysis",
-    "executing",
-    "succeeded",
-    "failed",
-    "rolled_back",
-    "expired",
-]
-DecisionKind = Literal["reject", "auto_execute", "require_approval", "require_analysis"]
+# The engine's and the gate's own vocabularies: a status or decision the engine gains shows up
+# in the schemas (and the fuzzed OpenAPI document) without a second list to keep in step.
+ProposalStatus = Status
 QualityName = Literal["GOOD", "UNCERTAIN", "BAD", "STALE"]
 
 
