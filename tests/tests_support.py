@@ -160,3 +160,25 @@ class ClientPki:
 
     cert: Path
     key: Path
+
+
+async def account_headers(
+    accounts: Any, specs: Mapping[str, tuple[str, list[str]]], password: str
+) -> dict[str, dict[str, str]]:
+    """Make each account of `specs` (name → ("user" or "token", grant specs)) in control.db,
+    users with `password`; return each one's Authorization header."""
+    import base64
+
+    from gateway.control.users import parse_grant
+
+    headers: dict[str, dict[str, str]] = {}
+    for name, (kind, grant_specs) in specs.items():
+        grants = [parse_grant(spec) for spec in grant_specs]
+        if kind == "user":
+            await asyncio.to_thread(accounts.add_user, name, password, grants)
+            secret = base64.b64encode(f"{name}:{password}".encode()).decode()
+            headers[name] = {"Authorization": f"Basic {secret}"}
+        else:
+            token = await asyncio.to_thread(accounts.create_token, name, grants)
+            headers[name] = {"Authorization": f"Bearer {token.secret}"}
+    return headers

@@ -10,7 +10,6 @@ own and every change here is one a test made.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import math
 import shutil
@@ -26,14 +25,13 @@ import yaml
 from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tests_support import eventually, logged_events
+from tests_support import account_headers, eventually, logged_events
 
 from drivers.contract import Quality
 from gateway.aiw.auth import AUTHENTICATOR
 from gateway.aiw.schemas import ActionV1, SimRunResult
 from gateway.app import Gateway
 from gateway.config import SiteConfig, parse_config
-from gateway.control.users import parse_grant
 from gateway.demo import demo_config_data
 from gateway.http import create_app
 from gateway.http_proposals import LoginRation
@@ -162,16 +160,7 @@ async def site(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Site]:
         async with TestClient(TestServer(app)) as client:
             accounts = gateway.accounts
             assert accounts is not None
-            headers: dict[str, dict[str, str]] = {}
-            for name, (kind, specs) in ACCOUNTS.items():
-                grants = [parse_grant(spec) for spec in specs]
-                if kind == "user":
-                    await asyncio.to_thread(accounts.add_user, name, PASSWORD, grants)
-                    secret = base64.b64encode(f"{name}:{PASSWORD}".encode()).decode()
-                    headers[name] = {"Authorization": f"Basic {secret}"}
-                else:
-                    token = await asyncio.to_thread(accounts.create_token, name, grants)
-                    headers[name] = {"Authorization": f"Bearer {token.secret}"}
+            headers = await account_headers(accounts, ACCOUNTS, PASSWORD)
             headers["forged"] = {"Authorization": "Bearer otw_forged"}
             await eventually(lambda: oven_good(gateway), what="every oven point GOOD")
             yield Site(oven, gateway, client, headers)

@@ -7,7 +7,6 @@ users and tokens are real ones in its control.db, and every request goes over a 
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -18,13 +17,12 @@ import pytest
 import pytest_asyncio
 import yaml
 from aiohttp.test_utils import TestClient, TestServer
-from tests_support import eventually
+from tests_support import account_headers, eventually
 
 from gateway.aiw.auth import AUTHENTICATOR
 from gateway.app import Gateway
 from gateway.config import parse_config
 from gateway.control.audit import AuditLog
-from gateway.control.users import parse_grant
 from gateway.http import create_app
 from gateway.http_proposals import PROPOSAL_ROUTES, LoginRation
 
@@ -86,16 +84,7 @@ async def _site(tmp: Path, read_access: str) -> AsyncIterator[Site]:
     async with TestClient(TestServer(create_app(gateway))) as client:
         accounts = gateway.accounts
         assert accounts is not None
-        headers: dict[str, dict[str, str]] = {}
-        for name, (kind, specs) in ACCOUNTS.items():
-            grants = [parse_grant(spec) for spec in specs]
-            if kind == "user":
-                await asyncio.to_thread(accounts.add_user, name, PASSWORD, grants)
-                secret = base64.b64encode(f"{name}:{PASSWORD}".encode()).decode()
-                headers[name] = {"Authorization": f"Basic {secret}"}
-            else:
-                token = await asyncio.to_thread(accounts.create_token, name, grants)
-                headers[name] = {"Authorization": f"Bearer {token.secret}"}
+        headers = await account_headers(accounts, ACCOUNTS, PASSWORD)
         headers["forged"] = {"Authorization": "Bearer otw_not-a-token"}
         headers["garbled"] = {"Authorization": "Bearer a b c"}
         yield Site(gateway, client, headers)

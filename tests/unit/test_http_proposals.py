@@ -28,13 +28,12 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from tests_support import FakeClock, eventually
+from tests_support import FakeClock, account_headers, eventually
 
 from drivers.contract import Quality
 from gateway.app import Gateway
 from gateway.config import SiteConfig, parse_config
 from gateway.control.audit import AuditLog
-from gateway.control.users import parse_grant
 from gateway.demo import demo_config_data
 from gateway.http import GATEWAY, create_app
 from gateway.http_proposals import (
@@ -219,15 +218,7 @@ async def site(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Site]:
         async with TestClient(TestServer(create_app(gateway))) as client:
             accounts = gateway.accounts
             assert accounts is not None
-            headers: dict[str, dict[str, str]] = {}
-            for name, (kind, specs) in ACCOUNTS.items():
-                grants = [parse_grant(spec) for spec in specs]
-                if kind == "user":
-                    await asyncio.to_thread(accounts.add_user, name, PASSWORD, grants)
-                    headers[name] = {"Authorization": basic(name, PASSWORD)}
-                else:
-                    token = await asyncio.to_thread(accounts.create_token, name, grants)
-                    headers[name] = {"Authorization": f"Bearer {token.secret}"}
+            headers = await account_headers(accounts, ACCOUNTS, PASSWORD)
             await asyncio.to_thread(accounts.revoke_token, "gone")
             await eventually(lambda: all_good(gateway), what="every oven point GOOD")
             yield Site(oven, gateway, client, headers)
