@@ -36,6 +36,7 @@ from gateway.errors import StoreError, UnknownPointError
 from gateway.http_proposals import add_proposal_routes
 from gateway.ratelog import RateLimitedLog
 from gateway.twin.model import PointValue, Quality
+from gateway.web import add_web_routes
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,8 @@ def create_app(gateway: Gateway) -> web.Application:
     add_read_access(app, GATEWAY)
     # /openapi.json, the manifest, /schemas (from the router, at first request); JSON 404/405/413.
     add_document_routes(app, GATEWAY)
+    # The operators' pages under /ui/ (gateway/web/): sessions, CSRF, security headers.
+    add_web_routes(app, GATEWAY)
     return app
 
 

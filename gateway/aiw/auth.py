@@ -55,6 +55,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Request key under which the web UI's session middleware leaves its user's principal for reads.
+WEB_PRINCIPAL = web.RequestKey("opstwin_web_principal", Principal)
+
 
 class _HasProposal(Protocol):
     @property
@@ -67,6 +70,7 @@ __all__ = [
     "AUTHENTICATOR",
     "CREDENTIALS_REFUSED",
     "OPEN_PATHS",
+    "WEB_PRINCIPAL",
     "Authenticator",
     "Credentials",
     "LoginRation",
@@ -75,6 +79,7 @@ __all__ = [
     "audit_denial",
     "checks_its_own_access",
     "ensure_authenticator",
+    "is_ui_path",
     "parse_authorization",
     "principal_of",
     "readable",
@@ -92,6 +97,15 @@ CHALLENGES = ('Bearer realm="opstwin"', 'Basic realm="opstwin", charset="UTF-8"'
 # how to authenticate before it has credentials.
 OPEN_PATHS = frozenset({"/health", "/.well-known/aiw-manifest.json"})
 READ_METHODS = frozenset({"GET", "HEAD"})
+UI_PREFIX = "/ui"
+
+
+def is_ui_path(path: str) -> bool:
+    """Whether `path` is one of the web UI's (gateway/web/): pages for people, with sessions,
+    not part of the AIW API (the read gate, the OpenAPI document, JSON errors leave them)."""
+    return path == "/" or path == UI_PREFIX or path.startswith(UI_PREFIX + "/")
+
+
 # Query parameter naming the one point a read route reads (the telemetry queries).
 _POINT_QUERY_PATHS = frozenset({"/telemetry/query", "/telemetry/aggregate"})
 _OWN_ACCESS = "_aiw_checks_its_own_access"
@@ -247,7 +261,23 @@ class Authenticator:
             self._refused(gateway, kind, None, str(exc), address)
             raise unauthorized() from None
         if credentials is None:
-            return None  # nothing offered, nothing tried: not counted (a browser's first request)
+            # Nothing offered, nothing tried: not counted (a browser's first request). A web UI
+            # session counts for reads (gateway/web/security.py sets it on GET and HEAD only).
+            return request.get(WEB_PRINCIPAL)
+        return await self.check(request, gateway, credentials)
+
+    async def login(
+        self, request: web.Request, gateway: Gateway, name: str, password: str
+    ) -> Principal:
+        """A user's name and password from the web UI's login form, throttled and audited as a
+        Basic login is (the same ration: a guesser gains nothing by switching doors)."""
+        return await self.check(request, gateway, Credentials("user", password, name))
+
+    async def check(
+        self, request: web.Request, gateway: Gateway, credentials: Credentials
+    ) -> Principal:
+        """The principal of `credentials`; a 401 / 429 / 503 HttpRefusal otherwise."""
+        address = request.remote or "unknown"
         accounts = getattr(gateway, "accounts", None)
         if accounts is None:
             raise HttpRefusal(
@@ -432,6 +462,8 @@ def add_read_access(app: web.Application, gateway_key: web.AppKey[Gateway]) -> N
     async def read_access(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.method not in READ_METHODS or request.path in OPEN_PATHS:
             return await handler(request)
+        if is_ui_path(request.path):
+            return await handler(request)  # the pages check their own session and roles
         match = request.match_info
         if match.http_exception is not None:
             return await handler(request)  # 404 / 405: nothing is read

@@ -39,6 +39,7 @@ from pydantic.json_schema import models_json_schema
 
 from gateway import __version__
 from gateway.aiw.answers import HttpRefusal, refusal_answer
+from gateway.aiw.auth import is_ui_path
 from gateway.aiw.manifest import Manifest, build_manifest
 from gateway.aiw.schemas import (
     CURSOR_PATTERN,
@@ -673,6 +674,8 @@ def served_routes(app: web.Application) -> set[tuple[str, str]]:
     for resource in app.router.resources():
         # The canonical form drops a variable's regex: `/twin/{point_id:.+}` is `/twin/{point_id}`.
         path = resource.canonical
+        if is_ui_path(path):
+            continue  # the web UI's pages are for browsers, not part of the API
         for route in resource:
             routes.add((route.method.upper(), path))
     return {(m, p) for m, p in routes if not (m == "HEAD" and ("GET", p) in routes)}
@@ -923,8 +926,8 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         # Any handler may raise the AIW refusal; those with their own wrapper never get here.
         return refusal_answer(refusal)
     except web.HTTPException as exc:
-        if exc.status < 400 or exc.content_type == "application/json":
-            raise
+        if exc.status < 400 or exc.content_type == "application/json" or is_ui_path(request.path):
+            raise  # the web UI answers its errors as pages (gateway/web/security.py)
         if exc.status == 404:
             message = (
                 f"no route {request.method} {request.path[:200]!r}; GET /openapi.json lists them"

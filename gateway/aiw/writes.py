@@ -79,8 +79,8 @@ from gateway.auth.rbac import AccessDecision, Principal, check, roles_granting
 from gateway.errors import StoreError, UnknownPointError
 from gateway.http_proposals import PROPOSAL_ROUTES
 from gateway.policy.engine import NoModelError, ProposalNotFoundError, ProposalRecord
-from gateway.policy.model import FAILURE_OUTPUT
-from gateway.sim.results import FAN_KEYS, KPI_ORDER
+from gateway.policy.predict import output_ids, trajectory
+from gateway.sim.results import KPI_ORDER
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -103,7 +103,6 @@ COMMIT_WAIT_S = 5.0
 # steps, the oven policy's own, is 6 M and takes ~60 ms).
 MAX_SIM_WORK = 50_000_000
 _MAX_SIM_WAITING = 2
-TRAJECTORY_POINTS = 200  # the fan is thinned to at most this many times
 ACTION_STATUSES = ("succeeded", "failed", "rolled_back")
 MAX_LIST = 1000
 DEFAULT_LIST = 100
@@ -232,7 +231,7 @@ class _WriteRoutes:
             raise HttpRefusal(422, str(exc)) from None
         finally:
             self._sims_waiting -= 1
-        return json_answer(_sim_result(outcome))
+        return json_answer(sim_result(outcome))
 
     # -- actions ----------------------------------------------------------------------------------
 
@@ -246,7 +245,7 @@ class _WriteRoutes:
             raise HttpRefusal(400, f"status must be one of {', '.join(ACTION_STATUSES)}")
         limit = int_query(request, "limit", DEFAULT_LIST, 1, MAX_LIST)
         records = [
-            r for r in engine.recent(status, limit=len(engine.proposals) or 1) if _reached_device(r)
+            r for r in engine.recent(status, limit=len(engine.proposals) or 1) if reached_device(r)
         ]
         visible = (
             records if check(principal, "read", None).allowed else readable(principal, records)
@@ -274,7 +273,7 @@ class _WriteRoutes:
                 404, f"no action {action_id[:_MAX_ID]!r}; `GET /actions` lists the recent ones"
             ) from None
         require(gateway, principal, "read", record.proposal.point, remedy=_READ_REMEDY)
-        if not _reached_device(record):
+        if not reached_device(record):
             raise HttpRefusal(
                 404,
                 f"proposal {record.id} is {record.status} and wrote nothing: it is no action; "
@@ -478,13 +477,13 @@ def _json_kind(value: Any) -> str:
 # -- simulation helpers ---------------------------------------------------------------------------
 
 
-def _sim_result(outcome: WhatIf) -> dict[str, Any]:
+def sim_result(outcome: WhatIf) -> dict[str, Any]:
     """`SimRunResult` of a what-if, with its fan chart and KPI percentiles when it ran."""
     policy = outcome.policy
     details = outcome.prediction.details
     summary = outcome.prediction.summary
     sim = policy.simulation
-    outputs = [ref if ref == FAILURE_OUTPUT else policy.point_id(ref) for ref in sim.outputs]
+    outputs = output_ids(policy)
     answer: dict[str, Any] = {
         "point": outcome.point,
         "value": outcome.value,
@@ -525,7 +524,8 @@ def _sim_result(outcome: WhatIf) -> dict[str, Any]:
             }
             for index, output in enumerate(outputs)
         }
-    answer["trajectory"] = _trajectory(result.times, result.output_percentiles, outputs)
+    fan = trajectory(result, outputs)
+    answer["trajectory"] = {"times": fan["times"], "outputs": fan["outputs"]}
     return answer
 
 
@@ -537,24 +537,7 @@ def _percentiles(values: np.ndarray) -> dict[str, float | None]:
     return {"p5": float(p5), "p50": float(p50), "p95": float(p95), "mean": float(finite.mean())}
 
 
-def _trajectory(times: np.ndarray, fan: np.ndarray, outputs: list[str]) -> dict[str, Any]:
-    """The fan chart (p5..p99 per output over time), thinned to TRAJECTORY_POINTS times."""
-    steps = len(times)
-    stride = max(1, math.ceil(steps / TRAJECTORY_POINTS))
-    # Every stride-th step, ending on the horizon itself.
-    picks = np.arange(steps - 1, -1, -stride)[::-1]
-    return {
-        "times": [float(t) for t in times[picks]],
-        "outputs": {
-            output: {
-                key: [float(v) for v in fan[index, row, picks]] for row, key in enumerate(FAN_KEYS)
-            }
-            for index, output in enumerate(outputs)
-        },
-    }
-
-
-def _reached_device(record: ProposalRecord) -> bool:
+def reached_device(record: ProposalRecord) -> bool:
     """Whether a write of the proposal was attempted (a failure before it wrote is no action)."""
     if record.status in ("succeeded", "rolled_back"):
         return True

@@ -305,6 +305,19 @@ class HttpConfig(_Strict):
         le=1000,
         description="Concurrent `/subscribe` streams; one more is answered 503.",
     )
+    session_idle_s: float = Field(
+        1800.0,
+        ge=60,
+        le=86_400,
+        description="A web UI session unused for this long ends; its user logs in again.",
+    )
+    session_max_s: float = Field(
+        43_200.0,
+        ge=300,
+        le=604_800,
+        description="A web UI session ends this long after its login however busy it is "
+        "(12 h: one shift, on a PC that several people share).",
+    )
 
     @field_validator("host")
     @classmethod

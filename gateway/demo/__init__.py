@@ -23,7 +23,7 @@ from gateway.app import Gateway
 from gateway.config import SiteConfig, load_config
 from gateway.demo.broker import INSTALL_HINT, LocalBroker, mosquitto_binary
 from gateway.demo.cloud import CloudView
-from gateway.demo.script import PLANT_SPEED, Script, banner
+from gateway.demo.script import PLANT_SPEED, Script, banner, make_supervisor
 from gateway.errors import ConfigError, GatewayError
 from gateway.opcua_server.users import hash_password
 from gateway.policy.anomaly import glob_matcher
@@ -227,7 +227,21 @@ async def _run(
 
     async def on_ready(gateway: Gateway, urls: list[str]) -> None:
         base = urls[0] if urls else f"http://{config.http.host}:{config.http.port}"
-        banner(gateway, base, config_path, sim_log, SCADA_USER, password)
+        # The operator UI's user for this run: a supervisor with a fresh password (no default).
+        supervisor_password = secrets.token_urlsafe(9)
+        try:
+            await asyncio.to_thread(make_supervisor, gateway.accounts, supervisor_password)
+        except GatewayError as exc:
+            print(f"operator UI: cannot make the demo's supervisor: {exc}", flush=True)
+        banner(
+            gateway,
+            base,
+            config_path,
+            sim_log,
+            SCADA_USER,
+            password,
+            ui_password=supervisor_password,
+        )
         script = Script(
             gateway,
             sim,
@@ -236,6 +250,7 @@ async def _run(
             base_url=base,
             config_path=config_path,
             cloud=CloudView(gateway, broker),
+            supervisor_password=supervisor_password,
         ).run(stop, duration)
         tasks.add(asyncio.create_task(script, name="demo:script"))
 

@@ -71,6 +71,7 @@ STEPS: list[tuple[float, tuple]] = [
     (46.0, ("cloud_back",)),
     (50.0, ("write", VALVE, 50.0)),
     (52.0, ("cloud",)),
+    (54.0, ("agent", True)),
 ]
 
 
@@ -87,8 +88,10 @@ class Script:
         base_url: str,
         config_path: Path,
         cloud: CloudView | None = None,
+        supervisor_password: str = "",
     ) -> None:
         self.gateway = gateway
+        self.supervisor_password = supervisor_password
         self.cloud = cloud
         self.sim = sim
         self.scada_user = scada_user
@@ -204,8 +207,9 @@ class Script:
                 flush=True,
             )
 
-    async def _agent(self) -> None:
-        """An AI agent's token proposes a setpoint: it may propose, not execute."""
+    async def _agent(self, for_the_browser: bool = False) -> None:
+        """An AI agent's token proposes a setpoint: it may propose, not execute. The last one is
+        left waiting for the person at the operator UI (`for_the_browser`)."""
         engine, accounts = self.gateway.engine, self.gateway.accounts
         if engine is None or accounts is None:
             print("  agent: the policy engine is not running", flush=True)
@@ -243,7 +247,15 @@ class Script:
         except GatewayError as exc:
             print(f"  agent: proposal failed: {exc}", flush=True)
             return
-        self.waiting = record.id
+        if not for_the_browser:
+            self.waiting = record.id
+        elif record.status in ("pending_approval", "pending_analysis"):
+            print(
+                f"  agent: proposal {record.id} waits for you in the operator UI's approvals "
+                f"queue ({self.base_url}/ui/approvals): read its fan chart, then approve or "
+                "reject it with a reason",
+                flush=True,
+            )
 
     async def _approve(self) -> None:
         """A supervisor approves the agent's waiting proposal; the engine writes it."""
@@ -260,9 +272,9 @@ class Script:
         if status not in ("pending_approval", "pending_analysis"):
             print(f"  supervisor: proposal {proposal} is {status}; nothing to approve", flush=True)
             return
-        password = secrets.token_urlsafe(9)
+        password = self.supervisor_password or secrets.token_urlsafe(9)
         try:
-            principal = await asyncio.to_thread(_supervisor, accounts, password)
+            principal = await asyncio.to_thread(make_supervisor, accounts, password)
         except GatewayError as exc:
             print(f"  supervisor: cannot log in: {exc}", flush=True)
             return
@@ -457,7 +469,7 @@ async def scada_read(gateway: Gateway, user: str, password: str) -> list[str]:
     return out
 
 
-def _supervisor(accounts: Any, password: str) -> Principal:
+def make_supervisor(accounts: Any, password: str) -> Principal:
     """The demo's supervisor with a password made for this run (blocking: argon2)."""
     try:
         accounts.add_user(SUPERVISOR, password, [Grant(role="supervisor")])
@@ -474,7 +486,14 @@ def _number(value: object) -> float | None:
 
 
 def banner(
-    gateway: Gateway, base: str, config_path: Path, sim_log: Path, user: str, password: str
+    gateway: Gateway,
+    base: str,
+    config_path: Path,
+    sim_log: Path,
+    user: str,
+    password: str,
+    *,
+    ui_password: str = "",
 ) -> None:
     """Print where to look."""
     here = Path.cwd()
@@ -505,6 +524,8 @@ def banner(
     print(
         f"""
 OpsTwin demo is running: a gateway reading the simulated plant.
+  operator UI: open {base}/ui/ and log in as {SUPERVISOR} with password {ui_password!r}
+    (made for this run): approvals with fan charts, the twin, what-if, actions, audit
   simulated plant (log {rel(sim_log)}):
 {devices}
   gateway HTTP:

@@ -80,7 +80,14 @@ from gateway.policy.gate import (
     record_write,
 )
 from gateway.policy.model import AnomalyTrigger, ConditionTrigger, Policy, Thresholds
-from gateway.policy.predict import Prediction, build_scenario, fit_history, run_prediction
+from gateway.policy.predict import (
+    Prediction,
+    build_scenario,
+    fit_history,
+    output_ids,
+    run_prediction,
+    trajectory,
+)
 from gateway.policy.triggers import HoldTracker, anomaly_fires
 from gateway.sim.models import SimulationError
 from gateway.twin.model import PointDef, PointValue
@@ -187,6 +194,9 @@ class ProposalRecord:
     approver: str | None = None
     finished_ts: float | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
+    # The predicted fan and its limits (predict.trajectory), for the web UI's chart; in memory
+    # only (~10 KB), not in events or the audit log, whose figures are the summary's.
+    fan: dict[str, Any] | None = None
 
     @property
     def id(self) -> str:
@@ -706,10 +716,12 @@ class PolicyEngine:
         if policy is None or not _finite(p.value) or p.current_value is None:
             return None
         started = time.perf_counter()
-        prediction, _ = await self._simulate_change(
+        prediction, result = await self._simulate_change(
             policy, p.point, p.current_value, float(p.value)
         )
         record.timings_ms["simulation"] = (time.perf_counter() - started) * 1000
+        if result is not None and prediction.summary.error is None:
+            record.fan = trajectory(result, output_ids(policy))
         return prediction
 
     async def _simulate_change(

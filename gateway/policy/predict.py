@@ -61,7 +61,7 @@ from gateway.sim.models import (
     TankModel,
     WeibullModel,
 )
-from gateway.sim.results import SimResult
+from gateway.sim.results import FAN_KEYS, SimResult
 
 __all__ = [
     "KPI_INDEX",
@@ -94,7 +94,8 @@ def policy_env(policy: Policy, values: Mapping[str, Any]) -> dict[str, Any]:
     return env
 
 
-def _output_ids(policy: Policy) -> list[str]:
+def output_ids(policy: Policy) -> list[str]:
+    """The simulated outputs' point ids (`failure` for a weibull model), in the model's order."""
     return [
         ref if ref == FAILURE_OUTPUT else policy.point_id(ref) for ref in policy.simulation.outputs
     ]
@@ -133,7 +134,7 @@ def build_scenario(
             raise SimulationError(
                 f"simulation.bind: {first['msg'].removeprefix('Value error, ')}"
             ) from None
-    outputs = _output_ids(policy)
+    outputs = output_ids(policy)
     y0: float | None = None
     h0: float | None = None
     if isinstance(chosen, FopdtModel | TankModel):
@@ -196,7 +197,7 @@ def success_mask(
     now = objective.expression.evaluate(env)
     stat = KPI_INDEX[objective.at]
     arrays: dict[str, Any] = dict(env)
-    for index, point_id in enumerate(_output_ids(policy)):
+    for index, point_id in enumerate(output_ids(policy)):
         column = result.path_kpis[index, stat]
         arrays[point_id] = column
         for alias, target in policy.points.items():
@@ -334,3 +335,34 @@ _PY_ROUND = np.frompyfunc(round, 2, 1)
 
 def _finite(x: object) -> bool:
     return not isinstance(x, bool) and isinstance(x, int | float) and math.isfinite(x)
+
+
+TRAJECTORY_POINTS = 200  # a fan is thinned to at most this many times (a chart, a JSON answer)
+
+
+def trajectory(result: SimResult, outputs: Sequence[str]) -> dict[str, Any]:
+    """The fan (p5..p99 per output over time) thinned to TRAJECTORY_POINTS times, with the
+    constraint limits it was judged against: what a fan chart draws, as plain JSON."""
+    times = result.times
+    fan = result.output_percentiles
+    steps = len(times)
+    stride = max(1, math.ceil(steps / TRAJECTORY_POINTS))
+    # Every stride-th step, ending on the horizon itself.
+    picks = np.arange(steps - 1, -1, -stride)[::-1]
+    return {
+        "times": [float(t) for t in times[picks]],
+        "outputs": {
+            output: {
+                key: [float(v) for v in fan[index, row, picks]] for row, key in enumerate(FAN_KEYS)
+            }
+            for index, output in enumerate(outputs)
+        },
+        "limits": [
+            {
+                "output": outputs[c.constraint.output],
+                "kind": c.constraint.kind,
+                "limit": c.constraint.limit,
+            }
+            for c in result.constraints
+        ],
+    }
