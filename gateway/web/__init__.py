@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from gateway.aiw.auth import ensure_authenticator
+from gateway.config.model import HttpConfig
 from gateway.web.render import environment
 from gateway.web.security import (
     UI,
@@ -51,10 +52,14 @@ def add_web_routes(app: web.Application, gateway_key: web.AppKey[Gateway]) -> No
     from gateway.web.login import add_login_routes
     from gateway.web.twin import add_twin_routes
 
-    http = app[gateway_key].config.http
+    # Session lifetimes come from the config at start (_web_lifecycle): the routes can be built
+    # without a gateway (the docs test lists them).
     app[WEB] = WebState(
         gateway_key=gateway_key,
-        sessions=SessionStore(idle_s=http.session_idle_s, max_s=http.session_max_s),
+        sessions=SessionStore(
+            idle_s=HttpConfig.model_fields["session_idle_s"].default,
+            max_s=HttpConfig.model_fields["session_max_s"].default,
+        ),
         templates=environment(),
     )
     ensure_authenticator(app)
@@ -66,15 +71,18 @@ def add_web_routes(app: web.Application, gateway_key: web.AppKey[Gateway]) -> No
     add_approval_routes(app)
     add_twin_routes(app)
     add_admin_routes(app)
-    app.cleanup_ctx.append(_first_admin_link)
+    app.cleanup_ctx.append(_web_lifecycle)
 
 
-async def _first_admin_link(app: web.Application) -> AsyncIterator[None]:
-    """At start (after the gateway's): while no admin exists, log a one-time setup link."""
+async def _web_lifecycle(app: web.Application) -> AsyncIterator[None]:
+    """At start (after the gateway's): the sessions' lifetimes from the config, and while no
+    admin exists, a one-time setup link in the log."""
     from gateway.web.login import has_admin
 
     state = app[WEB]
     gateway = app[state.gateway_key]
+    state.sessions.idle_s = gateway.config.http.session_idle_s
+    state.sessions.max_s = gateway.config.http.session_max_s
     try:
         missing = not await has_admin(gateway)
     except web.HTTPException:
@@ -82,8 +90,8 @@ async def _first_admin_link(app: web.Application) -> AsyncIterator[None]:
     if missing:
         state.setup = SetupLink()
         log.warning(
-            "no admin user exists: make one with `opstwin user add NAME --role admin`, or open "
-            "%s within an hour (works once)",
+            "no admin user exists: make one with `opstwin user add --config FILE NAME --grant "
+            "admin`, or open %s within an hour (works once)",
             setup_url(gateway, state.setup),
         )
     yield

@@ -1,9 +1,10 @@
 """Log in, log out, and the one-time link that makes the first admin.
 
-There is no default password. The first admin comes from `opstwin user add NAME --role admin`
-or, while no enabled admin exists, from the link the gateway logs at start (`/ui/setup/<secret>`,
-one use, one hour). A login is checked, throttled and audited by the same `Authenticator` as
-HTTP Basic (gateway/aiw/auth.py): ten refused logins a minute per address, then 429.
+There is no default password. The first admin comes from
+`opstwin user add --config FILE NAME --grant admin` or, while no enabled admin exists, from the
+link the gateway logs at start (`/ui/setup/<secret>`, one use, one hour). A login is checked,
+throttled and audited by the same `Authenticator` as HTTP Basic (gateway/aiw/auth.py): ten
+refused logins a minute per address, then 429.
 """
 
 from __future__ import annotations
