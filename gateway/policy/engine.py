@@ -1029,9 +1029,17 @@ class PolicyEngine:
                 reason=f"denied: {principal.label} proposed this change and may not approve it",
             )
         elif not decision.allowed and roles is not None:
+            # Say what the principal holds, not "has no grants" (their grants were filtered to
+            # the policy's approval roles above).
+            unfiltered = check(principal, "approve", p.point)
+            held = (
+                f"denied: {principal.label} holds {', '.join(g.role for g in principal.grants)}"
+                if unfiltered.allowed
+                else unfiltered.reason
+            )
             decision = replace(
                 decision,
-                reason=f"{decision.reason}; policy {record.model_policy.id} "  # type: ignore[union-attr]
+                reason=f"{held}; policy {record.model_policy.id} "  # type: ignore[union-attr]
                 f"is approved by {', '.join(roles)}",
             )
         self._audit([_access_entry(decision, record.id, self._clock())])

@@ -80,8 +80,8 @@ def num(value: Any, digits: int = 4) -> str:
 
 def when(ts: Any) -> str:
     """An epoch time as the gateway's local date and time (seconds)."""
-    if not isinstance(ts, (int, float)) or not math.isfinite(ts):
-        return "—"
+    if not isinstance(ts, (int, float)) or not math.isfinite(ts) or ts <= 0:
+        return "—"  # 0: a point never heard from
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
 
