@@ -164,9 +164,7 @@ async def test_what_if_draws_the_fan_before_anything_is_proposed(
     await page.locator("#whatif-result input[name=reason]").fill("try a cooler cure")
     await page.locator("#whatif-result button[type=submit]").click()
     await page.wait_for_url("**/ui/proposals/*")
-    await eventually(
-        lambda: len(site.engine.proposals) == proposals_before + 1, what="a proposal"
-    )
+    await eventually(lambda: len(site.engine.proposals) == proposals_before + 1, what="a proposal")
     newest = site.engine.recent(limit=1)[0]
     assert newest.proposal.proposer.name == "sam" and newest.source == "web"
     await expect(page.locator("h1")).to_contain_text(newest.id)
