@@ -13,6 +13,8 @@ import pytest
 import yaml
 
 from gateway.config import parse_config
+from gateway.control.db import ControlDB, control_db_path
+from gateway.control.users import AccountStore
 from gateway.demo import (
     SHIPPED_POLICIES,
     demo_config_data,
@@ -405,3 +407,26 @@ def test_the_narrator_tells_each_proposal_once_decided_and_once_finished():
     narrator.poll()
     assert len(said) == 5, said
     assert "approved by `sup`; written: the device read back 173.6 °C (was 180 °C)" in said[4]
+
+
+@slow
+def test_demo_prints_the_operator_uis_url_and_a_supervisor_that_logs_in(demo):
+    state, out = demo
+    ui = re.search(
+        r"operator UI: open (http://127\.0\.0\.1:\d+)/ui/ and log in as demo-supervisor with "
+        r"password '([^']+)'",
+        out,
+    )
+    assert ui, "the banner names the UI's URL and the supervisor's password for this run"
+    banner = out[out.index("OpsTwin demo is running") :]
+    assert banner.index("operator UI: open") < banner.index("  simulated plant ("), "said first"
+    # The printed password is the one control.db holds (argon2), for a supervisor.
+    with ControlDB(control_db_path(state / "twin.db")) as db:
+        principal = AccountStore(db).authenticate_user("demo-supervisor", ui[2])
+    assert [g.role for g in principal.grants] == ["supervisor"]
+    # The last agent proposal is left for the person at the browser.
+    assert re.search(
+        rf"agent: proposal p-\w+-\d+ waits for you in the operator UI's approvals queue "
+        rf"\({re.escape(ui[1])}/ui/approvals\)",
+        out,
+    )
