@@ -67,6 +67,9 @@ COOKIE = "otw_session"
 LOGIN_COOKIE = "otw_login"  # the pre-login CSRF token (double submit)
 UI = "/ui"
 READ_METHODS = frozenset({"GET", "HEAD"})
+# The pages' forms are all urlencoded (no file upload anywhere). Multipart is refused: aiohttp
+# parses it from the stream, which the body-timeout middleware has already read.
+FORM_TYPES = ("application/x-www-form-urlencoded",)
 
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -216,7 +219,17 @@ def forbidden(message: str) -> web.HTTPForbidden:
 async def checked_form(request: web.Request) -> dict[str, str]:
     """The POSTed form of a UI page, after the CSRF and Origin checks (403 when either fails)."""
     _same_origin(request)
-    form = await request.post()
+    if request.content_type not in FORM_TYPES:
+        raise web.HTTPUnsupportedMediaType(
+            text=f"a form is sent as {FORM_TYPES[0]}, not {request.content_type!r}\n"
+        )
+    try:
+        form = await request.post()
+    except (ValueError, UnicodeDecodeError, web.HTTPException) as exc:
+        if isinstance(exc, web.HTTPException) and exc.status == 413:
+            raise
+        # A body that claims to be a form and is not (a broken multipart boundary, bad bytes).
+        raise web.HTTPBadRequest(text="the form cannot be read: send it again\n") from None
     offered = form.get("csrf")
     token = offered if isinstance(offered, str) else None
     user = current_user(request)

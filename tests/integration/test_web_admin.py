@@ -594,3 +594,38 @@ async def test_every_form_of_the_ui_is_refused_without_the_sessions_csrf_token(s
     users_after = [u.name for u in await asyncio.to_thread(accounts.list_users)]
     assert users_after == users_before, "no forged form changed anything"
     assert not accounts.get_user("vic").disabled
+
+
+async def test_hostile_cookies_and_login_forms_get_the_login_page_or_4xx_never_5xx(site: Site):
+    client = site.client
+    for cookie in ("", "x", "A" * 4000, "%00%ff", "\u00e9\u00e8", "otw_" * 200):
+        async with client.get(
+            "/ui/approvals", headers={"Cookie": f"otw_session={cookie}"}, allow_redirects=False
+        ) as answer:
+            assert answer.status == 303, (cookie[:20], answer.status)
+            assert answer.headers["Location"].startswith("/ui/login")
+    # A session cookie on a JSON write is no credential (writes take no CSRF token).
+    async with browser(client) as supervisor:
+        await login(supervisor, "sue", PASSWORD)
+        async with supervisor.post(
+            "/proposals", json={"point": "line1/oven1/heater_setpoint", "value": 181, "reason": "x"}
+        ) as answer:
+            assert answer.status == 401, await answer.text()
+    # Login forms that are not forms: a file upload (multipart), a JSON body, no body, a huge
+    # or NUL-bearing name.
+    async with client.get("/ui/login") as page:
+        token = csrf_of(await page.text())
+    attempts: list[dict[str, Any]] = [
+        {"json": {"csrf": token, "name": "sue", "password": PASSWORD}},
+        {},
+        {"data": {"csrf": token, "name": "n" * 100_000, "password": "p"}},
+        {"data": {"csrf": token, "name": "sue\x00", "password": "p\x00"}},
+    ]
+    upload = aiohttp.FormData()
+    upload.add_field("csrf", token)
+    upload.add_field("name", b"sue", filename="name.txt")
+    upload.add_field("password", PASSWORD)
+    attempts.append({"data": upload})
+    for kwargs in attempts:
+        async with client.post("/ui/login", allow_redirects=False, **kwargs) as answer:
+            assert 400 <= answer.status < 500, (kwargs, answer.status, await answer.text())
