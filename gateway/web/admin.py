@@ -444,12 +444,9 @@ async def add_user(request: web.Request, user: WebUser) -> web.StreamResponse:
     form = await checked_form(request)
     _require(request, user, "manage_users")
     accounts = _accounts(request)
-    name = form.get("name", "").strip()
-    role, assets = form.get("role", ""), form.get("assets", "").strip() or SITE_WIDE
-    kept = {"name": name[:64], "role": role[:16], "assets": assets[:256]}
+    name, kept = _named_grant(form)
     try:
-        _fit(form)
-        grant = _grant(role, assets)
+        grant = _form_grant(form)
         await asyncio.to_thread(
             accounts.add_user, name, form.get("password", ""), [grant], actor=_actor(user)
         )
@@ -559,12 +556,9 @@ async def create_token(request: web.Request, user: WebUser) -> web.StreamRespons
     form = await checked_form(request)
     _require(request, user, "manage_tokens")
     accounts = _accounts(request)
-    name = form.get("name", "").strip()
-    role, assets = form.get("role", ""), form.get("assets", "").strip() or SITE_WIDE
-    kept = {"name": name[:64], "role": role[:16], "assets": assets[:256]}
+    name, kept = _named_grant(form)
     try:
-        _fit(form)
-        grant = _grant(role, assets)
+        grant = _form_grant(form)
         new = await asyncio.to_thread(accounts.create_token, name, [grant], actor=_actor(user))
     except AccountError as exc:
         return await _tokens_page(request, status=400, error=str(exc), form=kept)
@@ -653,6 +647,19 @@ def _fit(form: Mapping[str, str]) -> None:
             raise AccountError(
                 f"the field `{key[:40]}` is {len(value)} characters long; at most {MAX_FIELD}"
             )
+
+
+def _named_grant(form: Mapping[str, str]) -> tuple[str, dict[str, str]]:
+    """The name a user or token form gives, and its fields cut short to show them again."""
+    name = form.get("name", "").strip()
+    role, assets = form.get("role", ""), form.get("assets", "").strip() or SITE_WIDE
+    return name, {"name": name[:64], "role": role[:16], "assets": assets[:256]}
+
+
+def _form_grant(form: Mapping[str, str]) -> Grant:
+    """The grant a user or token form asks for (AccountError for an oversized field)."""
+    _fit(form)
+    return _grant(form.get("role", ""), form.get("assets", "").strip() or SITE_WIDE)
 
 
 def _grant(role: str, assets: str) -> Grant:

@@ -269,49 +269,30 @@ async def whatif(request: web.Request, user: WebUser) -> web.StreamResponse:
     points = _modelled(gateway, engine, user)
     chosen = form.get("point", "")
     value = _number(form.get("value"))
+
+    def refused(error: str, status: int) -> web.Response:
+        shown = chosen if chosen in points else ""
+        return _whatif_page(request, user, points, shown, value, None, error, status)
+
     if chosen not in points:
-        return _whatif_page(
-            request,
-            user,
-            points,
-            "",
-            None,
-            None,
-            "Choose a writable point a policy simulates.",
-            400,
-        )
+        return refused("Choose a writable point a policy simulates.", 400)
     if value is None:
-        return _whatif_page(request, user, points, chosen, None, None, "Enter a number.", 400)
+        return refused("Enter a number.", 400)
     point = gateway.points[chosen]
     if point.lo is not None and point.hi is not None and not point.lo <= value <= point.hi:
-        return _whatif_page(
-            request,
-            user,
-            points,
-            chosen,
-            value,
-            None,
+        return refused(
             f"{value:g} is outside {chosen}'s range [{point.lo:g}, {point.hi:g}]: the gate "
             "would reject it before any simulation.",
             400,
         )
     busy = request.app[_WHATIF_BUSY]
     if busy:
-        return _whatif_page(
-            request,
-            user,
-            points,
-            chosen,
-            value,
-            None,
-            "Another what-if is running; try again in a moment.",
-            503,
-        )
+        return refused("Another what-if is running; try again in a moment.", 503)
     busy.append(user.name)
     try:
         outcome = await engine.what_if(chosen, value, by=user.name)
     except (UnknownPointError, NoModelError) as exc:
-        return _whatif_page(request, user, points, chosen, value, None, str(exc), 422)
+        return refused(str(exc), 422)
     finally:
         busy.clear()
     return _whatif_page(request, user, points, chosen, value, outcome, None)
