@@ -169,3 +169,43 @@ async def test_what_if_draws_the_fan_before_anything_is_proposed(
     assert newest.proposal.proposer.name == "sam" and newest.source == "web"
     await expect(page.locator("h1")).to_contain_text(newest.id)
     await screenshot(page, "proposed")
+
+
+@pytest.mark.parametrize(("width", "height"), [(1280, 800), (390, 844)], ids=["tablet", "phone"])
+async def test_the_pages_fit_a_tablet_and_a_phone(
+    site: WebGateway, browser: Browser, width: int, height: int
+) -> None:
+    """No page is wider than the screen (wide tables scroll inside their own box) and the fan
+    chart shrinks to fit: a tablet in landscape, a phone held upright."""
+    proposal = await site.pending_proposal(value_offset=-1.0)
+    context = await browser.new_context(viewport={"width": width, "height": height})
+    try:
+        page = await context.new_page()
+        await ui_login(page, site.base, "sam", PASSWORD)
+        for path in (
+            "/ui/approvals",
+            f"/ui/proposals/{proposal['id']}",
+            "/ui/twin",
+            f"/ui/points/{SETPOINT}",
+            "/ui/actions",
+            "/ui/audit",
+        ):
+            await page.goto(site.base + path)
+            overflow = await page.evaluate(
+                "document.documentElement.scrollWidth - document.documentElement.clientWidth"
+            )
+            assert overflow <= 0, f"{path} is {overflow} px wider than a {width} px screen"
+            name = "proposal" if "/proposals/" in path else path.strip("/").replace("/", "-")
+            await screenshot(page, name)
+        fan = page.locator("figure.fan svg")
+        await page.goto(f"{site.base}/ui/proposals/{proposal['id']}")
+        box = await fan.first.bounding_box()
+        assert box is not None and box["width"] <= width
+    finally:
+        await context.close()
+        # Leave nothing waiting for the next test's queue.
+        await site.engine.reject(
+            await site.gateway.accounts.authenticate_user_async("sam", PASSWORD),  # type: ignore[union-attr]
+            proposal["id"],
+            reason="layout test",
+        )
