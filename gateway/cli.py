@@ -513,7 +513,9 @@ def describe(config: SiteConfig, source: str) -> str:
         f"site {config.site_id}, gateway {config.gateway_id}",
         f"storage {config.storage.path} (history {config.storage.history_days:g} d, "
         f"events {config.storage.events_days:g} d)",
-        f"http {config.http.host}:{config.http.port} (reads {config.http.read_access})",
+        f"http {config.http.host}:{config.http.port} (reads {config.http.read_access}; "
+        f"web UI at /ui/, sessions end after {config.http.session_idle_s / 60:g} min idle or "
+        f"{config.http.session_max_s / 3600:g} h)",
         _describe_opcua_server(config),
         _describe_sync(config),
         f"{len(config.devices)} device(s), {npoints} point(s):",

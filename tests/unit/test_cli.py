@@ -224,7 +224,7 @@ def test_check_says_where_the_cloud_sync_goes_and_how_reads_are_guarded(tmp_path
     code, out, _ = run_cli(["check", str(path)], capsys)
     assert code == 0
     assert "cloud sync off (no sync.broker)" in out
-    assert "(reads open)" in out
+    assert "(reads open; web UI at /ui/, sessions end after 30 min idle or 12 h)" in out
     data["sync"] = {"broker": "mqtts://cloud.example.com", "username": "gw7"}
     data["http"] = {"read_access": "token"}
     path.write_text(yaml.safe_dump(data))
@@ -232,4 +232,4 @@ def test_check_says_where_the_cloud_sync_goes_and_how_reads_are_guarded(tmp_path
     assert code == 0
     site, gateway = data["site_id"], data["gateway_id"]
     assert f"cloud sync to mqtts://cloud.example.com as gw7, topics aiw/v1/{site}/{gateway}/" in out
-    assert "(reads token)" in out
+    assert "(reads token; web UI" in out
