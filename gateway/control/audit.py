@@ -83,6 +83,15 @@ class AuditLog:
         with self.db.reader() as conn:
             return verify(_stream(conn))
 
+    def verify_after(self, seq: int, head_hash: str) -> VerifyResult:
+        """Re-check only the rows after `seq`, chained from `head_hash`: the head of a part
+        verified before (what was appended since; the rows before are not read)."""
+        with self.db.reader() as conn:
+            rows = conn.execute(
+                "SELECT seq, entry, hash FROM audit WHERE seq > ? ORDER BY seq", (seq,)
+            )
+            return verify(rows, prev_hash=head_hash, first_seq=seq + 1)
+
 
 def append_rows(conn: sqlite3.Connection, entries: Iterable[AuditEntry]) -> list[ChainedRow]:
     """Append `entries` after the head, within the caller's write transaction; return the rows.

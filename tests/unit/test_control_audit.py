@@ -240,3 +240,22 @@ def test_read_only_refuses_a_file_that_is_not_a_control_database(tmp_path):
     conn.close()
     with pytest.raises(StoreError, match="not a control database"):
         ControlDB(other, read_only=True)
+
+
+def test_verify_after_checks_only_what_was_appended_since_a_verified_head(log, path):
+    log.append_many([entry(i) for i in range(5)])
+    whole = log.verify()
+    assert whole.ok and whole.checked == 5
+    log.append_many([entry(i) for i in range(5, 8)])
+    since = log.verify_after(whole.last_seq, whole.last_hash)
+    assert since.ok and since.checked == 3 and since.last_seq == 8
+    assert since.last_hash == log.head()[1]
+    # An edit before the verified head is not its business (the full pass finds it) ...
+    tamper(path, "UPDATE audit SET entry = replace(entry, 'alice', 'mallory') WHERE seq = 2")
+    assert log.verify_after(whole.last_seq, whole.last_hash).ok
+    assert not log.verify().ok
+    # ... an edit after it is, and so is a head that is not the one verified.
+    tamper(path, "UPDATE audit SET entry = replace(entry, 'alice', 'mallory') WHERE seq = 7")
+    broken = log.verify_after(whole.last_seq, whole.last_hash)
+    assert not broken.ok and broken.broken_seq == 7 and broken.checked == 1
+    assert not log.verify_after(whole.last_seq, GENESIS_HASH).ok
