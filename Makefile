@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/sim.py
 	$(BIN)/python bench/decide.py
 	$(BIN)/python bench/sync.py
+	$(BIN)/python bench/web.py
 	$(BIN)/python bench/footprint.py --quick
 
 clean:

@@ -41,8 +41,10 @@ thread with its own event loop; the server (gateway, PLC, their worker threads) 
 thread: server CPU = the process's CPU over the batch minus the client thread's own
 (`time.thread_time`) minus the idle process's background rate (measured before the pages: the
 PLC, the engine's once-a-second tick, the writer threads) times the batch's wall time. The audit
-page's first, uncached view re-hashes the whole chain; each of its uncached requests follows an
-append (the head moves, as after any action) and is timed alone. The session check is /health
+page's first view verifies the whole chain; each of its "after an append" requests follows an
+append (the head moves, as after any action) and is timed alone: the page then verifies only
+the rows appended since the head it verified last (the whole chain every 5 minutes and on
+request). The session check is /health
 with and without the session cookie (the middleware resolves the cookie on every path: a
 worker-thread read of control.db); /ui/devices is the cheapest page.
 
@@ -334,7 +336,7 @@ async def _client(server: Server, args: argparse.Namespace, results: Results) ->
             server,
             browser,
             "audit_uncached",
-            "GET /ui/audit (chain re-hashed)",
+            "GET /ui/audit (after an append)",
             max(5, n // 5),
             path="/ui/audit",
             before_each=lambda: server.call(_append_one(server.gateway)),
