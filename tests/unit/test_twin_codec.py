@@ -246,6 +246,37 @@ def test_concat_keeps_each_parts_value_types():
     assert exact_rows(Columns.concat([columns]).rows()) == exact_rows(rows)
 
 
+def test_a_float_points_rows_of_a_mixed_frame_stay_numbers_beside_its_blocks():
+    # A poll of a PLC mixes types across points; the float point's rows taken out of that frame
+    # must not make its whole history (blocks of float64) a column of Python objects.
+    block = decode(
+        encode_block([(i + 1, T0 + i, 1, 20.0 + i / 8, 0, None, None) for i in range(300)])
+    )
+    mixed = decode(
+        encode_frame(
+            [
+                (301, T0 + 301, 1, 21.5, 0, None, None),
+                (302, T0 + 301, 2, "AUTO", 0, None, None),
+                (303, T0 + 301, 3, True, 0, None, None),
+                (304, T0 + 302, 1, 22.25, 0, None, None),
+            ]
+        )
+    )
+    ours = mixed.take(mixed.pid == 1)
+    joined = Columns.concat([block, ours])
+    assert joined.value_kind == "f"
+    assert joined.rows()[-2:] == [
+        (301, T0 + 301, 1, 21.5, 0, None, None),
+        (304, T0 + 302, 1, 22.25, 0, None, None),
+    ]
+    # Ints beside floats, or text, still keep each value's own type.
+    counts = decode(
+        encode_frame([(305, T0, 4, 7, 0, None, None), (306, T0, 5, "x", 0, None, None)])
+    )
+    kept = Columns.concat([block, counts.take(counts.pid == 4)])
+    assert kept.rows()[-1][3] == 7 and type(kept.rows()[-1][3]) is int
+
+
 def test_encode_block_columns_refuses_nothing_and_several_points():
     columns = decode(encode_frame(SMALL))
     with pytest.raises(ValueError, match="at least one row"):
