@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import socket
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -10,3 +12,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def log_to_file(path: Path) -> None:
+    """Log at INFO to `path`, as `opstwin run` logs (asyncua's chatter left out), so that the
+    bench's table is the only thing on the terminal."""
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        filename=path,
+    )
+    logging.getLogger("asyncua").setLevel(logging.ERROR)

@@ -51,7 +51,6 @@ import asyncio
 import cProfile
 import io
 import json
-import logging
 import os
 import pstats
 import re
@@ -67,7 +66,7 @@ from typing import Any
 
 import yaml
 
-from benchutil import free_port
+from benchutil import free_port, log_to_file
 from drivers.contract import Quality, Sample
 from gateway.app import Gateway
 from gateway.config import parse_config
@@ -132,12 +131,7 @@ def main() -> int:
 
 async def _bench(tmp: Path, args: argparse.Namespace) -> int:
     log_path = tmp / "gateway.log"
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        filename=log_path,
-    )
-    logging.getLogger("asyncua").setLevel(logging.ERROR)
+    log_to_file(log_path)
     plc_port = free_port()
     plc = _start_plc(plc_port, tmp / "plantsim.log")
     try:

@@ -65,7 +65,6 @@ import cProfile
 import gzip
 import io
 import json
-import logging
 import math
 import os
 import pstats
@@ -86,6 +85,7 @@ import aiohttp
 import yaml
 from aiohttp import web
 
+from benchutil import log_to_file
 from drivers.contract import Quality, Sample
 from gateway.app import Gateway
 from gateway.audit.chain import AuditEntry
@@ -187,12 +187,7 @@ def main() -> int:
 
 async def _bench(tmp: Path, args: argparse.Namespace) -> int:
     log_path = tmp / "gateway.log"
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        filename=log_path,
-    )
-    logging.getLogger("asyncua").setLevel(logging.ERROR)
+    log_to_file(log_path)
     load0 = os.getloadavg()
     print(
         f"web UI benchmark: {args.days} days of 1 Hz history for {len(FILLED)} points, "
