@@ -59,6 +59,8 @@ class Gateway:
         self.drivers: dict[str, Driver] = build_drivers(config)
         # The `driver: http` devices have no driver: their points are pushed to the gateway.
         self.push = PushSources(config, self.points)
+        # Per device: [samples received, connections made] since start (/metrics).
+        self.device_counts: dict[str, list[int]] = {}
         # None without rules; the policy engine sets its `on_anomalies`.
         self.anomaly_watch: AnomalyWatch | None = AnomalyWatch.from_config(
             self.store, config.anomalies, self.points.values()
@@ -249,10 +251,14 @@ class Gateway:
 
     async def _pump(self, driver: Driver) -> None:
         # One pump per driver: ingest never waits on SQLite, so this loop never blocks.
+        counts = self.device_counts.setdefault(driver.name, [0, 0])
         async for batch in driver.samples():
+            counts[0] += len(batch)
             self.store.ingest(batch)
 
     def _on_state(self, name: str, state: ConnectionState, reason: str | None) -> None:
+        if state is ConnectionState.CONNECTED:
+            self.device_counts.setdefault(name, [0, 0])[1] += 1
         # A device that stays down cycles DISCONNECTED → BACKOFF → CONNECTING → DISCONNECTED;
         # one event per outage, not one per retry.
         if state in (ConnectionState.CONNECTED, ConnectionState.DISCONNECTED) and (

@@ -34,6 +34,7 @@ from gateway.aiw.writes import add_write_routes
 from gateway.app import Gateway
 from gateway.errors import StoreError, UnknownPointError
 from gateway.http_proposals import add_proposal_routes
+from gateway.metrics import add_metrics_route
 from gateway.ratelog import RateLimitedLog
 from gateway.twin.model import PointValue, Quality
 from gateway.web import add_web_routes
@@ -68,6 +69,8 @@ def create_app(gateway: Gateway) -> web.Application:
     add_document_routes(app, GATEWAY)
     # The operators' pages under /ui/ (gateway/web/): sessions, CSRF, security headers.
     add_web_routes(app, GATEWAY)
+    # GET /metrics for Prometheus, and the count of requests by route and status (outermost).
+    add_metrics_route(app, GATEWAY)
     return app
 
 

@@ -324,6 +324,20 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         "open",
         {200: Answer("Always 200 while the process runs; see `status`.", HealthAnswer)},
     ),
+    ("GET", "/metrics"): Operation(
+        "metrics",
+        "The gateway's figures for Prometheus (devices, twin store, writer, decisions, sync, "
+        "HTTP requests).",
+        "service",
+        "read",
+        {
+            200: Answer(
+                "Prometheus' text exposition format.",
+                {"type": "string"},
+                media="text/plain",
+            )
+        },
+    ),
     ("GET", "/.well-known/aiw-manifest.json"): Operation(
         "manifest",
         "The AIW manifest: endpoints, schemas, auth, limits.",

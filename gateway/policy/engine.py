@@ -39,6 +39,7 @@ that reason.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import json
@@ -294,6 +295,9 @@ class PolicyEngine:
         self._executor: ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._audit_failed = False
+        # For /metrics: decisions by kind, and [simulations run, seconds they took].
+        self.decisions: collections.Counter[str] = collections.Counter()
+        self.simulations: list[float] = [0, 0.0]
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -655,6 +659,7 @@ class PolicyEngine:
     def _record_decision(self, record: ProposalRecord, now: float) -> None:
         d = record.decision
         assert d is not None
+        self.decisions[d.kind] += 1
         p = record.proposal
         if d.kind in ("require_approval", "require_analysis"):
             record.status = (
@@ -720,6 +725,8 @@ class PolicyEngine:
             policy, p.point, p.current_value, float(p.value)
         )
         record.timings_ms["simulation"] = (time.perf_counter() - started) * 1000
+        self.simulations[0] += 1
+        self.simulations[1] += record.timings_ms["simulation"] / 1000
         if result is not None and prediction.summary.error is None:
             record.fan = trajectory(result, output_ids(policy))
         return prediction

@@ -501,6 +501,13 @@ class TwinStore:
             "database_bytes": size,
         }
 
+    def writer_load(self) -> tuple[int, int, float]:
+        """The writer's queue depth, its commits and their total time (s), for /metrics."""
+        writer = self._writer
+        if writer is None:
+            return 0, 0, 0.0
+        return writer.queued, writer.batches, writer.commit_seconds
+
     @property
     def stats(self) -> StoreStats:
         """Ingest and writer counters."""
