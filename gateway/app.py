@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +60,9 @@ class Gateway:
         self.drivers: dict[str, Driver] = build_drivers(config)
         # The `driver: http` devices have no driver: their points are pushed to the gateway.
         self.push = PushSources(config, self.points)
-        # Per device: [samples received, connections made] since start (/metrics).
-        self.device_counts: dict[str, list[int]] = {}
+        # Per device since start, for /metrics: samples received, connections made.
+        self.samples_received: Counter[str] = Counter()
+        self.connects: Counter[str] = Counter()
         # None without rules; the policy engine sets its `on_anomalies`.
         self.anomaly_watch: AnomalyWatch | None = AnomalyWatch.from_config(
             self.store, config.anomalies, self.points.values()
@@ -251,14 +253,13 @@ class Gateway:
 
     async def _pump(self, driver: Driver) -> None:
         # One pump per driver: ingest never waits on SQLite, so this loop never blocks.
-        counts = self.device_counts.setdefault(driver.name, [0, 0])
         async for batch in driver.samples():
-            counts[0] += len(batch)
+            self.samples_received[driver.name] += len(batch)
             self.store.ingest(batch)
 
     def _on_state(self, name: str, state: ConnectionState, reason: str | None) -> None:
         if state is ConnectionState.CONNECTED:
-            self.device_counts.setdefault(name, [0, 0])[1] += 1
+            self.connects[name] += 1
         # A device that stays down cycles DISCONNECTED → BACKOFF → CONNECTING → DISCONNECTED;
         # one event per outage, not one per retry.
         if state in (ConnectionState.CONNECTED, ConnectionState.DISCONNECTED) and (

@@ -72,9 +72,8 @@ class GatewayCollector(Collector):
             labels=["device", "state"],
         )
         for name, info in sorted(states.items()):
-            received, connections = gateway.device_counts.get(name, (0, 0))
-            samples.add_metric([name], received)
-            connects.add_metric([name], connections)
+            samples.add_metric([name], gateway.samples_received[name])
+            connects.add_metric([name], gateway.connects[name])
             skipped.add_metric([name], info.get("polls_skipped") or 0)
             for each in _STATES:
                 state.add_metric([name, each], 1.0 if info["state"] == each else 0.0)
@@ -130,12 +129,13 @@ class GatewayCollector(Collector):
         for kind, count in sorted(engine.decisions.items()):
             decisions.add_metric([kind], count)
         yield decisions
-        runs, seconds = engine.simulations
-        yield _counter("opstwin_simulations", "Simulations of proposals run.", runs)
+        yield _counter(
+            "opstwin_simulations", "Simulations of proposals run.", engine.simulations_run
+        )
         yield _counter(
             "opstwin_simulation_seconds",
             "Time the proposals' simulations took; over opstwin_simulations_total, the mean.",
-            seconds,
+            engine.simulation_seconds,
         )
 
     def _sync(self) -> Iterator[Metric]:

@@ -295,9 +295,10 @@ class PolicyEngine:
         self._executor: ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._audit_failed = False
-        # For /metrics: decisions by kind, and [simulations run, seconds they took].
+        # For /metrics: decisions by kind, simulations run and the seconds they took.
         self.decisions: collections.Counter[str] = collections.Counter()
-        self.simulations: list[float] = [0, 0.0]
+        self.simulations_run = 0
+        self.simulation_seconds = 0.0
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -725,8 +726,8 @@ class PolicyEngine:
             policy, p.point, p.current_value, float(p.value)
         )
         record.timings_ms["simulation"] = (time.perf_counter() - started) * 1000
-        self.simulations[0] += 1
-        self.simulations[1] += record.timings_ms["simulation"] / 1000
+        self.simulations_run += 1
+        self.simulation_seconds += record.timings_ms["simulation"] / 1000
         if result is not None and prediction.summary.error is None:
             record.fan = trajectory(result, output_ids(policy))
         return prediction

@@ -24,15 +24,15 @@ import json
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlencode
 
 from aiohttp import web
 
-from gateway.aiw.auth import audit_denial
+from gateway.aiw.auth import audit_denial, readable
 from gateway.aiw.writes import ACTION_STATUSES, reached_device
 from gateway.audit.chain import VerifyResult
 from gateway.auth.rbac import ROLES, SITE_WIDE, Grant, check
@@ -42,7 +42,6 @@ from gateway.errors import GatewayError
 from gateway.policy.engine import (
     AccessDeniedError,
     ProposalNotFoundError,
-    ProposalRecord,
     ProposalStateError,
 )
 from gateway.web.approvals import MAX_REASON
@@ -63,6 +62,7 @@ if TYPE_CHECKING:
     from gateway.control.users import AccountStore, NewToken
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 __all__ = ["AUDIT_PAGE", "AuditQuery", "add_admin_routes"]
 
@@ -73,9 +73,9 @@ AUDIT_PAGE = 100
 # nothing in a million rows must not hold a connection for seconds. json_extract costs ~2 µs a
 # row (measured on 200,000 rows), so this is ~0.1 s; the "older" link searches on from there.
 AUDIT_SCAN_ROWS = 50_000
-# The chain's verification is reused while the head is the same row: every append changes the
-# head, so a page view re-hashes the chain only when something was written since. A row edited
-# in place (the triggers dropped) leaves the head as it was: re-check at least this often anyway.
+# The chain's verification is reused while the head is the same row; after an append only the
+# new rows are checked (from the head verified last). A row edited in place (the triggers
+# dropped) leaves the head as it was: the whole chain is checked again at least this often.
 VERIFY_MAX_AGE_S = 300.0
 # A form field longer than this is a paste gone wrong or a probe: refused before any check.
 MAX_FIELD = 4096
@@ -186,16 +186,10 @@ def _actions_page(
     records = [
         r for r in engine.recent(chosen, limit=len(engine.proposals) or 1) if reached_device(r)
     ]
-    readable: dict[str, bool] = {}
-    visible: list[ProposalRecord] = []
-    for r in records:
-        point = r.proposal.point
-        if point not in readable:
-            readable[point] = user.may("read", point)
-        if readable[point]:
-            visible.append(r)
+    visible = readable(user.principal, records)
     shown = visible[:MAX_ACTIONS]
-    units = {pid: p.unit for pid in readable if (p := gateway.points.get(pid)) is not None}
+    points = {r.proposal.point for r in shown}
+    units = {pid: p.unit for pid in points if (p := gateway.points.get(pid)) is not None}
     return render(
         request,
         "actions.html",
@@ -558,11 +552,7 @@ async def _users_page(
     done: str | None = None,
     form: Mapping[str, str] | None = None,
 ) -> web.Response:
-    accounts = _accounts(request)
-    try:
-        listed = await asyncio.to_thread(accounts.list_users)
-    except GatewayError as exc:
-        raise web.HTTPServiceUnavailable(text=f"control.db cannot be read: {exc}\n") from None
+    listed = await _listed(_accounts(request).list_users)
     return render(
         request,
         "users.html",
@@ -629,11 +619,7 @@ async def _tokens_page(
     form: Mapping[str, str] | None = None,
     new: NewToken | None = None,
 ) -> web.Response:
-    accounts = _accounts(request)
-    try:
-        listed = await asyncio.to_thread(accounts.list_tokens)
-    except GatewayError as exc:
-        raise web.HTTPServiceUnavailable(text=f"control.db cannot be read: {exc}\n") from None
+    listed = await _listed(_accounts(request).list_tokens)
     return render(
         request,
         "tokens.html",
@@ -682,6 +668,14 @@ def _fit(form: Mapping[str, str]) -> None:
             raise AccountError(
                 f"the field `{key[:40]}` is {len(value)} characters long; at most {MAX_FIELD}"
             )
+
+
+async def _listed(read: Callable[[], list[_T]]) -> list[_T]:
+    """Users or tokens from control.db, off the loop; 503 when it cannot be read."""
+    try:
+        return await asyncio.to_thread(read)
+    except GatewayError as exc:
+        raise web.HTTPServiceUnavailable(text=f"control.db cannot be read: {exc}\n") from None
 
 
 def _named_grant(form: Mapping[str, str]) -> tuple[str, dict[str, str]]:

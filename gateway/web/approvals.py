@@ -10,6 +10,7 @@ answers, so the page the operator lands on shows the outcome in the device's wor
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from markupsafe import Markup
 
+from gateway.aiw.auth import readable
 from gateway.errors import GatewayError, UnknownPointError
 from gateway.policy.engine import (
     EVENT_TYPES,
@@ -50,7 +52,7 @@ MAX_REASON = 2000
 QUEUE_EVENTS = " ".join(EVENT_TYPES)
 # One what-if at a time per gateway from the UI: it shares the engine's simulation thread with
 # the proposals, which must not queue behind a row of impatient clicks.
-_WHATIF_BUSY = web.AppKey("opstwin_web_whatif_busy", list)
+_WHATIF_LOCK = web.AppKey("opstwin_web_whatif_lock", asyncio.Lock)
 
 
 def add_approval_routes(app: web.Application) -> None:
@@ -62,22 +64,14 @@ def add_approval_routes(app: web.Application) -> None:
     app.router.add_get(UI + "/whatif", whatif_page)
     app.router.add_post(UI + "/whatif", whatif)
     app.router.add_post(UI + "/whatif/propose", propose)
-    app[_WHATIF_BUSY] = []
-
-
-def _visible(user: WebUser, records: list[ProposalRecord]) -> list[ProposalRecord]:
-    allowed: dict[str, bool] = {}
-    for r in records:
-        point = r.proposal.point
-        if point not in allowed:
-            allowed[point] = user.may("read", point)
-    return [r for r in records if allowed[r.proposal.point]]
+    app[_WHATIF_LOCK] = asyncio.Lock()
 
 
 def _queue(request: web.Request, user: WebUser) -> dict[str, Any]:
     engine = engine_of(request)
-    waiting = _visible(user, engine.recent("pending", limit=500))
-    decided = [r for r in _visible(user, engine.recent(limit=60)) if r.status not in PENDING][:15]
+    waiting = readable(user.principal, engine.recent("pending", limit=500))
+    recent = readable(user.principal, engine.recent(limit=60))
+    decided = [r for r in recent if r.status not in PENDING][:15]
     return {
         "waiting": waiting,
         "decided": decided,
@@ -285,16 +279,14 @@ async def whatif(request: web.Request, user: WebUser) -> web.StreamResponse:
             "would reject it before any simulation.",
             400,
         )
-    busy = request.app[_WHATIF_BUSY]
-    if busy:
+    lock = request.app[_WHATIF_LOCK]
+    if lock.locked():
         return refused("Another what-if is running; try again in a moment.", 503)
-    busy.append(user.name)
-    try:
-        outcome = await engine.what_if(chosen, value, by=user.name)
-    except (UnknownPointError, NoModelError) as exc:
-        return refused(str(exc), 422)
-    finally:
-        busy.clear()
+    async with lock:
+        try:
+            outcome = await engine.what_if(chosen, value, by=user.name)
+        except (UnknownPointError, NoModelError) as exc:
+            return refused(str(exc), 422)
     return _whatif_page(request, user, points, chosen, value, outcome, None)
 
 

@@ -33,7 +33,7 @@ from urllib.parse import quote, urlsplit
 
 from aiohttp import web
 
-from gateway.aiw.auth import WEB_PRINCIPAL, is_ui_path
+from gateway.aiw.auth import READ_METHODS, WEB_PRINCIPAL, is_ui_path
 from gateway.auth.rbac import Principal, check
 from gateway.errors import GatewayError
 from gateway.web.sessions import Session, SessionStore, SetupLink, csrf_matches
@@ -66,7 +66,6 @@ __all__ = [
 COOKIE = "otw_session"
 LOGIN_COOKIE = "otw_login"  # the pre-login CSRF token (double submit)
 UI = "/ui"
-READ_METHODS = frozenset({"GET", "HEAD"})
 # The pages' forms are all urlencoded (no file upload anywhere). Multipart is refused: aiohttp
 # parses it from the stream, which the body-timeout middleware has already read.
 FORM_TYPES = ("application/x-www-form-urlencoded",)

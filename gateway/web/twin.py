@@ -83,23 +83,11 @@ async def _sparklines(gateway: Gateway, points: list[str], end: float) -> dict[s
                 buckets = gateway.store.aggregate(pid, start, end, bucket_s)
             except GatewayError:
                 return series  # a failing database: the page shows values, not sparklines
-            series[pid] = _filled(buckets, start, bucket_s, SPARK_BUCKETS, "mean")
+            series[pid] = [b.mean for b in _chart_buckets(buckets, start, bucket_s, SPARK_BUCKETS)]
         return series
 
     series = await asyncio.to_thread(read)
     return {pid: sparkline(v, label=f"{pid}, last 15 min") for pid, v in series.items()}
-
-
-def _filled(
-    buckets: list[StoredBucket], start: float, bucket_s: float, count: int, field: str
-) -> list[float | None]:
-    """One figure per bucket from `start`, None where no measured sample fell in it."""
-    out: list[float | None] = [None] * count
-    for b in buckets:
-        index = round((b.start - start) / bucket_s)
-        if 0 <= index < count:
-            out[index] = _float(getattr(b, field))
-    return out
 
 
 @login_required
@@ -130,7 +118,7 @@ async def point_page(request: web.Request, user: WebUser) -> web.StreamResponse:
             error = f"the history cannot be read: {exc}"
         else:
             chart = history_chart(
-                _chart_buckets(stored, start, bucket_s),
+                _chart_buckets(stored, start, bucket_s, CHART_BUCKETS),
                 start=start,
                 end=end,
                 title=point_id,
@@ -157,10 +145,14 @@ async def point_page(request: web.Request, user: WebUser) -> web.StreamResponse:
     )
 
 
-def _chart_buckets(stored: list[StoredBucket], start: float, bucket_s: float) -> list[Bucket]:
+def _chart_buckets(
+    stored: list[StoredBucket], start: float, bucket_s: float, count: int
+) -> list[Bucket]:
+    """`count` buckets from `start`: the store leaves out those without a measured sample,
+    which become gaps (None), so that a chart does not draw a line across them."""
     by_index = {round((b.start - start) / bucket_s): b for b in stored}
     out = []
-    for i in range(CHART_BUCKETS):
+    for i in range(count):
         b = by_index.get(i)
         t = start + i * bucket_s
         if b is None:
