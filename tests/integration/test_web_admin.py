@@ -637,3 +637,44 @@ async def test_hostile_cookies_and_login_forms_get_the_login_page_or_4xx_never_5
     for kwargs in attempts:
         async with client.post("/ui/login", allow_redirects=False, **kwargs) as answer:
             assert 400 <= answer.status < 500, (kwargs, answer.status, await answer.text())
+
+
+async def test_hostile_what_if_point_and_proposal_requests_get_4xx_never_5xx(site: Site):
+    proposals_before = len(site.gateway.engine.proposals)  # type: ignore[union-attr]
+    async with browser(site.client) as sue:
+        csrf = await login(sue, "sue", PASSWORD)
+        setpoint = "line1/oven1/heater_setpoint"
+        for point, value in (
+            (setpoint, "nan"),
+            (setpoint, "inf"),
+            (setpoint, "1e999"),
+            (setpoint, "abc"),
+            (setpoint, ""),
+            (setpoint, "5000"),  # outside the point's range
+            ("no/such/point", "1"),
+            (HOSTILE, "1"),
+            ("line1/oven1/temperature", "1"),  # not writable
+        ):
+            status, page, _ = await post(
+                sue, "/ui/whatif", {"csrf": csrf, "point": point, "value": value}
+            )
+            assert status == 400, (point, value, status)
+            assert HOSTILE not in page
+        for form in (
+            {"point": setpoint, "value": "nan", "reason": "x"},
+            {"point": "no/such/point", "value": "1", "reason": "x"},
+            {"point": setpoint, "value": "181", "reason": ""},
+            {"point": setpoint, "value": "181", "reason": "r" * 5000},
+        ):
+            status, _, _ = await post(sue, "/ui/whatif/propose", {"csrf": csrf, **form})
+            assert 400 <= status < 500, (form, status)
+        for path, expected in (
+            ("/ui/points/no/such/point", 404),
+            (f"/ui/points/{setpoint}?window=bogus", 200),  # the default window instead
+            ("/ui/proposals/" + "p" * 500, 404),
+            ("/ui/proposals/%3Cscript%3E", 404),
+        ):
+            status, page = await get(sue, path)
+            assert status == expected, (path, status)
+            assert "<script>" not in page  # the hostile id is escaped, never markup
+    assert len(site.gateway.engine.proposals) == proposals_before  # type: ignore[union-attr]
