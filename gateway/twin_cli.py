@@ -188,7 +188,13 @@ def cmd_history(args: argparse.Namespace) -> int:
                 _table(
                     ["time", "value", "quality", "rev", "reason"],
                     (
-                        [_clock(r.ts), _fmt(r.value), str(r.quality), r.rev, r.reason or ""]
+                        [
+                            _clock(r.ts),
+                            _fmt(r.value),
+                            str(r.quality),
+                            r.rev if not r.downsampled else "-",
+                            r.reason or ("downsampled" if r.downsampled else ""),
+                        ]
                         for r in rows
                     ),
                 )

@@ -115,6 +115,11 @@ class HistoryRow(_Answer):
     quality: Literal["GOOD", "UNCERTAIN", "BAD", "STALE"]
     source_ts: float | None
     reason: str | None
+    downsampled: bool = Field(
+        False,
+        description="A stored bucket of history older than `storage.history_days` (rev 0, its "
+        "mean or, for whole-number points, its last value), not a recorded change.",
+    )
 
 
 class HistoryAnswer(_Answer):

@@ -20,6 +20,7 @@ from pydantic import (
     StrictInt,
     WithJsonSchema,
     field_validator,
+    model_validator,
 )
 
 from drivers.modbus.options import ModbusOptions
@@ -222,7 +223,35 @@ class StorageConfig(_Strict):
     path: FilePath = Field(
         Path("twin.db"), description="SQLite file; a relative path is relative to the config file."
     )
-    history_days: float = Field(30.0, gt=0, description="Days of point history kept.")
+    history_days: float = Field(
+        30.0,
+        gt=0,
+        description="Days of raw point history kept (every recorded change); older history "
+        "is kept as `rollup_s` buckets.",
+    )
+    rollup_s: float = Field(
+        60.0,
+        ge=1,
+        le=3600,
+        description="Width in seconds of the buckets (count, min, max, mean, last) that keep "
+        "history older than `history_days`; must divide 3600. Text points keep none.",
+    )
+    rollup_days: float = Field(
+        365.0, gt=0, description="Days the downsampled buckets are kept (counted from now)."
+    )
+    max_db_mb: float | None = Field(
+        4096.0,
+        gt=0,
+        description="Most disk the twin database may use (its -wal adds at most 64 MB). At "
+        "the bound the oldest raw history goes first (downsampled), then the oldest buckets, "
+        "then the oldest events; never current values, never events sync has not delivered "
+        "(unless `bound_drops_unsynced`), never the audit log (control.db). Each time, a "
+        "`StorageBoundReached` event says what went. `null`: no bound.",
+    )
+    bound_drops_unsynced: bool = Field(
+        False,
+        description="Whether the size bound may remove events that sync has not delivered yet.",
+    )
     events_days: float = Field(
         7.0,
         gt=0,
@@ -250,6 +279,22 @@ class StorageConfig(_Strict):
         description="Folder for certificates made on first run (OPC UA client and server); "
         "default `pki/` beside the database. A relative path is relative to the config file.",
     )
+
+    @field_validator("rollup_s")
+    @classmethod
+    def _divides_the_hour(cls, value: float) -> float:
+        if not (3600 / value).is_integer():
+            raise ValueError(f"must divide 3600 (60, 300, 600 …), got {value:g}")
+        return value
+
+    @model_validator(mode="after")
+    def _bound_holds_the_log(self) -> StorageConfig:
+        if self.max_db_mb is not None and self.max_db_mb < 2 * self.event_log_max_mb:
+            raise ValueError(
+                f"max_db_mb ({self.max_db_mb:g}) must be at least twice event_log_max_mb "
+                f"({self.event_log_max_mb:g}): the event log alone may take that much"
+            )
+        return self
 
     @property
     def pki_path(self) -> Path:

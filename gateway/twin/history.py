@@ -12,10 +12,19 @@ sqlite3 error: the CLI prints it as one line and HTTP answers 503.
 Times are the gateway timestamps (epoch seconds). Aggregates take only values of quality GOOD or
 UNCERTAIN: a BAD or STALE row repeats the last value without measuring it.
 
-History is in two places (`schema.py`): per-point blocks for every rev up to meta
-`compacted_rev`, frames above it. Each query reads both in one read transaction, so a compaction
-committing meanwhile can neither hide rows nor show them twice. The event log's telemetry is the
-frames (decoded here into one event per sample); its other events are rows of `events`.
+History is in three places (`schema.py`): per-point blocks for every rev up to meta
+`compacted_rev`, frames above it, and for what retention moved out of the blocks (older than
+`storage.history_days`, or removed at the size bound) time buckets in `rollups` (`rollup.py`).
+Each query reads all of them in one read transaction, so a compaction or a retention step
+committing meanwhile can neither hide rows nor show them twice. The event log's telemetry is
+the frames (decoded here into one event per sample); its other events are rows of `events`.
+
+Across the two resolutions: an aggregate adds the stored buckets to the raw ones of the same
+grid bucket (counts, sums, minima and maxima add up exactly; `last` is the raw one's, newer); a
+stored bucket falls wholly into the grid bucket its start is in, so buckets finer than
+`rollup_s` over downsampled history come back at that resolution. A history query returns one
+row per stored bucket there (`downsampled` true, rev 0, the mean as value, or the last value for
+points whose values are whole numbers), then the raw rows.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ import numpy as np
 
 from drivers.contract import Quality
 from gateway.errors import StoreError, UnknownPointError
-from gateway.twin import codec
+from gateway.twin import codec, rollup
 from gateway.twin.model import EventRecord, asset_of
 from gateway.twin.schema import CACHE_MIN_KIB, QUALITIES, TELEMETRY, connect, fault
 
@@ -71,6 +80,7 @@ class HistoryRow(NamedTuple):
     quality: Quality
     source_ts: float | None
     reason: str | None
+    downsampled: bool = False  # a stored bucket's figure, not a recorded change (see above)
 
 
 @dataclass(slots=True, frozen=True)
@@ -117,14 +127,45 @@ class HistoryReader:
         with self._reading():
             conn = self._conn()
             pid, datatype = self._point(conn, point_id)
-            cols = self._range(conn, pid, start, end, limit)
+            with _snapshot(conn):
+                old = self._rollups(conn, pid, start, end, overlapping=False)
+                if len(old) > limit:
+                    old = old.take(np.arange(limit))
+                room = limit - len(old)
+                cols = self._range(conn, pid, start, end, room) if room else None
         decode = decode_value(datatype)
-        return [
+        whole = _whole_numbers(datatype)
+        out = [
             HistoryRow(
-                rev, ts, decode(value) if decode else value, QUALITIES[quality], source_ts, reason
+                0,
+                t,
+                _as_point(last if whole else total / n, datatype, decode),
+                Quality.GOOD,
+                None,
+                None,
+                True,
             )
-            for rev, ts, _pid, value, quality, source_ts, reason in cols.rows()
+            for t, n, total, last in zip(
+                old.start.tolist(),
+                old.n.tolist(),
+                old.total.tolist(),
+                old.last.tolist(),
+                strict=True,
+            )
         ]
+        if cols is not None:
+            out.extend(
+                HistoryRow(
+                    rev,
+                    ts,
+                    decode(value) if decode else value,
+                    QUALITIES[quality],
+                    source_ts,
+                    reason,
+                )
+                for rev, ts, _pid, value, quality, source_ts, reason in cols.rows()
+            )
+        return out
 
     def aggregate(self, point_id: str, start: float, end: float, bucket_s: float) -> list[Bucket]:
         """Per bucket of `bucket_s` seconds from `start`: count, min, max, mean, last value."""
@@ -133,9 +174,14 @@ class HistoryReader:
             raise StoreError(f"bucket_s must be a positive number, got {bucket_s}")
         with self._reading():
             conn = self._conn()
-            pid, _ = self._point(conn, point_id)
-            cols = self._range(conn, pid, start, end, None)
-        return _buckets(cols, start, bucket_s)
+            pid, datatype = self._point(conn, point_id)
+            with _snapshot(conn):
+                old = self._rollups(conn, pid, start, end, overlapping=True)
+                cols = self._range(conn, pid, start, end, None)
+        raw = _buckets(cols, start, bucket_s)
+        if not len(old):
+            return raw
+        return _with_stored(raw, rollup.regroup(old, start, bucket_s), start, bucket_s, datatype)
 
     def events_since(self, rev: int, limit: int = 1000) -> list[EventRecord]:
         """Committed events with rev > `rev`, in rev order, at most `limit`."""
@@ -226,12 +272,38 @@ class HistoryReader:
 
     # -- helpers ----------------------------------------------------------------------------------
 
+    def _rollups(
+        self, conn: sqlite3.Connection, pid: int, start: float, end: float, overlapping: bool
+    ) -> rollup.Partial:
+        """A point's stored buckets that start within [start, end] (`overlapping`: that overlap
+        it, so also the one that begins before `start`), oldest first."""
+        parts = []
+        rows = conn.execute(
+            "SELECT body FROM rollups WHERE pid = ? AND t0 > ? AND t0 <= ? AND t1 > ? ORDER BY t0",
+            (pid, start - rollup.PERIOD_S, end, start),
+        )
+        for (body,) in rows:
+            try:
+                part = rollup.decode(body)
+            except ValueError as exc:
+                raise StoreError(
+                    f"{self.path}: a downsampled history row is damaged: {exc}"
+                ) from exc
+            first = part.start + part.size > start if overlapping else part.start >= start
+            inside = first & (part.start <= end)
+            parts.append(part if inside.all() else part.take(inside))
+        if not parts:
+            return rollup.Partial.empty(60.0)
+        return rollup.Partial(
+            parts[0].size,
+            *(np.concatenate([getattr(p, name) for p in parts]) for name in _COLUMNS),
+        )
+
     def _range(
         self, conn: sqlite3.Connection, pid: int, start: float, end: float, limit: int | None
     ) -> codec.Columns:
         """A point's rows with start <= ts <= end in (ts, rev) order, the first `limit` of them."""
-        conn.execute("BEGIN")  # blocks and frames from one snapshot
-        try:
+        with _snapshot(conn):  # blocks and frames from one snapshot
             compacted = int(
                 conn.execute("SELECT value FROM meta WHERE key = 'compacted_rev'").fetchone()[0]
             )
@@ -257,8 +329,6 @@ class HistoryReader:
             for (body,) in frames:
                 cols = codec.decode(body)
                 parts.append(_within(cols.take(cols.pid == pid), start, end))
-        finally:
-            conn.execute("COMMIT")
         cols = codec.Columns.concat(parts)
         order = np.lexsort((cols.rev, cols.ts))
         if limit is not None:
@@ -327,6 +397,72 @@ class HistoryReader:
         rev, ts, kind, pid, asset_id, data = row
         point_id, _ = self._point_of(conn, pid)
         return EventRecord(rev, ts, kind, asset_id, point_id, json.loads(data) if data else {})
+
+
+_COLUMNS = ("start", "n", "lo", "hi", "total", "last")
+
+
+@contextlib.contextmanager
+def _snapshot(conn: sqlite3.Connection) -> Iterator[None]:
+    """One read transaction around the reads inside (joined if one is open already)."""
+    if conn.in_transaction:
+        yield
+        return
+    conn.execute("BEGIN")
+    try:
+        yield
+    finally:
+        conn.execute("COMMIT")
+
+
+def _whole_numbers(datatype: str) -> bool:
+    """Whether a point's values are whole numbers (bool and integer datatypes)."""
+    return datatype == "bool" or datatype.startswith(("int", "uint"))
+
+
+def _as_point(value: float, datatype: str, decode: Callable[[Any], Any] | None) -> Any:
+    """A stored bucket's float as the point's values are: ints stay ints, bools bools."""
+    if _whole_numbers(datatype) and value.is_integer():
+        whole = int(value)
+        return decode(whole) if decode else whole
+    return value
+
+
+def _with_stored(
+    raw: list[Bucket], stored: rollup.Partial, start: float, size: float, datatype: str
+) -> list[Bucket]:
+    """Raw buckets and stored ones (regrouped to the same grid) as one list, by start."""
+    by_key: dict[int, Bucket] = {}
+    for t, n, lo, hi, total, last in zip(
+        *(getattr(stored, name).tolist() for name in _COLUMNS), strict=True
+    ):
+        k = round((t - start) / size)
+        by_key[k] = Bucket(
+            t,
+            t + size,
+            n,
+            _as_point(lo, datatype, None),
+            _as_point(hi, datatype, None),
+            total / n,
+            _as_point(last, datatype, None),
+        )
+    for bucket in raw:
+        k = round((bucket.start - start) / size)
+        old = by_key.get(k)
+        if old is None or bucket.mean is None:
+            by_key[k] = bucket  # a text bucket has no stored part to add
+            continue
+        n = old.count + bucket.count
+        by_key[k] = Bucket(
+            bucket.start,
+            bucket.end,
+            n,
+            min(old.min, bucket.min),
+            max(old.max, bucket.max),
+            ((old.mean or 0.0) * old.count + bucket.mean * bucket.count) / n,
+            bucket.last,  # raw history is the newer part
+        )
+    return [by_key[k] for k in sorted(by_key)]
 
 
 def _within(cols: codec.Columns, start: float, end: float) -> codec.Columns:

@@ -69,6 +69,7 @@ __all__ = [
     "fault",
     "is_corruption",
     "migrate",
+    "page_bytes",
     "recovery_steps",
 ]
 
@@ -86,6 +87,7 @@ CACHE_MAX_KIB = 32768
 CACHE_KIB_PER_POINT = 1.0
 BUSY_TIMEOUT_MS = 5000
 WAL_LIMIT_BYTES = 64 * 1024 * 1024
+AUTO_VACUUM_INCREMENTAL = 2
 
 
 @contextlib.contextmanager
@@ -205,6 +207,10 @@ def recovery_steps(path: str | Path) -> str:
 def migrate(conn: sqlite3.Connection, *, path: str | Path = "") -> int:
     """Bring the database to the newest schema; return its version."""
     try:
+        if conn.execute("PRAGMA page_count").fetchone()[0] == 0:
+            # A new file: free pages go back to the file system as retention deletes (see
+            # `incremental_vacuum`). Only possible before the first table is created.
+            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
     except sqlite3.DatabaseError as exc:
         raise StoreError(f"{path}: not a usable SQLite database: {exc}") from exc
@@ -241,7 +247,48 @@ def migrate(conn: sqlite3.Connection, *, path: str | Path = "") -> int:
             log.info(
                 "%s: schema %d in place after %.1f s", path, version, time.monotonic() - started
             )
+    _convert_to_incremental_vacuum(conn, path)
     return SCHEMA_VERSION
+
+
+def _convert_to_incremental_vacuum(conn: sqlite3.Connection, path: str | Path) -> None:
+    """Once, for a database made before auto_vacuum was set: rewrite it with it on.
+
+    Without it, what retention deletes becomes free pages that SQLite reuses but never gives
+    back, so the file never shrinks. VACUUM rewrites the whole file (and needs its size free on
+    the disk); it is done once, logged, and skipped with a warning when it cannot be done: the
+    gateway still works, only the file does not shrink.
+    """
+    if conn.execute("PRAGMA auto_vacuum").fetchone()[0] == AUTO_VACUUM_INCREMENTAL:
+        return
+    started = time.monotonic()
+    size = page_bytes(conn)[0]
+    log.info(
+        "%s: converting the twin database (%.1f MB) to incremental vacuum, once, so that it "
+        "shrinks when history is removed",
+        path,
+        size / 1e6,
+    )
+    try:
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        conn.execute("VACUUM")
+    except sqlite3.Error as exc:
+        log.warning(
+            "%s: could not convert to incremental vacuum (%s); the file will not shrink when "
+            "history is removed (retention and the size bound still apply)",
+            path,
+            explain(exc),
+        )
+        return
+    log.info("%s: converted in %.1f s", path, time.monotonic() - started)
+
+
+def page_bytes(conn: sqlite3.Connection) -> tuple[int, int]:
+    """(file bytes, bytes in use): pages times page size, without and with the free pages."""
+    size = conn.execute("PRAGMA page_size").fetchone()[0]
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+    return pages * size, (pages - free) * size
 
 
 # -- migrations ----------------------------------------------------------------------------------
@@ -424,8 +471,25 @@ _M2_VIEWS = {
     "current_values": _M1_VIEWS["current_values"],
 }
 
+
+def _m3_rollups(db: Database) -> None:
+    """Version 2 -> 3: downsampled history (`rollup.py`), one row per point per hour."""
+    db.execute(
+        """CREATE TABLE rollups (
+            id INTEGER PRIMARY KEY,
+            pid INTEGER NOT NULL REFERENCES points(pid),
+            t0 REAL NOT NULL,
+            t1 REAL NOT NULL,
+            n INTEGER NOT NULL,
+            body BLOB NOT NULL,
+            UNIQUE (pid, t0)
+        )"""
+    )
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Database], None]]] = [
     (1, "points, events, current, meta, views", _m1_initial),
     (2, "history in compressed per-point blocks, telemetry log in frames", _m2_compressed_history),
+    (3, "downsampled history: per-point time buckets", _m3_rollups),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]

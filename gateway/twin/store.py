@@ -72,6 +72,7 @@ from gateway.twin.writer import (
     ROW_QUALITY,
     ROW_SOURCE_TS,
     ROW_VALUE,
+    STORAGE_BOUND,
     PruneResult,
     TelemetryRow,
     Writer,
@@ -143,6 +144,10 @@ class TwinStore:
         clock: Callable[[], float] = clock_us,
         backlog_rows: int = BACKLOG_ROWS,
         backlog_bytes: int = BACKLOG_BYTES,
+        rollup_s: float = 60.0,
+        rollup_days: float = 365.0,
+        max_db_mb: float | None = None,
+        bound_drops_unsynced: bool = False,
     ) -> None:
         if flush_interval_s <= 0 or flush_rows < 1:
             raise ValueError("flush_interval_s must be > 0 and flush_rows >= 1")
@@ -166,6 +171,10 @@ class TwinStore:
         self.event_log_max_mb = event_log_max_mb
         self.backlog_rows = backlog_rows
         self.backlog_bytes = backlog_bytes
+        self.rollup_s = rollup_s
+        self.rollup_days = rollup_days
+        self.max_db_mb = max_db_mb
+        self.bound_drops_unsynced = bound_drops_unsynced
         self._clock = clock
         self._lock = threading.Lock()
         self._file_lock: StoreLock | None = None
@@ -237,6 +246,61 @@ class TwinStore:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    async def declare_points(self, points: Sequence[PointDef]) -> None:
+        """Declare exactly `points` from now on, as open() does with the points it is given.
+
+        For a config reload (gateway/reload.py): a new point is served at once, with its last
+        committed value if an earlier config had it (as at open); a changed one takes its new
+        definition and keeps its value; one left out stops being served, and its row stays
+        (`declared = 0`) so that its history and events still resolve. The database is written
+        off the loop (its own short transaction, beside the writer's); the in-memory swap
+        happens on the loop in one step just before this returns, so a caller that updates its
+        own view of the points right after the await is never seen half done. Call on the event
+        loop; StoreError, with nothing changed, when the database cannot be written.
+        """
+        wanted: dict[str, PointDef] = {}
+        for point in points:
+            if point.id in wanted:
+                raise StoreError(f"point {point.id!r} is declared twice")
+            wanted[point.id] = point
+        if not self._open:
+            raise StoreError(f"{self.path}: twin store is not open")
+        fresh = [point_id for point_id in wanted if point_id not in self._state]
+
+        def write() -> tuple[dict[str, int], dict[int, TelemetryRow]]:
+            conn = connect(self.path)
+            try:
+                pids = self._declare_points(conn, wanted.values())
+                # Only a point new to memory needs its last value: the others have theirs.
+                current = load_current(conn)[0] if fresh else {}
+            except StoreError:
+                raise
+            except sqlite3.Error as exc:
+                raise fault(exc, self.path, "declare the points in") from exc
+            finally:
+                conn.close()
+            return pids, current
+
+        pids, current = await asyncio.to_thread(write)
+        with self._lock:
+            state: dict[str, _PointState] = {}
+            for point_id, point in wanted.items():
+                deadband = point.deadband if point.deadband and point.deadband > 0 else 0.0
+                entry = self._state.get(point_id)
+                if entry is None:
+                    pid = pids[point_id]
+                    row = current.get(pid)
+                    decode = decode_value(point.datatype) if row is not None else None
+                    if row is not None and decode is not None:
+                        row = (*row[:ROW_VALUE], decode(row[ROW_VALUE]), *row[ROW_VALUE + 1 :])
+                    entry = _PointState(pid, deadband, row)
+                else:
+                    entry.deadband = deadband
+                state[point_id] = entry
+            self.points = wanted
+            self._state = state
+            self._id_of_pid.update({pid: point_id for point_id, pid in pids.items()})
 
     # -- writes -----------------------------------------------------------------------------------
 
@@ -375,9 +439,12 @@ class TwinStore:
         writer.compact(timeout)
         result = writer.prune(self._clock() if now is None else now, timeout)
         log.info(
-            "%s: pruned %d history rows and %d events; the event log starts at rev %d",
+            "%s: retention moved %d raw samples into %g s buckets, removed %d bucket rows and "
+            "%d events; the event log starts at rev %d",
             self.path,
             result.history_rows,
+            self.rollup_s,
+            result.rollup_rows,
             result.events,
             result.log_start_rev,
         )
@@ -499,6 +566,9 @@ class TwinStore:
             "uncompacted_samples": writer.uncompacted_rows,
             "event_log_bytes": writer.log_bytes,
             "database_bytes": size,
+            "used_bytes": writer.used_bytes,
+            "bound_bytes": writer.max_bytes or 0,
+            "bound_episodes": writer.bound_episodes,
         }
 
     def writer_load(self) -> tuple[int, int, float]:
@@ -587,7 +657,7 @@ class TwinStore:
         try:
             check_integrity(conn, self.path)
             migrate(conn, path=self.path)
-            pids = self._declare_points(conn)
+            pids = self._declare_points(conn, self.points.values())
             rev, log_start = self._load(conn, pids)
         except StoreError:
             raise
@@ -612,10 +682,20 @@ class TwinStore:
             cache_kib=cache_kib(len(self.points)),
             backlog_rows=self.backlog_rows,
             backlog_bytes=self.backlog_bytes,
+            rollup_s=self.rollup_s,
+            rollup_keep_s=self.rollup_days * DAY_S,
+            max_bytes=None if self.max_db_mb is None else int(self.max_db_mb * 1024 * 1024),
+            bound_drops_unsynced=self.bound_drops_unsynced,
         )
+        writer.on_bound = self._record_bound
         writer.start()
         self._writer = writer
         self._reader = HistoryReader(self.path, cache=cache_kib(len(self.points)))
+
+    def _record_bound(self, report: dict[str, Any]) -> None:
+        """The writer's report of one episode at the size bound, as an event (writer thread)."""
+        with contextlib.suppress(StoreError):  # closing: the log line has said it
+            self.append_event(STORAGE_BOUND, report)
 
     def _reading(self, read: Callable[..., _T], *args: Any) -> _T:
         """Run a reader query; remember corruption it finds, for problems()."""
@@ -646,7 +726,7 @@ class TwinStore:
         rev, ts, _pid, value, quality, source_ts, reason = row
         return PointValue(point_id, value, QUALITIES[quality], source_ts, ts, rev, reason)
 
-    def _declare_points(self, conn: Any) -> dict[str, int]:
+    def _declare_points(self, conn: Any, points: Iterable[PointDef]) -> dict[str, int]:
         with write_transaction(conn):
             conn.execute("UPDATE points SET declared = 0")
             conn.executemany(
@@ -668,7 +748,7 @@ class TwinStore:
                         p.deadband,
                         p.description,
                     )
-                    for p in self.points.values()
+                    for p in points
                 ],
             )
         return dict(conn.execute("SELECT id, pid FROM points WHERE declared = 1").fetchall())

@@ -17,8 +17,18 @@ long (and only while commits succeed):
   `log_window_s` (in data time: the newest committed ts minus the frame's), and behind every
   consumer's hold (`log_holds`) are deleted and `log_start_rev` moves past them; a hold that would
   keep the frames above `log_max_bytes` loses (its consumer's cursor expires, said in the log);
-- retention (`prune`, on request): blocks older than `history_s`, non-telemetry events older
-  than `events_s`, in chunks.
+- retention (`prune`, on request): blocks older than `history_s` are folded into time buckets
+  (`rollup.py`) and deleted in the same transaction, buckets older than `rollup_keep_s` and
+  non-telemetry events older than `events_s` deleted, in chunks;
+- the size bound (`max_bytes`, checked every few seconds and as frames are written): above it,
+  the oldest blocks go first (folded into buckets as retention does), then the oldest buckets,
+  then the oldest events (not those a consumer's hold still needs, unless
+  `bound_drops_unsynced`), until the pages in use are at 90 % of the bound. Never the current
+  values, never frames (the event log has its own bound). What went is logged and reported once
+  per episode through `on_bound` (the store records it as a `StorageBoundReached` event);
+- after each retention or bound step, a few thousand free pages are given back to the file
+  system (`PRAGMA incremental_vacuum`, the database is in auto_vacuum=INCREMENTAL), so the file
+  shrinks without a VACUUM that would rewrite it whole.
 
 Because the queue holds revs in ascending order, `committed_rev` (set only after COMMIT returns)
 means every rev up to it is in the database. A failing commit (disk full, I/O error, a locked
@@ -61,8 +71,14 @@ from typing import Any, Final
 import numpy as np
 
 from gateway.errors import StoreError
-from gateway.twin import codec
-from gateway.twin.schema import CACHE_MIN_KIB, connect, is_corruption, write_transaction
+from gateway.twin import codec, rollup
+from gateway.twin.schema import (
+    CACHE_MIN_KIB,
+    connect,
+    is_corruption,
+    page_bytes,
+    write_transaction,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +91,7 @@ __all__ = [
     "ROW_QUALITY",
     "ROW_SOURCE_TS",
     "ROW_VALUE",
+    "STORAGE_BOUND",
     "EventRow",
     "PruneResult",
     "TelemetryRow",
@@ -112,6 +129,18 @@ RETRY_MAX_S = 5.0
 ROWS_PER_STATEMENT = (1024, 128, 16, 4, 1)
 # Rows deleted per prune transaction; between chunks the writer commits what was ingested.
 PRUNE_CHUNK = 20_000
+# Blocks folded into buckets and deleted per step (retention, size bound): each is decoded, so
+# a step is a few hundred thousand samples at most (blocks hold one compaction period).
+RETIRE_CHUNK = 400
+# Bucket rows deleted per step at the size bound.
+ROLLUP_CHUNK = 5_000
+# Free pages given back to the file system after a retention or bound step (4 KiB pages).
+VACUUM_PAGES = 4096
+# The size bound: checked this often, and whenever frames grew by 1/200 of it; when above it,
+# rows go until the pages in use are at BOUND_TARGET of it.
+BOUND_CHECK_S = 5.0
+BOUND_TARGET = 0.9
+STORAGE_BOUND = "StorageBoundReached"
 # Compaction: when the oldest uncompacted frame was committed this many seconds ago, or the
 # frames hold this many samples. Seconds: blocks of 300 samples of a point polled every second
 # (bench/codec.py: 8.4 bytes a sample in blocks of 60, 7.3 in 300, 7.0 in 600), and at most
@@ -137,7 +166,8 @@ BACKLOG_DROPPED = "BacklogDropped"
 class PruneResult:
     """What one `prune` removed and where the event log now starts."""
 
-    history_rows: int = 0
+    history_rows: int = 0  # raw samples moved into buckets
+    rollup_rows: int = 0  # bucket rows (one point, one hour) older than rollup_keep_s
     events: int = 0
     log_start_rev: int = 1
 
@@ -199,9 +229,44 @@ class _PruneJob:
     # What is left to delete: blocks with id < blocks_below, events with rev < events_below.
     block_from: int = 0
     blocks_below: int = 0
+    rollup_from: int = 0
+    rollups_below: int = 0
     event_from: int = 0
     events_below: int = 0
     result: PruneResult = field(default_factory=PruneResult)
+
+
+@dataclass(slots=True)
+class _BoundJob:
+    """One episode above the size bound: what was removed, for the log and the event."""
+
+    bound: int
+    used_before: int
+    used: int = 0
+    history_rows: int = 0
+    history_from_ts: float | None = None
+    history_to_ts: float | None = None
+    rollup_rows: int = 0
+    rollup_to_ts: float | None = None
+    events: int = 0
+    events_below_rev: int = 0
+    exhausted: bool = False
+
+    def report(self) -> dict[str, Any]:
+        """The StorageBoundReached event's data."""
+        return {
+            "bound_bytes": self.bound,
+            "used_bytes_before": self.used_before,
+            "used_bytes_after": self.used,
+            "history_rows": self.history_rows,
+            "history_from_ts": self.history_from_ts,
+            "history_to_ts": self.history_to_ts,
+            "rollup_rows": self.rollup_rows,
+            "rollup_to_ts": self.rollup_to_ts,
+            "events": self.events,
+            "events_below_rev": self.events_below_rev,
+            "nothing_left": self.exhausted,
+        }
 
 
 @dataclass(slots=True)
@@ -235,6 +300,10 @@ class Writer:
         cache_kib: int = CACHE_MIN_KIB,
         backlog_rows: int = BACKLOG_ROWS,
         backlog_bytes: int = BACKLOG_BYTES,
+        rollup_s: float = 60.0,
+        rollup_keep_s: float = 365 * 86400.0,
+        max_bytes: int | None = None,
+        bound_drops_unsynced: bool = False,
     ) -> None:
         if backlog_rows < flush_rows or backlog_bytes < ROW_BYTES * flush_rows:
             raise ValueError("the backlog bound must hold at least flush_rows rows")
@@ -266,6 +335,25 @@ class Writer:
         self._flush_rows = flush_rows
         self._history_s = history_s
         self._events_s = events_s
+        self.rollup_s = rollup_s
+        self._rollup_keep_s = rollup_keep_s
+        # The size bound (see the module docstring); None: no bound.
+        self.max_bytes = max_bytes
+        self._bound_drops_unsynced = bound_drops_unsynced
+        self._bound: _BoundJob | None = None
+        self._bound_checked = 0.0  # monotonic time of the last check
+        self._bound_checked_bytes = 0  # frame_bytes_written then
+        self._bound_exhausted = False  # said once that nothing is left to remove
+        self.file_bytes = 0  # the database file, as last measured (pages)
+        self.used_bytes = 0  # its pages in use
+        self.bound_episodes = 0
+        self.bound_history_rows = 0  # raw samples moved into buckets at the bound
+        self.bound_rollup_rows = 0
+        self.bound_events = 0
+        self.retired_rows = 0  # raw samples folded into buckets (retention and bound)
+        # Called on this thread once per bound episode with what went (the store appends the
+        # event); must not raise.
+        self.on_bound: Callable[[dict[str, Any]], None] | None = None
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         # Called on this thread after each commit with the new committed rev (the store's
         # CommitSignal wakes the event loop with it); must be quick and must not raise.
@@ -463,6 +551,7 @@ class Writer:
         self.log_bytes = int(nbytes)
         self._frames_top = int(top)
         self._newest_ts = float(newest) if newest is not None else float("-inf")
+        self.file_bytes, self.used_bytes = page_bytes(conn)
 
     def _loop(self) -> None:
         get = self._queue.get
@@ -475,7 +564,9 @@ class Writer:
             force = False
             if self._pending_rows or self._loss:
                 wait: float | None = max((retry_at if self.error else deadline) - monotonic(), 0.0)
-            elif (self._prune is not None or self._compact_due()) and not self.error:
+            elif (
+                self._prune is not None or self._bound is not None or self._compact_due()
+            ) and not self.error:
                 wait = 0.0  # upkeep to do: take what is queued, then do a step
             else:
                 # Idle: wake up for a compaction that comes due by age.
@@ -540,6 +631,8 @@ class Writer:
             if not self._pending_rows and not self.error:
                 if self._compact is not None or self._compact_due():
                     self._compact_step()
+                elif self._bound is not None or self._bound_due():
+                    self._bound_step()
                 elif self._prune is not None:
                     self._prune_step()
             if stop is not None:
@@ -990,6 +1083,13 @@ class Writer:
             history_cut,
             "SELECT coalesce(max(id), 0) + 1 FROM blocks",
         )
+        job.rollup_from = conn.execute("SELECT coalesce(min(id), 0) FROM rollups").fetchone()[0]
+        # Bucket rows are inserted in time order (`_retire`), so their ids are too.
+        job.rollups_below = self._first_at(
+            "SELECT id FROM rollups WHERE t1 >= ? ORDER BY id LIMIT 1",
+            now - self._rollup_keep_s,
+            "SELECT coalesce(max(id), 0) + 1 FROM rollups",
+        )
         job.event_from = conn.execute("SELECT coalesce(min(rev), 0) FROM events").fetchone()[0]
         job.events_below = self._first_at(
             "SELECT rev FROM events WHERE ts >= ? ORDER BY rev LIMIT 1",
@@ -1028,13 +1128,15 @@ class Writer:
                     # a cursor below it gets "expired", never a gap.
                     conn.execute(SET_META, ("log_start_rev", job.log_start))
                 if job.block_from < job.blocks_below:
-                    upto = min(job.block_from + PRUNE_CHUNK, job.blocks_below)
-                    deleted = conn.execute(
-                        "DELETE FROM blocks WHERE id >= ? AND id < ? RETURNING n",
-                        (job.block_from, upto),
-                    ).fetchall()
-                    job.result.history_rows += sum(n for (n,) in deleted)
+                    upto = min(job.block_from + RETIRE_CHUNK, job.blocks_below)
+                    job.result.history_rows += self._retire(conn, job.block_from, upto)[0]
                     job.block_from = upto
+                elif job.rollup_from < job.rollups_below:
+                    upto = min(job.rollup_from + ROLLUP_CHUNK, job.rollups_below)
+                    job.result.rollup_rows += conn.execute(
+                        "DELETE FROM rollups WHERE id >= ? AND id < ?", (job.rollup_from, upto)
+                    ).rowcount
+                    job.rollup_from = upto
                 elif job.event_from < job.events_below:
                     upto = min(job.event_from + PRUNE_CHUNK, job.events_below)
                     job.result.events += conn.execute(
@@ -1047,7 +1149,12 @@ class Writer:
         if not job.moved_start:
             job.moved_start = True
             self.log_start_rev = job.log_start
-        if job.block_from >= job.blocks_below and job.event_from >= job.events_below:
+        self._vacuum_some()
+        if (
+            job.block_from >= job.blocks_below
+            and job.rollup_from >= job.rollups_below
+            and job.event_from >= job.events_below
+        ):
             self._finish_prune(None)
 
     def _finish_prune(self, error: BaseException | None) -> None:
@@ -1056,6 +1163,196 @@ class Writer:
         job.command.error = error
         job.command.result = job.result
         job.command.done.set()
+
+    # -- downsampling and the size bound ----------------------------------------------------------
+
+    def _retire(
+        self, conn: sqlite3.Connection, lo: int, hi: int
+    ) -> tuple[int, float | None, float | None]:
+        """Fold the blocks lo <= id < hi into bucket rows and delete them, in the caller's
+        transaction; return (samples, oldest ts, newest ts)."""
+        by_pid: dict[int, list[codec.Columns]] = {}
+        samples, oldest, newest = 0, None, None
+        found = conn.execute(
+            "SELECT pid, t0, t1, n, body FROM blocks WHERE id >= ? AND id < ? AND rev1 <= ? "
+            "ORDER BY id",
+            (lo, hi, self.compacted_rev),
+        )
+        for pid, t0, t1, n, body in found:
+            by_pid.setdefault(pid, []).append(codec.decode(body))
+            samples += n
+            oldest = t0 if oldest is None else min(oldest, t0)
+            newest = t1 if newest is None else max(newest, t1)
+        rows = []
+        for pid, parts in by_pid.items():
+            folded = rollup.fold(codec.Columns.concat(parts), self.rollup_s)
+            for hour, part in rollup.periods(folded):
+                have = conn.execute(
+                    "SELECT body FROM rollups WHERE pid = ? AND t0 = ?", (pid, hour)
+                ).fetchone()
+                if have is not None:
+                    older = rollup.decode(have[0])
+                    if older.size == part.size:
+                        part = rollup.merge(older, part)
+                    # else: rollup_s changed within this hour; the newer size wins the hour.
+                end = float(part.start[-1]) + part.size
+                rows.append((hour, pid, end, int(part.n.sum()), rollup.encode(part)))
+        # In time order, so that ids are too (retention deletes bucket rows as an id prefix).
+        rows.sort(key=itemgetter(0, 1))
+        conn.executemany(
+            "INSERT INTO rollups(t0, pid, t1, n, body) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT(pid, t0) DO UPDATE SET t1 = excluded.t1, n = excluded.n, "
+            "body = excluded.body",
+            rows,
+        )
+        conn.execute(
+            "DELETE FROM blocks WHERE id >= ? AND id < ? AND rev1 <= ?",
+            (lo, hi, self.compacted_rev),
+        )
+        self.retired_rows += samples
+        return samples, oldest, newest
+
+    def _vacuum_some(self) -> None:
+        """Give up to VACUUM_PAGES free pages back to the file system (the file shrinks)."""
+        conn = self._conn
+        assert conn is not None
+        try:
+            conn.execute(f"PRAGMA incremental_vacuum({VACUUM_PAGES})").fetchall()
+            self.file_bytes, self.used_bytes = page_bytes(conn)
+        except sqlite3.Error as exc:
+            # Not a loss: the pages stay free and are reused; the next step tries again.
+            log.debug("%s: incremental vacuum failed: %s", self.path, exc)
+
+    def _bound_due(self) -> bool:
+        """Whether the database is above its size bound (measured every few seconds, and as
+        frames are written); starts a bound job when it is."""
+        if self.max_bytes is None or self.error is not None:
+            return False
+        now = time.monotonic()
+        grown = self.frame_bytes_written - self._bound_checked_bytes
+        if now - self._bound_checked < BOUND_CHECK_S and grown < self.max_bytes / 200:
+            return False
+        self._bound_checked, self._bound_checked_bytes = now, self.frame_bytes_written
+        conn = self._conn
+        assert conn is not None
+        self.file_bytes, self.used_bytes = page_bytes(conn)
+        if self.used_bytes <= self.max_bytes:
+            self._bound_exhausted = False
+            return False
+        if self._bound_exhausted:
+            return False  # said already; wait until something changes
+        self._bound = _BoundJob(self.max_bytes, self.used_bytes)
+        log.warning(
+            "%s: the twin database uses %.1f MB, above its bound of %.1f MB "
+            "(storage.max_db_mb): removing the oldest raw history (kept as %g s buckets), "
+            "then the oldest buckets, then the oldest events, down to %.0f %% of the bound",
+            self.path,
+            self.used_bytes / 1e6,
+            self.max_bytes / 1e6,
+            self.rollup_s,
+            BOUND_TARGET * 100,
+        )
+        return True
+
+    def _bound_step(self) -> None:
+        job = self._bound
+        conn = self._conn
+        assert job is not None and conn is not None
+        try:
+            self.file_bytes, self.used_bytes = page_bytes(conn)
+            job.used = self.used_bytes
+            if self.used_bytes <= job.bound * BOUND_TARGET:
+                self._finish_bound(job)
+                return
+            with write_transaction(conn):
+                if not self._bound_remove(conn, job):
+                    job.exhausted = True
+            self._vacuum_some()
+            job.used = self.used_bytes
+        except Exception as exc:
+            # Like a failed commit, the next check tries again; nothing is half-removed (each
+            # step is one transaction).
+            log.warning("%s: could not remove rows at the size bound: %s", self.path, exc)
+            self._bound = None
+            return
+        if job.exhausted:
+            self._finish_bound(job)
+
+    def _bound_remove(self, conn: sqlite3.Connection, job: _BoundJob) -> bool:
+        """Remove the next chunk, oldest raw history first; False when nothing may go."""
+        first = conn.execute(
+            "SELECT min(id) FROM blocks WHERE rev1 <= ?", (self.compacted_rev,)
+        ).fetchone()[0]
+        if first is not None:
+            samples, oldest, newest = self._retire(conn, first, first + RETIRE_CHUNK)
+            job.history_rows += samples
+            if oldest is not None:
+                job.history_from_ts = job.history_from_ts or oldest
+                job.history_to_ts = max(job.history_to_ts or newest or 0.0, newest or 0.0)
+            return True
+        gone = conn.execute(
+            "DELETE FROM rollups WHERE id IN (SELECT id FROM rollups ORDER BY id LIMIT ?) "
+            "RETURNING t1",
+            (ROLLUP_CHUNK,),
+        ).fetchall()
+        if gone:
+            job.rollup_rows += len(gone)
+            job.rollup_to_ts = max([job.rollup_to_ts or 0.0] + [t1 for (t1,) in gone])
+            return True
+        below = conn.execute(
+            "SELECT rev FROM events ORDER BY rev LIMIT 1 OFFSET ?", (PRUNE_CHUNK,)
+        ).fetchone()
+        upto = (
+            int(below[0])
+            if below is not None
+            else int(conn.execute("SELECT coalesce(max(rev), 0) + 1 FROM events").fetchone()[0])
+        )
+        hold = conn.execute("SELECT min(rev) FROM log_holds").fetchone()[0]
+        if hold is not None and not self._bound_drops_unsynced:
+            upto = min(upto, int(hold) + 1)  # a consumer has not had the events above its hold
+        deleted = conn.execute("DELETE FROM events WHERE rev < ?", (upto,)).rowcount
+        if not deleted:
+            return False
+        job.events += deleted
+        job.events_below_rev = max(job.events_below_rev, upto)
+        # The log is a contiguous suffix: it cannot serve a rev whose event is gone.
+        if upto > self.log_start_rev:
+            conn.execute(SET_META, ("log_start_rev", upto))
+            self.log_start_rev = upto
+        return True
+
+    def _finish_bound(self, job: _BoundJob) -> None:
+        self._bound = None
+        self.bound_episodes += 1
+        self.bound_history_rows += job.history_rows
+        self.bound_rollup_rows += job.rollup_rows
+        self.bound_events += job.events
+        if job.exhausted:
+            self._bound_exhausted = True
+            log.error(
+                "%s: the twin database uses %.1f MB, above its bound of %.1f MB, and nothing "
+                "more may go: what is left is current values, the event log (up to "
+                "storage.event_log_max_mb) and events sync has not delivered. Raise "
+                "storage.max_db_mb or lower storage.event_log_max_mb",
+                self.path,
+                job.used / 1e6,
+                job.bound / 1e6,
+            )
+        log.warning(
+            "%s: at the size bound, removed %d raw samples (kept as buckets), %d bucket rows "
+            "and %d events; the database uses %.1f MB of %.1f MB",
+            self.path,
+            job.history_rows,
+            job.rollup_rows,
+            job.events,
+            job.used / 1e6,
+            job.bound / 1e6,
+        )
+        if self.on_bound is not None:
+            try:
+                self.on_bound(job.report())
+            except Exception:
+                log.exception("%s: could not record the size bound event", self.path)
 
 
 def _runs(batches: deque[list[TelemetryRow]]) -> list[list[TelemetryRow]]:

@@ -29,6 +29,7 @@ from drivers.contract import Quality, Sample
 from gateway.demo import write_demo_config
 from gateway.errors import StoreError
 from gateway.twin import store as store_module
+from gateway.twin import writer as writer_module
 from gateway.twin.model import PointDef
 from gateway.twin.store import TwinStore
 
@@ -66,6 +67,7 @@ HOLDER = """
 import sys
 from gateway.twin.store import TwinStore
 from gateway.twin import store as store_module
+from gateway.twin import writer as writer_module
 from gateway.twin.model import PointDef
 store = TwinStore(sys.argv[1], [PointDef("a/b/c", "dev", "float64")])
 store.open()
@@ -302,9 +304,15 @@ def test_a_full_disk_is_reported_and_nothing_is_lost_within_the_bound(
 def test_the_backlog_is_bounded_keeps_current_values_and_records_what_was_dropped(
     db_path: Path, fake_clock: FakeClock, caplog: pytest.LogCaptureFixture, bound: str
 ) -> None:
-    limits = {"backlog_rows": 1000} if bound == "rows" else {"backlog_bytes": 256 * 1024}
     points = [*POINTS, TEXT]
-    store = TwinStore(db_path, points, flush_rows=100, clock=fake_clock, **limits)
+    store = TwinStore(
+        db_path,
+        points,
+        flush_rows=100,
+        clock=fake_clock,
+        backlog_rows=1000 if bound == "rows" else writer_module.BACKLOG_ROWS,
+        backlog_bytes=256 * 1024 if bound == "bytes" else writer_module.BACKLOG_BYTES,
+    )
     with store:
         burst(store, 2)
         store.flush()

@@ -187,7 +187,14 @@ def test_prune_drops_old_history_and_events_and_moves_the_log_start(
     assert result.log_start_rev == log_start == twin.log_start_rev
     assert result.history_rows == 40 - len(kept_history)
     assert result.events == sum(1 for ts, _, _ in day_revs if ts < events_cut)
-    assert [r.rev for r in twin.history(FLOW, 0, now)] == kept_history
+    rows = twin.history(FLOW, 0, now)
+    assert [r.rev for r in rows if not r.downsampled] == kept_history
+    # What left the raw history is kept as one-minute buckets: here one sample each.
+    pruned = [(ts, day) for day, (ts, t, _) in enumerate(day_revs) if ts < history_cut]
+    assert [(r.ts, r.value, r.rev) for r in rows if r.downsampled] == [
+        (ts // 60 * 60, float(day), 0) for ts, day in pruned
+    ]
+    assert rows[: len(pruned)] == [r for r in rows if r.downsampled]  # oldest first
     # The log is a contiguous suffix; anything before it is gone for cursors.
     log = twin.events_since(log_start - 1, limit=1000)
     assert [e.rev for e in log] == list(range(log_start, twin.rev + 1))
@@ -203,7 +210,7 @@ def test_prune_drops_old_history_and_events_and_moves_the_log_start(
     with TwinStore(path, POINTS, clock=fake_clock) as reopened:
         assert reopened.rev == 80
         assert reopened.log_start_rev == log_start
-        assert [r.rev for r in reopened.history(FLOW, 0, now)] == kept_history
+        assert [r.rev for r in reopened.history(FLOW, 0, now) if not r.downsampled] == kept_history
 
 
 def test_prune_of_everything_never_lets_the_rev_go_back(
@@ -217,7 +224,11 @@ def test_prune_of_everything_never_lets_the_rev_go_back(
         assert result.log_start_rev == 3
         assert result.history_rows == 1
         assert twin.events_since(2) == []
-        assert twin.history(FLOW, 0, T0 + 10 * DAY) == []
+        assert [(r.value, r.downsampled) for r in twin.history(FLOW, 0, T0 + 10 * DAY)] == [
+            (1.0, True)
+        ]
+        assert twin.prune(T0 + 400 * DAY).rollup_rows == 1  # past rollup_days (365)
+        assert twin.history(FLOW, 0, T0 + 400 * DAY) == []
         assert twin.get(FLOW).value == 1.0  # the current value is not history
     with TwinStore(path, POINTS, clock=fake_clock) as reopened:
         assert reopened.rev == 2
@@ -231,7 +242,8 @@ def test_prune_of_everything_never_lets_the_rev_go_back(
 def test_prune_deletes_in_chunks_while_ingest_continues(
     tmp_path: Path, fake_clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(writer_module, "PRUNE_CHUNK", 3)  # blocks per delete transaction
+    monkeypatch.setattr(writer_module, "PRUNE_CHUNK", 3)  # events per delete transaction
+    monkeypatch.setattr(writer_module, "RETIRE_CHUNK", 3)  # blocks per retention step
     with TwinStore(
         tmp_path / "twin.db", POINTS, clock=fake_clock, history_days=1, events_days=1
     ) as twin:
@@ -261,8 +273,14 @@ def test_prune_deletes_in_chunks_while_ingest_continues(
             thread.join()
         twin.flush()
         assert result.history_rows == 10_000
-        assert twin.history(FLOW, 0, fake_clock.now)[0].value == 10_000.0
-        assert len(twin.history(FLOW, 0, fake_clock.now, limit=100_000)) == 20_000
+        raw = [r for r in twin.history(FLOW, 0, fake_clock.now, limit=100_000) if not r.downsampled]
+        assert raw[0].value == 10_000.0
+        assert len(raw) == 20_000
+        # The 10,000 samples that left are in minute buckets, whole: counts, sums, extremes.
+        old = twin.aggregate(FLOW, T0, T0 + 10_000, 60)
+        assert sum(b.count for b in old) == 10_001  # and the first raw one, at T0 + 10,000
+        assert old[0].min == 0.0 and old[-1].max == 10_000.0
+        assert sum((b.mean or 0.0) * b.count for b in old) == sum(range(10_001))
         # What was ingested meanwhile is all there.
         pressure = twin.history(PRESSURE, 0, fake_clock.now, limit=100_000)
         assert [r.value for r in pressure] == ingested
