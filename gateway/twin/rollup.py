@@ -181,7 +181,10 @@ def decode(blob: bytes) -> Partial:
     version, size, count = _HEADER.unpack_from(blob)
     if version != _VERSION:
         raise ValueError(f"rollup body version {version} is not {_VERSION}")
-    body = zlib.decompress(blob[_HEADER.size :])
+    try:
+        body = zlib.decompress(blob[_HEADER.size :])
+    except zlib.error as exc:
+        raise ValueError(f"rollup body does not decompress: {exc}") from exc
     if len(body) != count * (5 * 8 + 4):
         raise ValueError(f"rollup body of {len(body)} bytes for {count} buckets")
     at = 0
