@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -13,14 +14,14 @@ from gateway.twin import codec, rollup
 PID = 3
 
 
-def columns(rows: list[tuple[int, float, object, int]]) -> codec.Columns:
+def columns(rows: Sequence[tuple[int, float, object, int]]) -> codec.Columns:
     """(rev, ts, value, quality) rows of one point, through the codec as the writer stores them."""
     return codec.decode(
         codec.encode_frame([(rev, ts, PID, value, q, None, None) for rev, ts, value, q in rows])
     )
 
 
-def reference(rows: list[tuple[int, float, object, int]], size: float) -> dict[float, tuple]:
+def reference(rows: Sequence[tuple[int, float, object, int]], size: float) -> dict[float, tuple]:
     """count, min, max, sum and last value per bucket start, computed one row at a time."""
     out: dict[float, list] = {}
     for _rev, ts, value, quality in sorted(rows, key=lambda r: r[0]):
