@@ -118,6 +118,27 @@ class GatewayCollector(Collector):
             "Bytes of the twin database and its WAL.",
             info["database_bytes"],
         )
+        yield _gauge(
+            "opstwin_database_used_bytes",
+            "Bytes of the twin database's pages in use (what storage.max_db_mb bounds).",
+            info["used_bytes"],
+        )
+        if info["bound_bytes"]:
+            yield _gauge(
+                "opstwin_database_bound_bytes",
+                "The twin database's size bound (storage.max_db_mb).",
+                info["bound_bytes"],
+            )
+        yield _counter(
+            "opstwin_storage_bound_episodes",
+            "Times the database reached its size bound and the oldest history was removed.",
+            info["bound_episodes"],
+        )
+        yield _counter(
+            "opstwin_history_downsampled_samples",
+            "Raw samples folded into time buckets by retention or at the size bound.",
+            info["downsampled_samples"],
+        )
 
     def _engine(self) -> Iterator[Metric]:
         engine = self.gateway.engine

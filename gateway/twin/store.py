@@ -67,6 +67,7 @@ from gateway.twin.schema import (
 from gateway.twin.writer import (
     BACKLOG_BYTES,
     BACKLOG_ROWS,
+    MB,
     ROW_BYTES,
     ROW_PID,
     ROW_QUALITY,
@@ -569,6 +570,7 @@ class TwinStore:
             "used_bytes": writer.used_bytes,
             "bound_bytes": writer.max_bytes or 0,
             "bound_episodes": writer.bound_episodes,
+            "downsampled_samples": writer.retired_rows,
         }
 
     def writer_load(self) -> tuple[int, int, float]:
@@ -622,6 +624,13 @@ class TwinStore:
                 f"{explain(error)}; {writer.pending_rows} rows held in memory (at most "
                 f"{writer.backlog_rows}), {writer.dropped_rows} history rows and "
                 f"{writer.dropped_events} events dropped"
+            )
+        if writer.bound_exhausted:
+            found.append(
+                f"{self.path}: the twin database uses {writer.used_bytes / MB:.0f} MB, above "
+                f"storage.max_db_mb ({(writer.max_bytes or 0) / MB:.0f} MB), and only current "
+                "values, the event log and undelivered events are left: raise the bound or "
+                "lower storage.event_log_max_mb"
             )
         corruption = writer.corruption or self._corruption
         if corruption is not None:

@@ -86,6 +86,7 @@ __all__ = [
     "BACKLOG_BYTES",
     "BACKLOG_DROPPED",
     "BACKLOG_ROWS",
+    "MB",
     "ROW_BYTES",
     "ROW_PID",
     "ROW_QUALITY",
@@ -344,7 +345,7 @@ class Writer:
         self._bound: _BoundJob | None = None
         self._bound_checked = 0.0  # monotonic time of the last check
         self._bound_checked_bytes = 0  # frame_bytes_written then
-        self._bound_exhausted = False  # said once that nothing is left to remove
+        self.bound_exhausted = False  # said once that nothing is left to remove
         self.file_bytes = 0  # the database file, as last measured (pages)
         self.used_bytes = 0  # its pages in use
         self.bound_episodes = 0
@@ -1252,9 +1253,9 @@ class Writer:
         assert conn is not None
         self.file_bytes, self.used_bytes = page_bytes(conn)
         if self.used_bytes <= self.max_bytes:
-            self._bound_exhausted = False
+            self.bound_exhausted = False
             return False
-        if self._bound_exhausted:
+        if self.bound_exhausted:
             return False  # said already; wait until something changes
         if self._uncompacted_rows and self._compact is None:
             # History still in frames can go only once compacted: compact first (the loop
@@ -1348,7 +1349,7 @@ class Writer:
         self.bound_rollup_rows += job.rollup_rows
         self.bound_events += job.events
         if job.exhausted:
-            self._bound_exhausted = True
+            self.bound_exhausted = True
             log.error(
                 "%s: the twin database uses %.1f MB, above its bound of %.1f MB, and nothing "
                 "more may go: what is left is current values, the event log (up to "

@@ -68,6 +68,9 @@ async def test_metrics_parse_and_their_counters_move_as_the_plant_runs(site: Sit
     assert value(first, "opstwin_device_state", device="oven-plc", state="BACKOFF") == 0.0
     assert value(first, "opstwin_device_connects_total", device="oven-plc") >= 1
     assert value(first, "opstwin_database_bytes") > 0
+    used = value(first, "opstwin_database_used_bytes")
+    assert 0 < used <= value(first, "opstwin_database_bound_bytes")
+    assert value(first, "opstwin_storage_bound_episodes_total") == 0
     await asyncio.sleep(1.5)
     second = await scrape(client)
     for name, labels in (

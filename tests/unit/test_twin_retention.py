@@ -175,6 +175,7 @@ def test_the_bound_takes_old_events_but_not_what_sync_has_not_delivered(
         assert set(held) <= kept, "events after the hold are kept"
         assert twin.log_start_rev > first[0], "delivered events went first"
         assert twin.storage_info()["used_bytes"] > 2 * MB  # nothing more may go
+        wait_for(lambda: any("storage.max_db_mb" in p for p in twin.problems()))  # in /health
     # Allowed to take undelivered events, the bound is kept.
     with TwinStore(
         path,
