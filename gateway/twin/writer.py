@@ -154,6 +154,14 @@ COMPACT_ROWS = 3_000_000
 # ~40 bytes a sample while regrouped. Each step writes its blocks in its own transaction;
 # between steps the writer commits what was ingested.
 COMPACT_GROUP_ROWS = 500_000
+# Up to this many samples, a compaction decodes its frames once, LOAD_STEP_ROWS a step, keeps
+# them sorted by point (~40 bytes a sample), and then encodes COMPACT_STEP_ROWS a step: no step
+# takes more than ~0.1 s on a small box, where re-reading the frames for each 500,000-sample
+# group made steps of ~1 s during which nothing was committed (bench/sync.py's soak). Beyond
+# it (fast plants), every group re-reads the frames, in groups of COMPACT_GROUP_ROWS.
+COMPACT_CACHE_ROWS = 1_000_000
+COMPACT_STEP_ROWS = 100_000
+LOAD_STEP_ROWS = 200_000
 PID_END = 2**62  # above every pid: the last group of a compaction ends here
 # The backlog bound (see the module docstring). 250,000 rows is ~4 minutes of 1,000 points
 # changing every second, hours for the demo plant; 64 MiB caps it when values are long texts.
@@ -279,6 +287,10 @@ class _CompactJob:
     cut: int  # every frame with start < rev0 <= cut is compacted
     groups: list[tuple[int, int]]  # [lo, hi) pid ranges, one step each
     rows: int  # samples in those frames, as counted when planning
+    # The frames decoded once (see COMPACT_CACHE_ROWS): None when they are re-read per group.
+    loaded: list[codec.Columns] | None = None
+    load_after: int = 0  # frames with rev0 above this are still to be loaded
+    by_pid: codec.Columns | None = None  # every loaded row, sorted by pid (rev order within)
     done: int = 0  # groups written
     blocks: int = 0
     written: int = 0  # samples written into blocks
@@ -866,6 +878,8 @@ class Writer:
             job = self._compact
             if job is None:
                 job = self._compact = self._plan_compaction()
+            elif job.loaded is not None and job.by_pid is None:
+                self._load_frames(job)
             elif job.done < len(job.groups):
                 blocks, rows = self._write_blocks(job, *job.groups[job.done])
                 job.blocks += blocks
@@ -915,9 +929,14 @@ class Writer:
                     counts = np.pad(counts, (0, len(found) - len(counts)))
                 counts[: len(found)] += found
         job.rows = int(counts.sum())
+        if job.rows <= COMPACT_CACHE_ROWS:
+            job.loaded, job.load_after = [], job.start
+            group_rows = COMPACT_STEP_ROWS
+        else:
+            group_rows = COMPACT_GROUP_ROWS
         lo, held = 0, 0
         for pid in np.flatnonzero(counts):
-            if held and held + counts[pid] > COMPACT_GROUP_ROWS:
+            if held and held + counts[pid] > group_rows:
                 job.groups.append((lo, int(pid)))
                 lo, held = int(pid), 0
             held += int(counts[pid])
@@ -926,16 +945,45 @@ class Writer:
             job.groups.append((lo, PID_END))
         return job
 
+    def _load_frames(self, job: _CompactJob) -> None:
+        """Decode the next frames of the job (about LOAD_STEP_ROWS samples); after the last,
+        sort every loaded row by point."""
+        assert self._conn is not None and job.loaded is not None
+        rows = 0
+        for rev0, body in self._conn.execute(
+            "SELECT rev0, body FROM frames WHERE rev0 > ? AND rev0 <= ? ORDER BY rev0",
+            (job.load_after, job.cut),
+        ):
+            cols = codec.decode(body)
+            job.loaded.append(cols)
+            job.load_after = rev0
+            rows += len(cols)
+            if rows >= LOAD_STEP_ROWS:
+                return
+        every = codec.Columns.concat(job.loaded) if job.loaded else None
+        job.loaded = []
+        if every is None or not len(every):
+            job.by_pid = codec.Columns.concat([])
+            return
+        order = np.argsort(every.pid, kind="stable")  # rev order within a point
+        job.by_pid = every.take(order)
+
     def _write_blocks(self, job: _CompactJob, lo: int, hi: int) -> tuple[int, int]:
         """Encode and write the blocks of points lo <= pid < hi; return (blocks, samples)."""
-        parts = []
-        for cols in self._frames_to_compact(job):
-            pid = cols.pid
-            parts.append(cols.take((pid >= lo) & (pid < hi)))
-        cols = codec.Columns.concat(parts)
+        if job.by_pid is not None:
+            pids = job.by_pid.pid
+            first, last = np.searchsorted(pids, [lo, hi])
+            cols = job.by_pid.take(np.arange(first, last))
+            order = np.arange(len(cols))
+        else:
+            parts = []
+            for frame in self._frames_to_compact(job):
+                pid = frame.pid
+                parts.append(frame.take((pid >= lo) & (pid < hi)))
+            cols = codec.Columns.concat(parts)
+            order = np.argsort(cols.pid, kind="stable")  # rev order within a point
         if not len(cols):
             return 0, 0
-        order = np.argsort(cols.pid, kind="stable")  # rev order within a point
         pids = cols.pid[order]
         bounds = np.concatenate(([0], np.flatnonzero(np.diff(pids)) + 1, [len(pids)]))
         blocks = []

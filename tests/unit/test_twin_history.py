@@ -356,12 +356,19 @@ def test_a_reader_on_its_own_sees_what_the_store_committed(store: TwinStore, fak
         reader.history(FLOW, 0, 1)
 
 
+@pytest.mark.parametrize("frames", ["loaded once", "read per group"])
 def test_a_failed_compaction_loses_nothing_and_the_next_one_does_it_all(
-    tmp_path: Path, fake_clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, fake_clock: FakeClock, monkeypatch: pytest.MonkeyPatch, frames: str
 ) -> None:
     from gateway.twin import codec
 
-    monkeypatch.setattr(writer_module, "COMPACT_GROUP_ROWS", 50)  # several steps per compaction
+    # Several steps per compaction, both ways: frames decoded once (a few at a time), or read
+    # again for each group of points (compactions above COMPACT_CACHE_ROWS).
+    monkeypatch.setattr(writer_module, "COMPACT_GROUP_ROWS", 50)
+    monkeypatch.setattr(writer_module, "COMPACT_STEP_ROWS", 50)
+    monkeypatch.setattr(writer_module, "LOAD_STEP_ROWS", 30)
+    if frames == "read per group":
+        monkeypatch.setattr(writer_module, "COMPACT_CACHE_ROWS", 0)
     real = codec.encode_block_columns
     calls = 0
 
