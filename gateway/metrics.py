@@ -18,12 +18,18 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING
 
 from aiohttp import web
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from drivers.contract import ConnectionState
 from gateway.errors import GatewayError
+from gateway.twin.writer import COMMIT_BUCKETS_S
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -82,7 +88,7 @@ class GatewayCollector(Collector):
     def _store(self) -> Iterator[Metric]:
         store = self.gateway.store
         stats = store.stats
-        queued, commits, commit_s = store.writer_load()
+        load = store.writer_load()
         yield _gauge("opstwin_twin_rev", "The twin's newest rev.", stats.rev)
         yield _gauge(
             "opstwin_twin_uncommitted_revs",
@@ -95,18 +101,30 @@ class GatewayCollector(Collector):
         yield _counter(
             "opstwin_twin_samples_filtered", "Samples within deadband: dropped.", stats.filtered
         )
-        yield _gauge("opstwin_writer_queue_items", "Batches waiting for the writer thread.", queued)
+        yield _gauge(
+            "opstwin_writer_queue_items", "Batches waiting for the writer thread.", load.queued
+        )
         yield _gauge(
             "opstwin_writer_backlog_rows",
             "Rows the writer holds uncommitted (grows while commits fail).",
             stats.backlog_rows,
         )
-        yield _counter("opstwin_writer_commits", "Transactions committed.", commits)
-        yield _counter(
+        yield _counter("opstwin_writer_commits", "Transactions committed.", load.commits)
+        cumulative, buckets = 0, []
+        for bound, count in zip((*COMMIT_BUCKETS_S, "+Inf"), load.commit_histogram, strict=True):
+            cumulative += count
+            buckets.append((str(bound), cumulative))
+        yield HistogramMetricFamily(
             "opstwin_writer_commit_seconds",
-            "Time spent in committed transactions (encoding included); over "
-            "opstwin_writer_commits_total, the mean commit latency.",
-            commit_s,
+            "Latency of committed transactions (encoding included).",
+            buckets=buckets,
+            sum_value=load.commit_seconds,
+        )
+        yield _gauge(
+            "opstwin_writer_longest_step_seconds",
+            "The longest compaction, retention or size-bound step since start: nothing is "
+            "committed while one runs.",
+            load.longest_step_s,
         )
         try:
             info = store.storage_info()

@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from drivers.contract import Quality, Sample
 from gateway import sdnotify
@@ -67,6 +67,7 @@ from gateway.twin.schema import (
 from gateway.twin.writer import (
     BACKLOG_BYTES,
     BACKLOG_ROWS,
+    COMMIT_BUCKETS_S,
     MB,
     ROW_BYTES,
     ROW_PID,
@@ -126,6 +127,16 @@ class StoreStats:
     compactions: int
     blocks_written: int
     log_bytes: int  # frames kept for the event log and the uncompacted history
+
+
+class WriterLoad(NamedTuple):
+    """What /metrics shows of the writer thread."""
+
+    queued: int  # batches and commands waiting
+    commits: int
+    commit_seconds: float  # their total time
+    commit_histogram: list[int]  # commits per COMMIT_BUCKETS_S bucket, and above the last
+    longest_step_s: float  # the longest compaction, retention or bound step since start
 
 
 class TwinStore:
@@ -573,12 +584,18 @@ class TwinStore:
             "downsampled_samples": writer.retired_rows,
         }
 
-    def writer_load(self) -> tuple[int, int, float]:
-        """The writer's queue depth, its commits and their total time (s), for /metrics."""
+    def writer_load(self) -> WriterLoad:
+        """The writer's queue depth, commits, their latency and its longest step, for /metrics."""
         writer = self._writer
         if writer is None:
-            return 0, 0, 0.0
-        return writer.queued, writer.batches, writer.commit_seconds
+            return WriterLoad(0, 0, 0.0, [0] * (len(COMMIT_BUCKETS_S) + 1), 0.0)
+        return WriterLoad(
+            writer.queued,
+            writer.batches,
+            writer.commit_seconds,
+            list(writer.commit_histogram),
+            writer.longest_step_s,
+        )
 
     @property
     def stats(self) -> StoreStats:

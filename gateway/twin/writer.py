@@ -53,6 +53,7 @@ would walk the backlog again at every drop and leave holes across the whole outa
 
 from __future__ import annotations
 
+import bisect
 import collections
 import itertools
 import json
@@ -86,6 +87,7 @@ __all__ = [
     "BACKLOG_BYTES",
     "BACKLOG_DROPPED",
     "BACKLOG_ROWS",
+    "COMMIT_BUCKETS_S",
     "MB",
     "ROW_BYTES",
     "ROW_PID",
@@ -142,6 +144,9 @@ VACUUM_PAGES = 4096
 BOUND_CHECK_S = 5.0
 BOUND_TARGET = 0.9
 STORAGE_BOUND = "StorageBoundReached"
+# Upper bounds (seconds) of the commit-latency histogram /metrics exposes; one more slot counts
+# the commits above the last.
+COMMIT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 MB = 1024 * 1024  # as storage.max_db_mb counts
 # Compaction: when the oldest uncompacted frame was committed this many seconds ago, or the
 # frames hold this many samples. Seconds: blocks of 300 samples of a point polled every second
@@ -331,6 +336,10 @@ class Writer:
         self.corruption: BaseException | None = None
         self.batches = 0
         self.commit_seconds = 0.0  # spent in successful commits (encode + transaction)
+        self.commit_histogram = [0] * (len(COMMIT_BUCKETS_S) + 1)  # commits per latency bucket
+        # The longest upkeep step (compaction, retention, size bound) since start: while one
+        # runs nothing is committed, so this is the longest such stall.
+        self.longest_step_s = 0.0
         self.rows_written = 0
         self.frames_written = 0
         self.frame_bytes_written = 0
@@ -648,12 +657,14 @@ class Writer:
                     retry_at = monotonic() + retry_delay
                     retry_delay = min(retry_delay * 2, RETRY_MAX_S)
             if not self._pending_rows and not self.error:
+                began = time.perf_counter()
                 if self._compact is not None or self._compact_due():
                     self._compact_step()
                 elif self._bound is not None or self._bound_due():
                     self._bound_step()
                 elif self._prune is not None:
                     self._prune_step()
+                self.longest_step_s = max(self.longest_step_s, time.perf_counter() - began)
             if stop is not None:
                 if self._prune is not None:
                     self._finish_prune(StoreError("the store closed during prune"))
@@ -709,8 +720,10 @@ class Writer:
             self._fail(exc, "commit")
             return False
         self.batches += 1
-        # Encoding and the transaction, for /metrics: a sum and a count (their mean), no more.
-        self.commit_seconds += time.perf_counter() - started
+        # Encoding and the transaction, for /metrics: a sum and a histogram.
+        took = time.perf_counter() - started
+        self.commit_seconds += took
+        self.commit_histogram[bisect.bisect_left(COMMIT_BUCKETS_S, took)] += 1
         self.rows_written += self._pending_rows + (loss is not None)
         if frames:
             if not self._uncompacted_rows:

@@ -5,6 +5,7 @@ as the plant runs, as requests are answered and as the gate decides."""
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,9 +79,18 @@ async def test_metrics_parse_and_their_counters_move_as_the_plant_runs(site: Sit
         ("opstwin_twin_rev", {}),
         ("opstwin_twin_samples_accepted_total", {}),
         ("opstwin_writer_commits_total", {}),
-        ("opstwin_writer_commit_seconds_total", {}),
+        ("opstwin_writer_commit_seconds_count", {}),
     ):
         assert value(second, name, **labels) > value(first, name, **labels), name
+    # The commit latency is a histogram: cumulative buckets ending in +Inf, which is the count.
+    les = sorted(
+        (float(dict(key[1])["le"]), n)
+        for key, n in second.items()
+        if key[0] == "opstwin_writer_commit_seconds_bucket"
+    )
+    assert [n for _, n in les] == sorted(n for _, n in les)
+    assert les[-1] == (math.inf, value(second, "opstwin_writer_commit_seconds_count"))
+    assert value(second, "opstwin_writer_longest_step_seconds") >= 0
     # Every answered request is counted under its route's template, with its status.
     requests = "opstwin_http_requests_total"
     assert value(second, requests, route="/metrics", method="GET", status="200") >= 1
