@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from gateway.errors import DatabaseFault, StoreError
+from gateway.twin.files import create_private_file
 from gateway.twin.schema import explain, is_corruption, write_transaction
 
 log = logging.getLogger(__name__)
@@ -265,10 +266,15 @@ def _connect(path: Path, *, read_only: bool) -> sqlite3.Connection:
                 timeout=BUSY_TIMEOUT_S,
             )
         else:
+            # 0600 before SQLite creates it (its -wal and -shm take the same mode): it holds
+            # password and token hashes, whatever the umask (the twin's files do the same).
+            create_private_file(path, what="control database")
             conn = sqlite3.connect(
                 str(path), isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_S
             )
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, StoreError) as exc:
+        if isinstance(exc, StoreError):
+            raise
         raise _fault(exc, path, "open") from exc
     try:
         # FULL, not the twin's NORMAL: a commit here is an account change or an audit entry,

@@ -102,9 +102,9 @@ def create_private_dirs(directory: Path) -> None:
         os.chmod(path, PRIVATE_DIR)  # mkdir's mode is filtered by the umask
 
 
-def create_private_file(path: Path) -> None:
+def create_private_file(path: Path, what: str = "twin database") -> None:
     """Create `path` empty with mode 0600 unless it exists; refuse if it cannot be written."""
-    os.close(_open_private(path, os.O_RDWR, what="twin database"))
+    os.close(_open_private(path, os.O_RDWR, what=what))
 
 
 def read_only_fault(path: Path, exc: OSError, *, what: str = "file") -> StoreError:

@@ -199,8 +199,8 @@ def recovery_steps(path: str | Path) -> str:
     return (
         f"To recover: stop the gateway; move the database and its -wal and -shm files aside "
         f"(mkdir {aside} && mv {path}* {aside}/); then salvage what is readable with "
-        f'`sqlite3 {aside / path.name} ".recover" | sqlite3 {path}`, or restore a backup to '
-        f"{path}, or start without one (the gateway creates an empty twin database)."
+        f'`sqlite3 {aside / path.name} ".recover" | sqlite3 {path}`, or restore a backup '
+        f"(`opstwin restore`), or start without one (the gateway creates an empty twin database)."
     )
 
 

@@ -167,6 +167,18 @@ def test_state_files_are_private_whatever_the_umask(tmp_path: Path, lax_umask: N
     assert mode(base) == 0o755, "a directory it did not create is left alone"
 
 
+def test_the_control_database_with_password_hashes_is_private(
+    tmp_path: Path, lax_umask: None
+) -> None:
+    from gateway.control.db import ControlDB
+
+    path = tmp_path / "control.db"
+    with ControlDB(path) as control:
+        assert control.path == path
+    assert mode(path) == 0o600
+    assert all(mode(p) == 0o600 for p in tmp_path.glob("control.db*"))
+
+
 def test_the_demo_config_with_password_hashes_is_private(tmp_path: Path, lax_umask: None) -> None:
     path = write_demo_config(tmp_path, device_ports={}, http_port=8000, opcua_port=4840)
     assert mode(path) == 0o600
