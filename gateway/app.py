@@ -7,7 +7,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from pathlib import Path
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from drivers.base import Driver
@@ -23,12 +23,14 @@ from gateway.devices import build_drivers, point_defs
 from gateway.errors import DeviceError, GatewayError, UnknownPointError
 from gateway.lifecycle import Lifecycle, ShutdownError, wait_or_cancel
 from gateway.opcua_server import TwinOpcuaServer
+from gateway.opcua_server.config import OpcuaServerConfig
 from gateway.opcua_server.proposals import ClientWrite, WriteAnswer
 from gateway.opcua_server.refusals import WriteRefusal
 from gateway.opcua_server.users import control_db_logins
 from gateway.policy.engine import PolicyEngine
-from gateway.policy.load import PolicySet, load_policies
+from gateway.policy.load import PolicySet
 from gateway.policy.watch import AnomalyWatch
+from gateway.reload import ConfigStatus, site_policies
 from gateway.sim.fit import usable_rows
 from gateway.sync import SyncService
 from gateway.sync.gate import gateway_gate
@@ -56,6 +58,10 @@ class Gateway:
             events_days=config.storage.events_days,
             event_log_minutes=config.storage.event_log_minutes,
             event_log_max_mb=config.storage.event_log_max_mb,
+            rollup_s=config.storage.rollup_s,
+            rollup_days=config.storage.rollup_days,
+            max_db_mb=config.storage.max_db_mb,
+            bound_drops_unsynced=config.storage.bound_drops_unsynced,
         )
         self.drivers: dict[str, Driver] = build_drivers(config)
         # The `driver: http` devices have no driver: their points are pushed to the gateway.
@@ -68,7 +74,7 @@ class Gateway:
             self.store, config.anomalies, self.points.values()
         )
         # Refused here, before anything starts: an invalid policy set never half-runs.
-        self.policy_set: PolicySet = _policies(config)
+        self.policy_set: PolicySet = site_policies(config)
         self.control: ControlDB | None = None
         self.accounts: AccountStore | None = None
         self.engine: PolicyEngine | None = None
@@ -85,19 +91,19 @@ class Gateway:
                 gate=gateway_gate(self),
             )
         if config.opcua_server.enabled:
-            self.opcua_server = TwinOpcuaServer(
-                config.opcua_server,
-                self.store,
-                self.points,
-                pki_dir=config.storage.pki_path,
-                on_write=self._on_opcua_write,
-                on_propose=self._on_client_write,
-                # control.db's users log in too; it opens at start, before the server.
-                accounts=control_db_logins(self),
-            )
+            self.opcua_server = self.make_opcua_server(config.opcua_server, self.points)
         self.started_at: float | None = None
+        # Which config runs and how its reloads went, for /health (gateway/reload.py).
+        self.config_status = ConfigStatus()
         self._life: Lifecycle | None = None
         self._logged_state: dict[str, ConnectionState] = {}
+        # Per running driver: its pump task and its state listener's remover. A reload starts
+        # and stops devices one by one, so these are kept by device, not as one list.
+        self._pumps: dict[str, asyncio.Task[None]] = {}
+        self._unlisten: dict[str, Callable[[], None]] = {}
+        self._push_watch: asyncio.Task[None] | None = None
+        # The anomaly watch's own teardown stack, so that a reload can replace the watch alone.
+        self._anomaly_life: Lifecycle | None = None
 
     async def start(self) -> None:
         """Start every subsystem in order; if one fails, stop what had started and raise."""
@@ -108,7 +114,7 @@ class Gateway:
             await self._start_store(life)
             await self._start_control(life)
             await self._start_drivers(life)
-            life.task(self.push.watch(self.store.ingest, self.store.get), "push:stale")
+            self._start_push_watch(life)
             self._start_anomaly_watch(life)
             await self._start_engine(life)
             await self._start_sync(life)
@@ -177,29 +183,158 @@ class Gateway:
         return usable_rows(self.store.history(point_id, start, end, limit=1_000_000))
 
     async def _start_drivers(self, life: Lifecycle) -> None:
-        pumps = [
-            asyncio.create_task(self._pump(driver), name=f"pump:{driver.name}")
-            for driver in self.drivers.values()
-        ]
         # Registered before the drivers' own teardown, so it runs after it: close() ends each
-        # sample stream, and the pumps finish by ingesting what was already queued.
-        life.on_stop("sample pumps", lambda: wait_or_cancel(pumps, PUMP_DRAIN_S))
-        for driver in self.drivers.values():
-            life.on_stop(f"{driver.name} state listener", driver.add_state_listener(self._on_state))
+        # sample stream, and the pumps finish by ingesting what was already queued. Each step
+        # acts on the devices running at stop time, whatever reloads did in between.
+        life.on_stop("sample pumps", self._drain_pumps)
+        life.on_stop("state listeners", self._remove_state_listeners)
         life.on_stop("drivers", self._close_drivers)
-        for driver in self.drivers.values():
-            await driver.start()
+        for driver in list(self.drivers.values()):
+            await self.start_device(driver)
 
     def _start_anomaly_watch(self, life: Lifecycle) -> None:
+        life.on_stop("anomaly watch", self._stop_anomaly_watch)
         if self.anomaly_watch is not None:
-            self.anomaly_watch.start(life)
+            self._anomaly_life = Lifecycle()
+            self.anomaly_watch.start(self._anomaly_life)
+
+    async def _stop_anomaly_watch(self) -> None:
+        sub, self._anomaly_life = self._anomaly_life, None
+        if sub is not None:
+            await sub.aclose()
+
+    def _start_push_watch(self, life: Lifecycle) -> None:
+        life.on_stop("push staleness watch", self._stop_push_watch)
+        self._push_watch = asyncio.create_task(
+            self.push.watch(self.store.ingest, self.store.get), name="push:stale"
+        )
+
+    async def _stop_push_watch(self) -> None:
+        task, self._push_watch = self._push_watch, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def _start_opcua_server(self, life: Lifecycle) -> None:
+        # stop() also undoes a half-done start(); the server stopped is the one running then
+        # (a reload may have replaced the first).
+        life.on_stop("OPC UA server", self._stop_opcua_server)
         if self.opcua_server is None:
             return
         server = self.opcua_server
-        life.on_stop("OPC UA server", server.stop)  # stop() also undoes a half-done start()
         await server.start()
+        log.info("OPC UA server listening on %s", server.endpoint)
+
+    async def _stop_opcua_server(self) -> None:
+        if self.opcua_server is not None:
+            await self.opcua_server.stop()
+
+    def make_opcua_server(
+        self, config: OpcuaServerConfig, points: Mapping[str, PointDef]
+    ) -> TwinOpcuaServer:
+        """The OPC UA server of `points` (plans its address space: ConfigError for a point set
+        it cannot serve); no I/O until started. Start-up and a reload share it."""
+        return TwinOpcuaServer(
+            config,
+            self.store,
+            points,
+            pki_dir=self.config.storage.pki_path,
+            on_write=self._on_opcua_write,
+            on_propose=self._on_client_write,
+            # control.db's users log in too; it opens at start, before the server.
+            accounts=control_db_logins(self),
+        )
+
+    async def _drain_pumps(self) -> None:
+        await wait_or_cancel(list(self._pumps.values()), PUMP_DRAIN_S)
+        self._pumps.clear()
+
+    def _remove_state_listeners(self) -> None:
+        unlisten, self._unlisten = self._unlisten, {}
+        for remove in unlisten.values():
+            remove()
+
+    # -- runtime changes (a config reload: gateway/reload.py) -------------------------------------
+
+    async def start_device(self, driver: Driver) -> None:
+        """Run one device's driver and the pump that feeds its samples to the twin."""
+        name = driver.name
+        if name in self._pumps:
+            raise GatewayError(f"device {name} is already running")
+        self.drivers[name] = driver
+        self._pumps[name] = asyncio.create_task(self._pump(driver), name=f"pump:{name}")
+        self._unlisten[name] = driver.add_state_listener(self._on_state)
+        await driver.start()
+
+    async def stop_device(self, name: str, why: str | None = None) -> None:
+        """Stop one device's driver; its queued samples reach the twin first. With `why` (it
+        was removed or disabled, not restarted), a `DeviceStateChanged` CLOSED event says so."""
+        driver = self.drivers.pop(name, None)
+        if driver is None:
+            return
+        try:
+            await driver.close()
+        except Exception:
+            log.exception("%s: the driver did not close cleanly", name)
+        remove = self._unlisten.pop(name, None)
+        if remove is not None:
+            remove()
+        pump = self._pumps.pop(name, None)
+        if pump is not None:
+            await wait_or_cancel([pump], PUMP_DRAIN_S)
+        if why is not None:
+            self._logged_state.pop(name, None)
+            self.store.append_event(
+                "DeviceStateChanged",
+                {"device": name, "state": ConnectionState.CLOSED.value, "reason": why},
+            )
+
+    async def declare_points(self, points: Mapping[str, PointDef]) -> None:
+        """Serve exactly `points` from now on: the twin store first, then `self.points`, in the
+        same loop step (everything that holds `self.points` sees the change at once)."""
+        await self.store.declare_points(list(points.values()))
+        self.points.clear()
+        self.points.update(points)
+
+    def replace_policies(self, policy_set: PolicySet) -> None:
+        """Run `policy_set` (checked against the points already) from now on."""
+        self.policy_set = policy_set
+        if self.engine is not None:
+            self.engine.replace_policies(policy_set.enabled)
+
+    async def reconfigure_push(self, config: SiteConfig) -> None:
+        """Take a reloaded config's `driver: http` devices; restart the staleness watch if its
+        limits changed (a device silent since then counts from the reload)."""
+        if self.push.reconfigure(config) and self._life is not None:
+            await self._stop_push_watch()
+            self._push_watch = asyncio.create_task(
+                self.push.watch(self.store.ingest, self.store.get), name="push:stale"
+            )
+
+    async def replace_anomaly_watch(self, watch: AnomalyWatch | None) -> None:
+        """Run `watch` (None: no detectors) instead of the current one; detectors start afresh."""
+        await self._stop_anomaly_watch()
+        self.anomaly_watch = watch
+        if watch is None or self._life is None:
+            return
+        if self.engine is not None:
+            watch.on_anomalies = self.engine.on_anomalies
+        self._anomaly_life = Lifecycle()
+        watch.start(self._anomaly_life)
+
+    async def replace_opcua_server(self, server: TwinOpcuaServer) -> None:
+        """Serve the twin through `server` instead: the old one closes its client connections
+        and its port, the new one listens on the same endpoint. GatewayError if it cannot."""
+        old = self.opcua_server
+        if old is not None:
+            await old.stop()
+        self.opcua_server = server
+        try:
+            await server.start()
+        except BaseException:
+            self.opcua_server = None
+            raise
         log.info("OPC UA server listening on %s", server.endpoint)
 
     async def _close_drivers(self) -> None:
@@ -313,13 +448,6 @@ class Gateway:
                 await asyncio.to_thread(self.store.prune)
             except Exception:
                 log.exception("history pruning failed; will retry in an hour")
-
-
-def _policies(config: SiteConfig) -> PolicySet:
-    folder = config.policies.dir
-    if folder is None:
-        return PolicySet(Path("."))  # the config names no folder: no policies
-    return load_policies(folder, config)
 
 
 def _json_safe(value: Any) -> Any:

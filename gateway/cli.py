@@ -9,13 +9,16 @@ import logging
 import os
 import sqlite3
 import sys
+import threading
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from gateway import __version__
 from gateway.config import SiteConfig, load_config
 from gateway.config.model import HttpDeviceConfig
 from gateway.errors import ConfigError, GatewayError
+from gateway.logfmt import FORMATS, LogFormat, journal_stream, make_handler
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -35,20 +38,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args) or EXIT_OK)
     except (ConfigError, UsageError) as exc:
-        print(f"opstwin: {exc}", file=sys.stderr)
+        _print_error(f"opstwin: {exc}")
         return EXIT_CONFIG
     except GatewayError as exc:
-        print(f"opstwin: {exc}", file=sys.stderr)
+        _print_error(f"opstwin: {exc}")
         return EXIT_ERROR
     except sqlite3.Error as exc:
         # The views turn database errors into GatewayErrors with the file and what to do; this
         # is the net under them, so that no path prints a traceback.
-        print(f"opstwin: database error: {' '.join(str(exc).split())}", file=sys.stderr)
+        _print_error(f"opstwin: database error: {' '.join(str(exc).split())}")
         return EXIT_ERROR
     except BrokenPipeError:
         return _reader_gone()
     except KeyboardInterrupt:
         return 130
+
+
+def _print_error(text: str) -> None:
+    """Say why the command failed on stderr; under journald (the unit's `opstwin run`, or its
+    `opstwin check` before it) each line is marked `<3>`, an error, as log lines are marked with
+    their level: else journald files it as info and `journalctl -p warning` would not show it."""
+    try:
+        journald = journal_stream(sys.stderr.fileno(), os.environ)
+    except (AttributeError, OSError, ValueError):  # a stderr without a descriptor
+        journald = False
+    if journald:
+        text = "\n".join(f"<3>{line}" for line in text.split("\n"))
+    print(text, file=sys.stderr)
 
 
 def _reader_gone() -> int:
@@ -76,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the gateway with a site config until SIGTERM/SIGINT")
     run.add_argument("--config", "-c", required=True, help="site config YAML file")
+    _add_log_options(run, level_default="the config's log_level")
     run.set_defaults(handler=cmd_run)
 
     check = sub.add_parser("check", help="validate a site config and print what it declares")
@@ -98,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="stop after this many seconds (default: run)",
     )
+    _add_log_options(demo, level_default="INFO")
     demo.set_defaults(handler=cmd_demo)
 
     hashpw = sub.add_parser(
@@ -105,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     hashpw.set_defaults(handler=cmd_hash_password)
 
+    from gateway.backup_cli import add_backup_commands
     from gateway.mirror.cli import add_mirror_command
     from gateway.proposal_cli import add_proposal_commands
     from gateway.sim.cli import add_sim_commands
@@ -115,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_control_commands(sub)
     add_proposal_commands(sub)
     add_mirror_command(sub)
+    add_backup_commands(sub)
     return parser
 
 
@@ -123,8 +143,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from gateway.serve import serve
 
     config = load_config(args.config)
-    setup_logging(config.log_level)
-    asyncio.run(serve(config))
+    setup_logging(args.log_level or config.log_level, args.log_format)
+    # The file, so that SIGHUP can re-read it (gateway/reload.py).
+    pinned = args.log_level is not None
+    asyncio.run(serve(config, config_path=Path(args.config).absolute(), log_level_pinned=pinned))
     return EXIT_OK
 
 
@@ -156,7 +178,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Run the demo plant and gateway."""
     from gateway.demo import run_demo
 
-    setup_logging("INFO")
+    setup_logging(args.log_level or "INFO", args.log_format)
     return run_demo(
         state_dir=args.state_dir, http_port=args.http_port, seed=args.seed, duration=args.duration
     )
@@ -494,6 +516,20 @@ def _printable(value: Any, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def _describe_storage(config: SiteConfig) -> str:
+    storage = config.storage
+    bound = (
+        f"at most {storage.max_db_mb:g} MB, oldest history first"
+        if storage.max_db_mb is not None
+        else "no size bound"
+    )
+    return (
+        f"storage {storage.path} (raw history {storage.history_days:g} d, then "
+        f"{storage.rollup_s:g} s buckets {storage.rollup_days:g} d; events "
+        f"{storage.events_days:g} d; {bound})"
+    )
+
+
 def _describe_sync(config: SiteConfig) -> str:
     sync = config.sync
     if sync.broker is None:
@@ -511,8 +547,7 @@ def describe(config: SiteConfig, source: str) -> str:
     lines = [
         f"{source}: OK",
         f"site {config.site_id}, gateway {config.gateway_id}",
-        f"storage {config.storage.path} (history {config.storage.history_days:g} d, "
-        f"events {config.storage.events_days:g} d)",
+        _describe_storage(config),
         f"http {config.http.host}:{config.http.port} (reads {config.http.read_access}; "
         f"web UI at /ui/, sessions end after {config.http.session_idle_s / 60:g} min idle or "
         f"{config.http.session_max_s / 3600:g} h)",
@@ -551,18 +586,66 @@ def _describe_opcua_server(config: SiteConfig) -> str:
     )
 
 
-def setup_logging(level: str) -> None:
-    """Log to stderr with timestamps (journald adds its own, but a console run needs them)."""
-    logging.basicConfig(
-        level=getattr(logging, level),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
+def _add_log_options(parser: argparse.ArgumentParser, *, level_default: str) -> None:
+    """`--log-format` and `--log-level`: command-line options, not config keys, so that the
+    unit (or whoever starts the gateway for a log shipper) decides how its stderr is read."""
+    parser.add_argument(
+        "--log-format",
+        choices=FORMATS,
+        default="text",
+        help="stderr lines as key=value text (default; journald-aware) or JSON objects",
     )
+    parser.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        default=None,
+        help=f"least severe level logged (default: {level_default})",
+    )
+
+
+def setup_logging(level: str, fmt: LogFormat = "text") -> None:
+    """Log to stderr one line per event, `fmt` "text" (key=value) or "json" (gateway.logfmt).
+
+    Shaped for journald when stderr is its stream: a `<N>` priority prefix on each line and, in
+    text, no timestamp of ours (journald records its own). Like logging.basicConfig, it leaves
+    a root logger that already has handlers alone (a test runner's, a program embedding us).
+    """
+    handler = make_handler(fmt)
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
+    if handler in logging.getLogger().handlers:
+        # A warnings.warn() is written as several lines (the source line under it) unless
+        # logging takes it: then it is one event like any other (component py.warnings).
+        logging.captureWarnings(True)
+        # Likewise a crash: one critical event with its traceback in `exc`, not loose lines.
+        sys.excepthook = _log_uncaught
+        threading.excepthook = _log_uncaught_in_thread
     # pymodbus logs every failed request at ERROR; the driver logs transitions itself.
     logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
     # asyncua logs every reconnect attempt and unknown request at WARNING/ERROR; the drivers
     # and the server log what an operator needs.
     logging.getLogger("asyncua").setLevel(logging.ERROR)
+
+
+def _log_uncaught(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, value, tb)
+        return
+    logging.getLogger("gateway").critical(
+        "uncaught %s; exiting", kind.__name__, exc_info=(kind, value, tb)
+    )
+
+
+def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return  # what threading's own hook ignores too
+    thread = args.thread.name if args.thread is not None else "?"
+    logging.getLogger("gateway").critical(
+        "thread %s ended by an uncaught %s",
+        thread,
+        args.exc_type.__name__,
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback),  # type: ignore[arg-type]
+    )
 
 
 if __name__ == "__main__":

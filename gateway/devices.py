@@ -10,6 +10,7 @@ from drivers.modbus.options import ModbusOptions
 from drivers.opcua import OpcuaDriver, OpcuaPoint
 from drivers.opcua.options import OpcuaOptions
 from gateway.config.model import (
+    DeviceConfig,
     HttpDeviceConfig,
     HttpPointConfig,
     ModbusDeviceConfig,
@@ -21,6 +22,7 @@ from gateway.config.model import (
 from gateway.twin.model import PointDef
 
 __all__ = [
+    "build_driver",
     "build_drivers",
     "modbus_driver",
     "modbus_point",
@@ -67,15 +69,20 @@ def build_drivers(config: SiteConfig) -> dict[str, Driver]:
     are pushed to, not read)."""
     drivers: dict[str, Driver] = {}
     for device in config.devices:
-        if not device.enabled:
-            continue
-        if isinstance(device, HttpDeviceConfig):
-            continue  # pushed over HTTP: nothing to read
-        if isinstance(device, ModbusDeviceConfig):
-            drivers[device.name] = modbus_driver(device)
-        else:
-            drivers[device.name] = opcua_driver(device, pki_dir=config.storage.pki_path)
+        driver = build_driver(device, pki_dir=config.storage.pki_path)
+        if driver is not None:
+            drivers[device.name] = driver
     return drivers
+
+
+def build_driver(device: DeviceConfig, *, pki_dir: Path | None) -> Driver | None:
+    """The driver of one device, or None for a disabled or `http` device (pushed to, not read);
+    raises the driver's validation errors, does no I/O. Start-up and a reload share it."""
+    if not device.enabled or isinstance(device, HttpDeviceConfig):
+        return None
+    if isinstance(device, ModbusDeviceConfig):
+        return modbus_driver(device)
+    return opcua_driver(device, pki_dir=pki_dir)
 
 
 def modbus_point(point: ModbusPointConfig, options: ModbusOptions) -> ModbusPoint:

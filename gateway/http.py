@@ -89,6 +89,9 @@ async def health(request: web.Request) -> web.Response:
     sync = gateway.sync
     if sync is not None:
         reasons += sync.problems()  # only when configured and disconnected for over 60 s
+    # A part a reload could not bring back (gateway/reload.py); a refused file is no reason:
+    # the gateway runs as before, and `config.last_reload` says why the file was refused.
+    reasons += gateway.config_status.problems
     return web.json_response(
         {
             "status": "degraded" if reasons else "ok",
@@ -102,6 +105,9 @@ async def health(request: web.Request) -> web.Response:
             "storage": gateway.store.storage_info(),
             # The cloud sync's connection, cursor and lag; null when no broker is configured.
             "sync": None if sync is None else sync.health(),
+            # The config file, its generation, the policies running, the last reload's outcome
+            # and the changed keys that wait for a restart.
+            "config": gateway.config_status.health([p.id for p in gateway.policy_set.enabled]),
         }
     )
 

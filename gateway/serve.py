@@ -1,4 +1,7 @@
-"""Run the gateway until SIGTERM/SIGINT: HTTP listener, drivers, twin, systemd notifications."""
+"""Run the gateway until SIGTERM/SIGINT: HTTP listener, drivers, twin, systemd notifications.
+
+SIGHUP (`systemctl reload`) re-reads the config file and its policies (gateway/reload.py).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import logging
 import signal
 import socket
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from aiohttp import web
 
@@ -20,6 +24,7 @@ from gateway.fdlimit import DescriptorBudget, plan_budget, raise_nofile_limit
 from gateway.http import create_app
 from gateway.lifecycle import Lifecycle
 from gateway.netguard import GuardedSite, body_timeout, quiet_accept_errors, quiet_bad_requests
+from gateway.reload import Reloader
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +33,19 @@ OnReady = Callable[[Gateway, list[str]], Awaitable[None]]
 
 
 async def serve(
-    config: SiteConfig, *, on_ready: OnReady | None = None, stop: asyncio.Event | None = None
+    config: SiteConfig,
+    *,
+    on_ready: OnReady | None = None,
+    stop: asyncio.Event | None = None,
+    config_path: Path | None = None,
+    log_level_pinned: bool = False,
 ) -> None:
-    """Start everything, report READY, and shut down cleanly on SIGTERM, SIGINT or `stop`."""
+    """Start everything, report READY, and shut down cleanly on SIGTERM, SIGINT or `stop`.
+
+    SIGHUP reloads `config_path`, the file `config` was loaded from (without one, a SIGHUP
+    only logs that there is nothing to reload); `log_level_pinned`: the command line set the
+    log level, and a reload leaves it.
+    """
     gateway = Gateway(config)
     budget = _descriptor_budget(gateway)
     app = create_app(gateway)
@@ -46,9 +61,17 @@ async def serve(
         keepalive_timeout=config.http.header_timeout_s,
     )
     life = Lifecycle()
-    await runner.setup()  # runs the app's cleanup_ctx: opens the twin, starts the drivers
-    life.on_stop("gateway", runner.cleanup)  # stops drivers, flushes and closes the twin
+    loop = asyncio.get_running_loop()
+    reloader = Reloader(gateway, config_path, log_level_pinned=log_level_pinned)
+    # Installed before the start and removed after the stop: SIGHUP's default action ends the
+    # process, and one that comes during start-up (remembered) or shutdown (ignored) must not.
+    loop.add_signal_handler(signal.SIGHUP, reloader.request)
+    life.on_stop("SIGHUP handler", functools.partial(loop.remove_signal_handler, signal.SIGHUP))
     try:
+        await runner.setup()  # runs the app's cleanup_ctx: opens the twin, starts the drivers
+        life.on_stop("gateway", runner.cleanup)  # stops drivers, flushes and closes the twin
+        # Before the gateway stops (a stack): a reload in progress finishes its step first.
+        life.on_stop("config reloads", reloader.aclose)
         site = GuardedSite(runner, config.http.host, config.http.port, budget.http_connections)
         try:
             await site.start()
@@ -60,12 +83,12 @@ async def serve(
         urls = _addresses(runner)
         log.info("HTTP listening on %s", ", ".join(urls))
         stop = stop or asyncio.Event()
-        loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
             life.on_stop(f"{sig.name} handler", functools.partial(loop.remove_signal_handler, sig))
         life.task(_watchdog(), "sd-watchdog")
         sdnotify.notify(f"READY=1\nSTATUS=serving {len(gateway.points)} points")
+        reloader.start()  # runs a reload asked for during start-up, if any
         if on_ready is not None:
             await on_ready(gateway, urls)
         await stop.wait()

@@ -111,6 +111,25 @@ class PushSources:
             if d.enabled and d.stale_after_s is not None
         }
 
+    def reconfigure(self, config: SiteConfig) -> bool:
+        """Take a reloaded config's http devices (their points are already in `points`); a
+        point still pushed keeps its last push time. Return whether the staleness limits
+        changed (then the gateway restarts `watch`)."""
+        watched = dict(self._watched)
+        self.devices = {d.name: d for d in config.devices if isinstance(d, HttpDeviceConfig)}
+        self._drivers = {d.name: d.driver for d in config.devices}
+        self._enabled = {d.name: d.enabled for d in config.devices}
+        self._watched = {
+            name: d.stale_after_s
+            for name, d in self.devices.items()
+            if d.enabled and d.stale_after_s is not None
+        }
+        kept = {p.id for d in self.devices.values() for p in d.points}
+        self._point_push = {k: t for k, t in self._point_push.items() if k in kept}
+        self._device_push = {k: t for k, t in self._device_push.items() if k in self.devices}
+        self._stale &= kept
+        return watched != self._watched
+
     def refusal(self, point_id: str) -> str | None:
         """Why `point_id` takes no ingest (unknown, another driver's, a disabled device's)."""
         point = self.points.get(point_id)

@@ -254,7 +254,11 @@ async def _run(
         ).run(stop, duration)
         tasks.add(asyncio.create_task(script, name="demo:script"))
 
-    await serve(config, on_ready=on_ready, stop=stop)
+    # The file, so that SIGHUP (the script's reload step, or `kill -HUP`) re-reads it; the
+    # log level is the command line's.
+    await serve(
+        config, on_ready=on_ready, stop=stop, config_path=config_path, log_level_pinned=True
+    )
 
 
 def _start_broker(state: Path) -> LocalBroker | None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -69,6 +71,8 @@ STEPS: list[tuple[float, tuple]] = [
     (38.0, ("cloud_outage",)),
     (44.0, ("storage",)),
     (46.0, ("cloud_back",)),
+    (48.0, ("backup",)),
+    (51.0, ("reload",)),
     (50.0, ("write", VALVE, 50.0)),
     (52.0, ("cloud",)),
     (54.0, ("agent", True)),
@@ -346,6 +350,79 @@ class Script:
             flush=True,
         )
 
+    async def _reload(self) -> None:
+        """SIGHUP, as `systemctl reload` sends it: a file with a typo is refused whole (the
+        running set stays), then the good file again is applied."""
+        good = self.config_path.read_text()
+        try:
+            _replace_private(self.config_path, good + "\nlog_levle: DEBUG\n")
+            refused = await self._sighup()
+            if refused is not None:
+                print(
+                    f"  reload: a typo in {self.config_path.name} (log_levle): refused, the "
+                    f"running config stays: {_tail(str(refused.get('error')), 110)}",
+                    flush=True,
+                )
+        finally:
+            _replace_private(self.config_path, good)
+        applied = await self._sighup()
+        if applied is not None:
+            changes = ", ".join(applied.get("changes") or []) or "nothing changed"
+            print(
+                f"  reload: the good file again: applied without a restart ({changes}); "
+                f"/health config.last_reload.ok = {str(applied.get('ok')).lower()}",
+                flush=True,
+            )
+
+    async def _sighup(self) -> dict[str, Any] | None:
+        """Send SIGHUP to this process and wait for /health to show the reload's outcome."""
+        import aiohttp
+
+        async def last() -> dict[str, Any]:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
+                session.get(f"{self.base_url}/health") as response,
+            ):
+                body = await response.json()
+            return dict(body.get("config", {}).get("last_reload") or {})
+
+        try:
+            before = (await last()).get("number", 0)
+            os.kill(os.getpid(), signal.SIGHUP)
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                await asyncio.sleep(0.3)
+                now = await last()
+                if now.get("number", 0) > before:
+                    return now
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            print(f"  reload: /health failed: {type(exc).__name__}: {exc}", flush=True)
+            return None
+        print("  reload: /health did not show the reload within 15 s", flush=True)
+        return None
+
+    async def _backup(self) -> None:
+        """An online backup of both databases while the plant runs (`opstwin backup`)."""
+        from gateway.backup import CONTROL_NAME, TWIN_NAME, backup
+
+        storage = self.gateway.config.storage.path
+        dest = storage.parent / f"backup-{time.strftime('%Y%m%dT%H%M%S')}"
+        try:
+            done = await asyncio.to_thread(backup, storage, dest)
+        except GatewayError as exc:
+            print(f"  backup: {exc}", flush=True)
+            return
+        twin, control = done.manifest.file(TWIN_NAME), done.manifest.file(CONTROL_NAME)
+        here = Path.cwd()
+        shown = dest.relative_to(here) if dest.is_relative_to(here) else dest
+        print(
+            f"  backup: twin.db at rev {twin.details.get('rev')} ({twin.bytes / 1e6:.1f} MB) and "
+            f"control.db (users: {control.details.get('users')}, audit to seq "
+            f"{control.details.get('audit_seq')}) copied while the plant ran and checked in "
+            f"{done.seconds:.2f} s: {shown}/ (restore: stop, then opstwin restore)",
+            flush=True,
+        )
+
     async def _second_gateway(self) -> None:
         """Start `opstwin run` again on the same config: it must refuse, touching nothing."""
         proc = await asyncio.create_subprocess_exec(
@@ -485,6 +562,22 @@ def _number(value: object) -> float | None:
     return None
 
 
+def _replace_private(path: Path, text: str) -> None:
+    """Write `path` whole (a new file renamed over it, as editors save), mode 0600: a reload
+    must never read a half-written file, and the demo config holds password hashes."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+    os.replace(tmp, path)
+
+
+def _tail(text: str, limit: int) -> str:
+    """The end of a long message (where a loader says what is wrong), on one line."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else "…" + text[-(limit - 1) :]
+
+
 def banner(
     gateway: Gateway,
     base: str,
@@ -521,6 +614,14 @@ def banner(
         if folder is not None
         else "none"
     )
+    kept = gateway.config.storage
+    backup_dir = rel(config_path.parent / "backup")
+    storage = (
+        f"raw history {kept.history_days:g} d, then {kept.rollup_s:g} s buckets "
+        f"{kept.rollup_days:g} d; at most {kept.max_db_mb:g} MB"
+        if kept.max_db_mb is not None
+        else f"raw history {kept.history_days:g} d, then {kept.rollup_s:g} s buckets"
+    )
     print(
         f"""
 OpsTwin demo is running: a gateway reading the simulated plant.
@@ -533,13 +634,16 @@ OpsTwin demo is running: a gateway reading the simulated plant.
     {base}/twin
     {base}/twin/{OVEN_TEMPERATURE}
     {base}/telemetry/aggregate?point={OVEN_TEMPERATURE}&bucket_s=10
+    {base}/metrics      (Prometheus)
   gateway OPC UA server (for SCADA/HMI clients):
 {opcua_lines}
   config:    {rel(config_path)}      (opstwin check {rel(config_path)})
-  database:  {rel(gateway.config.storage.path)}
+  database:  {rel(gateway.config.storage.path)}      ({storage})
     opstwin twin --config {rel(config_path)}
     opstwin history --config {rel(config_path)} {OVEN_TEMPERATURE}
     opstwin events --config {rel(config_path)}
+    opstwin backup --config {rel(config_path)} {backup_dir}      (online, while it runs)
+  reload:    edit {rel(config_path)}, then: kill -HUP {os.getpid()}      (applied without a restart)
   policies:  {policies}
     opstwin audit show --config {rel(config_path)}      (every proposal, decision and write)
     opstwin audit verify --config {rel(config_path)}    (the hash chain)

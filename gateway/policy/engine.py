@@ -256,7 +256,6 @@ class PolicyEngine:
         simulate: SimulateFn | None = None,
         history: HistoryFn | None = None,
     ) -> None:
-        self.policies = tuple(p for p in policies if p.enabled)
         self.points = points
         self.store = store
         self._write = write
@@ -265,29 +264,21 @@ class PolicyEngine:
         self._clock = clock
         self._simulate = simulate
         self._history = history
-        self._by_id = {p.id: p for p in self.policies}
+        self.policies: tuple[Policy, ...] = ()
+        self._by_id: dict[str, Policy] = {}
         self._model_policy: dict[str, Policy] = {}
-        # A model the action drives judges others' changes best; a wear model ignores its input.
-        for policy in sorted(self.policies, key=lambda p: p.simulation.model_input_free):
-            self._model_policy.setdefault(policy.point_id(policy.action.point), policy)
         self._trackers: dict[str, HoldTracker] = {}
         self._watch: dict[str, list[Policy]] = {}
-        for policy in self.policies:
-            trigger = policy.trigger
-            if isinstance(trigger, ConditionTrigger):
-                self._trackers[policy.id] = HoldTracker(trigger)
-                for ref in trigger.when.names:
-                    self._watch.setdefault(policy.point_id(ref), []).append(policy)
-        # The points each policy reads, worked out once: triggers evaluate on every change.
-        self._reads = {p.id: _points_read(p, points) for p in self.policies}
-        self._anomaly_policies = [p for p in self.policies if isinstance(p.trigger, AnomalyTrigger)]
+        self._reads: dict[str, tuple[str, ...]] = {}
+        self._anomaly_policies: list[Policy] = []
+        self._dirty: dict[str, Policy] = {}
+        self._index(policies)
         self.proposals: OrderedDict[str, ProposalRecord] = OrderedDict()
         self._locks: dict[str, asyncio.Lock] = {}
         self._busy: set[str] = set()  # policies with a proposal being decided or executed
         # point -> (when, values it may hold) after a write that failed and was not restored:
         # the device may have taken the value or kept the old one (see _unsure_steps).
         self._unsure: dict[str, tuple[float, tuple[float, ...]]] = {}
-        self._dirty: dict[str, Policy] = {}
         self._scheduled = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ids = itertools.count(1)
@@ -322,6 +313,51 @@ class PolicyEngine:
             len(self.policies),
             ", ".join(p.id for p in self.policies) or "none",
         )
+
+    def replace_policies(self, policies: Iterable[Policy]) -> None:
+        """Run `policies` from now on (a config reload; the caller has checked them).
+
+        Proposals already made keep the policy they were judged by: a pending one is approved
+        or expires under its policy's rules of the time, even if the new set changes or drops
+        it. A policy whose definition is unchanged keeps its trigger's state (a condition held
+        for 20 of its 30 s stays held); a new or changed one starts afresh.
+        """
+        before, trackers = self._by_id, self._trackers
+        self._index(policies)
+        for policy_id, tracker in trackers.items():
+            if policy_id in self._trackers and before.get(policy_id) == self._by_id[policy_id]:
+                self._trackers[policy_id] = tracker
+        for policy in self.policies:
+            if policy.id in self._trackers and before.get(policy.id) != policy:
+                self._dirty[policy.id] = policy
+        self._schedule()
+        log.info(
+            "policy engine: now %d policies (%s)",
+            len(self.policies),
+            ", ".join(p.id for p in self.policies) or "none",
+        )
+
+    def _index(self, policies: Iterable[Policy]) -> None:
+        """Work out, once per policy set, what the triggers and proposals look up."""
+        self.policies = tuple(p for p in policies if p.enabled)
+        self._by_id = {p.id: p for p in self.policies}
+        self._model_policy = {}
+        # A model the action drives judges others' changes best; a wear model ignores its input.
+        for policy in sorted(self.policies, key=lambda p: p.simulation.model_input_free):
+            self._model_policy.setdefault(policy.point_id(policy.action.point), policy)
+        self._trackers = {}
+        self._watch = {}
+        for policy in self.policies:
+            trigger = policy.trigger
+            if isinstance(trigger, ConditionTrigger):
+                self._trackers[policy.id] = HoldTracker(trigger)
+                for ref in trigger.when.names:
+                    self._watch.setdefault(policy.point_id(ref), []).append(policy)
+        # The points each policy reads, worked out once: triggers evaluate on every change.
+        self._reads = {p.id: _points_read(p, self.points) for p in self.policies}
+        self._anomaly_policies = [p for p in self.policies if isinstance(p.trigger, AnomalyTrigger)]
+        # Triggers waiting to be looked at: only policies of this set, in their new form.
+        self._dirty = {i: self._by_id[i] for i in self._dirty if i in self._trackers}
 
     async def _cancel_tasks(self) -> None:
         tasks = list(self._tasks)
@@ -701,7 +737,9 @@ class PolicyEngine:
     def _interlock_failures(self, record: ProposalRecord, *, of_model: bool = False) -> list[str]:
         """The interlocks of the proposal's own policy (or, `of_model`, of the policy whose
         model judges it) that do not hold now."""
-        policy = record.model_policy if of_model else self._by_id.get(record.proposal.policy or "")
+        # A policy's own proposal carries its policy as model_policy: the one it was judged by,
+        # even if a reload has changed or dropped it since.
+        policy = record.model_policy if of_model or record.proposal.policy else None
         if policy is None:
             return []
         env = self._env(policy, self._values(policy))
@@ -1189,7 +1227,10 @@ class PolicyEngine:
     # -- reading the twin ----------------------------------------------------------------------
 
     def _values(self, policy: Policy) -> dict[str, PointValue]:
-        return {pid: self.store.get(pid) for pid in self._reads[policy.id]}
+        reads = self._reads.get(policy.id)
+        if reads is None or self._by_id.get(policy.id) is not policy:
+            reads = _points_read(policy, self.points)  # a pending proposal's reloaded-out policy
+        return {pid: self.store.get(pid) for pid in reads}
 
     @staticmethod
     def _env(policy: Policy, values: Mapping[str, PointValue]) -> dict[str, Any]:

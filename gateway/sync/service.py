@@ -235,6 +235,11 @@ class SyncService:
         self.session = None
         log.info("cloud sync stopped at rev %d", self.cursor)
 
+    def request_rebirth(self) -> None:
+        """Publish a birth soon (the point set changed: a config reload), as cmd/rebirth does."""
+        self._rebirth_wanted = True
+        self._kick.set()
+
     @property
     def broker_url(self) -> str:
         scheme = "mqtts" if self.tls else "mqtt"

@@ -262,6 +262,10 @@ class HistoryReader:
             "frame_bytes": frame_bytes,
         }
 
+    def forget_points(self) -> None:
+        """Read the points table again at the next query (their definitions changed)."""
+        self._by_id, self._by_pid, self._telemetry_of = {}, {}, {}
+
     def close(self) -> None:
         """Close every connection this reader opened."""
         with self._lock:

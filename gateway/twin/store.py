@@ -313,6 +313,8 @@ class TwinStore:
             self.points = wanted
             self._state = state
             self._id_of_pid.update({pid: point_id for point_id, pid in pids.items()})
+        if self._reader is not None:
+            self._reader.forget_points()  # a changed datatype decodes history its new way
 
     # -- writes -----------------------------------------------------------------------------------
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -196,6 +198,38 @@ def test_demo_rides_out_a_controller_restart(demo, command, point, unit):
     assert re.search(rf"{re.escape(point)}\s+\S+ {unit}\s+GOOD", after[stale.start() :]), (
         f"{point} comes back GOOD by itself"
     )
+
+
+@slow
+def test_the_demo_backs_itself_up_online_and_shows_the_operations_commands(demo):
+    state, out = demo
+    assert re.search(r"http://127\.0\.0\.1:\d+/metrics", out)
+    assert re.search(r"opstwin backup --config \S+site\.yaml \S+", out)
+    assert re.search(r"kill -HUP \d+", out)
+    assert re.search(r"raw history \d+ d, then 60 s buckets 365 d; at most \d+ MB", out)
+    # The reload step: a typo refused whole, then the good file applied without a restart.
+    assert re.search(
+        r"reload: a typo in site\.yaml \(log_levle\): refused, the running config stays: "
+        r".*log_levle",
+        out,
+    )
+    assert re.search(
+        r"reload: the good file again: applied without a restart .*last_reload\.ok = true", out
+    )
+    line = re.search(r"backup: twin\.db at rev (\d+) .* checked in [\d.]+ s: (\S+)/", out)
+    assert line, "the demo takes an online backup"
+    folder = Path(line.group(2))
+    folder = folder if folder.is_absolute() else Path.cwd() / folder
+    assert folder.resolve().parent == state.resolve(), "beside the demo's database"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    twin = next(f for f in manifest["files"] if f["name"] == "twin.db")
+    assert twin["rev"] == int(line.group(1)) > 0
+    for name in ("twin.db", "control.db"):
+        conn = sqlite3.connect(f"file:{folder / name}?mode=ro", uri=True)
+        try:
+            assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        finally:
+            conn.close()
 
 
 @slow
