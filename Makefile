@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.bootstrapped
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean install upgrade uninstall
 
 # The C kernel is compiled by the install, so its sources are prerequisites too.
 $(STAMP): pyproject.toml setup.py scripts/bootstrap $(wildcard native/*.c native/*.h native/build_sim.py)
@@ -35,6 +35,15 @@ bench: $(STAMP)
 	$(BIN)/python bench/sync.py
 	$(BIN)/python bench/web.py
 	$(BIN)/python bench/footprint.py --quick
+
+# The appliance on a factory PC (README, "Install on a factory PC"), run as root: a virtualenv
+# in /opt/opstwin built from this tree, /etc/opstwin/site.yaml, the systemd unit. Not the .venv
+# above: these need nothing from `make demo`. `make uninstall PURGE=1` removes config and data too.
+install upgrade:
+	scripts/install $@
+
+uninstall:
+	scripts/install uninstall $(if $(PURGE),--purge)
 
 clean:
 	rm -rf $(VENV) build *.egg-info opstwin-demo .pytest_cache .ruff_cache .mypy_cache

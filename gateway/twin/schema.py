@@ -51,6 +51,7 @@ from typing import Any
 from sqlite_utils import Database
 
 from drivers.contract import Quality
+from gateway import sdnotify
 from gateway.errors import DatabaseFault, StoreError
 from gateway.twin import codec
 
@@ -268,6 +269,11 @@ def _convert_to_incremental_vacuum(conn: sqlite3.Connection, path: str | Path) -
         "shrinks when history is removed",
         path,
         size / 1e6,
+    )
+    # VACUUM rewrites the file: give systemd's start timeout room for it (generous: ~2 min/GB).
+    sdnotify.notify(
+        f"STATUS=converting the twin database ({size >> 20} MiB) to incremental vacuum\n"
+        f"EXTEND_TIMEOUT_USEC={int((60 + 120 * size / 1e9) * 1e6)}"
     )
     try:
         conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
