@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/sync.py
 	$(BIN)/python bench/web.py
 	$(BIN)/python bench/footprint.py --quick
+	$(BIN)/python bench/retention.py --quick
 
 # The appliance on a factory PC (README, "Install on a factory PC"), run as root: a virtualenv
 # in /opt/opstwin built from this tree, /etc/opstwin/site.yaml, the systemd unit. Not the .venv
