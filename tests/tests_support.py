@@ -182,3 +182,27 @@ async def account_headers(
             token = await asyncio.to_thread(accounts.create_token, name, grants)
             headers[name] = {"Authorization": f"Bearer {token.secret}"}
     return headers
+
+
+async def settle(engine: Any) -> None:
+    """Let a PolicyEngine finish what it started: scheduled evaluations and policy tasks."""
+    for _ in range(1000):
+        await asyncio.sleep(0)
+        tasks = list(engine._tasks)
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        elif not engine._scheduled:
+            return
+    pytest.fail("the engine never settled")
+
+
+def drop_meter(data: dict[str, Any]) -> None:
+    """Remove meter1 from demo config data, and its points from the anomaly rules (each glob
+    must match a point)."""
+    data["devices"] = [d for d in data["devices"] if d["name"] != "meter1"]
+    rules = []
+    for rule in data["anomalies"]["rules"]:
+        rule["points"] = [g for g in rule["points"] if "/meter1/" not in g]
+        if rule["points"]:
+            rules.append(rule)
+    data["anomalies"]["rules"] = rules

@@ -36,7 +36,7 @@ import pytest
 import yaml
 from asyncua import Client, ua
 from prometheus_client.parser import text_string_to_metric_families
-from tests_support import eventually, free_port
+from tests_support import drop_meter, eventually, free_port
 
 from drivers.modbus import ModbusDriver
 from gateway.app import Gateway
@@ -170,15 +170,9 @@ def write_policy(folder: Path, **trigger: Any) -> Path:
 
 
 def without_meter(data: dict[str, Any]) -> dict[str, Any]:
-    """`data` without meter1, nor its points in the anomaly rules (each glob must match)."""
+    """`data` without meter1, nor its points in the anomaly rules."""
     data = copy.deepcopy(data)
-    data["devices"] = [d for d in data["devices"] if d["name"] != "meter1"]
-    rules = []
-    for rule in data["anomalies"]["rules"]:
-        rule["points"] = [g for g in rule["points"] if "/meter1/" not in g]
-        if rule["points"]:
-            rules.append(rule)
-    data["anomalies"]["rules"] = rules
+    drop_meter(data)
     return data
 
 

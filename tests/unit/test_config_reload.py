@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import yaml
-from tests_support import FakeClock
+from tests_support import FakeClock, drop_meter, settle
 
 from drivers.contract import Quality, Sample
 from gateway.app import Gateway
@@ -66,17 +66,6 @@ def device(data: dict[str, Any], name: str) -> dict[str, Any]:
 
 def point(data: dict[str, Any], point_id: str) -> dict[str, Any]:
     return next(p for d in data["devices"] for p in d["points"] if p["id"] == point_id)
-
-
-def drop_meter(data: dict[str, Any]) -> None:
-    """Remove meter1, and its points from the anomaly rules (each glob must match a point)."""
-    data["devices"] = [d for d in data["devices"] if d["name"] != "meter1"]
-    rules = []
-    for rule in data["anomalies"]["rules"]:
-        rule["points"] = [g for g in rule["points"] if "/meter1/" not in g]
-        if rule["points"]:
-            rules.append(rule)
-    data["anomalies"]["rules"] = rules
 
 
 # -- the diff --------------------------------------------------------------------------------------
@@ -392,18 +381,6 @@ def drift() -> Policy:
     return policy.model_copy(
         update={"simulation": policy.simulation.model_copy(update={"paths": 256})}
     )
-
-
-async def settle(engine: PolicyEngine) -> None:
-    """Let the engine finish what it started: scheduled evaluations and policy tasks."""
-    for _ in range(1000):
-        await asyncio.sleep(0)
-        tasks = list(engine._tasks)
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
-        elif not engine._scheduled:
-            return
-    pytest.fail("the engine never settled")
 
 
 async def hot_for(rig: Rig, engine: PolicyEngine, seconds: float) -> None:

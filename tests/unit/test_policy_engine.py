@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests_support import FakeClock, eventually
+from tests_support import FakeClock, eventually, settle
 
 from drivers.contract import Quality, Sample
 from drivers.errors import DeviceResponseError, NotConnectedError, WriteVerifyError
@@ -232,18 +232,6 @@ def few_paths(policy: Policy, **simulation: Any) -> Policy:
 
 def with_action(policy: Policy, **action: Any) -> Policy:
     return policy.model_copy(update={"action": policy.action.model_copy(update=action)})
-
-
-async def settle(engine: PolicyEngine) -> None:
-    """Let the engine finish what it started: scheduled evaluations and policy tasks."""
-    for _ in range(1000):
-        await asyncio.sleep(0)
-        tasks = list(engine._tasks)
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
-        elif not engine._scheduled:
-            return
-    pytest.fail("the engine never settled")
 
 
 async def ticks(engine: PolicyEngine, n: int, monkeypatch: pytest.MonkeyPatch) -> None:
