@@ -153,9 +153,11 @@ MB = 1024 * 1024  # as storage.max_db_mb counts
 # frames hold this many samples. Seconds: blocks of 300 samples of a point polled every second
 # (bench/codec.py: 8.4 bytes a sample in blocks of 60, 7.3 in 300, 7.0 in 600), and at most
 # this much history that a query decodes frame by frame (~0.07 us a row). Rows: a bound for
-# fast plants (50,000 points/s: a compaction a minute).
+# fast plants (20,000 changes/s: a compaction every 50 s), equal to COMPACT_CACHE_ROWS so that
+# every compaction decodes its frames once: at 3,000,000 the groups re-read them, steps took
+# up to 3.9 s and changes waited up to 21 s for their commit (bench/sync.py --soak-minutes 4).
 COMPACT_S = 300.0
-COMPACT_ROWS = 3_000_000
+COMPACT_ROWS = 1_000_000
 # Samples regrouped per compaction step (a range of points): what one step holds in memory,
 # ~40 bytes a sample while regrouped. Each step writes its blocks in its own transaction;
 # between steps the writer commits what was ingested.
@@ -294,9 +296,10 @@ class _CompactJob:
     groups: list[tuple[int, int]]  # [lo, hi) pid ranges, one step each
     rows: int  # samples in those frames, as counted when planning
     # The frames decoded once (see COMPACT_CACHE_ROWS): None when they are re-read per group.
+    # Each load step's rows sorted by pid (rev order within a pid; the chunks in rev order).
     loaded: list[codec.Columns] | None = None
     load_after: int = 0  # frames with rev0 above this are still to be loaded
-    by_pid: codec.Columns | None = None  # every loaded row, sorted by pid (rev order within)
+    all_loaded: bool = False
     done: int = 0  # groups written
     blocks: int = 0
     written: int = 0  # samples written into blocks
@@ -892,7 +895,7 @@ class Writer:
             job = self._compact
             if job is None:
                 job = self._compact = self._plan_compaction()
-            elif job.loaded is not None and job.by_pid is None:
+            elif job.loaded is not None and not job.all_loaded:
                 self._load_frames(job)
             elif job.done < len(job.groups):
                 blocks, rows = self._write_blocks(job, *job.groups[job.done])
@@ -960,42 +963,41 @@ class Writer:
         return job
 
     def _load_frames(self, job: _CompactJob) -> None:
-        """Decode the next frames of the job (about LOAD_STEP_ROWS samples); after the last,
-        sort every loaded row by point."""
+        """Decode the next frames of the job (about LOAD_STEP_ROWS samples) into one chunk
+        sorted by point. Sorting a chunk a step, not everything at the end: one sort of a
+        million rows held commits 140-390 ms (bench/sync.py's soak)."""
         assert self._conn is not None and job.loaded is not None
+        frames = []
         rows = 0
         for rev0, body in self._conn.execute(
             "SELECT rev0, body FROM frames WHERE rev0 > ? AND rev0 <= ? ORDER BY rev0",
             (job.load_after, job.cut),
         ):
-            cols = codec.decode(body)
-            job.loaded.append(cols)
+            frames.append(codec.decode(body))
             job.load_after = rev0
-            rows += len(cols)
+            rows += len(frames[-1])
             if rows >= LOAD_STEP_ROWS:
-                return
-        every = codec.Columns.concat(job.loaded) if job.loaded else None
-        job.loaded = []
-        if every is None or not len(every):
-            job.by_pid = codec.Columns.concat([])
-            return
-        order = np.argsort(every.pid, kind="stable")  # rev order within a point
-        job.by_pid = every.take(order)
+                break
+        else:
+            job.all_loaded = True
+        if rows:
+            chunk = codec.Columns.concat(frames)
+            job.loaded.append(chunk.take(np.argsort(chunk.pid, kind="stable")))
 
     def _write_blocks(self, job: _CompactJob, lo: int, hi: int) -> tuple[int, int]:
         """Encode and write the blocks of points lo <= pid < hi; return (blocks, samples)."""
-        if job.by_pid is not None:
-            pids = job.by_pid.pid
-            first, last = np.searchsorted(pids, [lo, hi])
-            cols = job.by_pid.take(np.arange(first, last))
-            order = np.arange(len(cols))
+        parts = []
+        if job.loaded is not None:
+            for chunk in job.loaded:  # each sorted by pid: the range is a slice
+                first, last = np.searchsorted(chunk.pid, [lo, hi])
+                parts.append(chunk.take(np.arange(first, last)))
         else:
-            parts = []
             for frame in self._frames_to_compact(job):
                 pid = frame.pid
                 parts.append(frame.take((pid >= lo) & (pid < hi)))
-            cols = codec.Columns.concat(parts)
-            order = np.argsort(cols.pid, kind="stable")  # rev order within a point
+        cols = codec.Columns.concat(parts)
+        # Stable: the parts are in rev order, so each point's rows stay in rev order.
+        order = np.argsort(cols.pid, kind="stable")
         if not len(cols):
             return 0, 0
         pids = cols.pid[order]
