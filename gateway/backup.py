@@ -58,9 +58,9 @@ from typing import Any, TypeGuard
 from gateway import __version__
 from gateway.control import db as control_schema
 from gateway.control.db import control_db_path
-from gateway.errors import DatabaseFault, GatewayError, StoreError
+from gateway.errors import GatewayError, StoreError
 from gateway.twin import schema as twin_schema
-from gateway.twin.files import PRIVATE_DIR, PRIVATE_FILE, StoreLock, lock_path
+from gateway.twin.files import PRIVATE_DIR, PRIVATE_FILE, LockHeld, StoreLock, create_private_dirs
 from gateway.twin.schema import explain
 from gateway.twin.store import load_current
 
@@ -285,22 +285,10 @@ def _check_dest(dest: Path) -> None:
 
 def _make_dirs(directory: Path) -> None:
     """`mkdir -p` with mode 0700 for what it creates; refusals name the directory."""
-    missing = []
-    probe = directory
-    while not probe.exists() and probe.parent != probe:
-        missing.append(probe)
-        probe = probe.parent
-    for path in reversed(missing):
-        try:
-            path.mkdir(mode=PRIVATE_DIR)
-            os.chmod(path, PRIVATE_DIR)  # mkdir's mode is filtered by the umask
-        except FileExistsError:
-            continue
-        except OSError as exc:
-            raise BackupError(
-                f"{path}: cannot create the directory ({exc.strerror}); create it, or choose "
-                "a directory this user can write"
-            ) from None
+    try:
+        create_private_dirs(directory)
+    except StoreError as exc:
+        raise BackupError(f"{exc}; create it, or choose a directory this user can write") from None
 
 
 def _copy_database(source: Path, target: Path, what: str, step_pages: int) -> int:
@@ -456,13 +444,13 @@ def _lock_store(storage_path: Path) -> StoreLock:
     lock = StoreLock(storage_path)
     try:
         lock.acquire()
-    except DatabaseFault as exc:
-        raise BackupError(f"cannot restore into {storage_path.parent}: {exc}") from None
-    except StoreError:
+    except LockHeld as exc:
         raise BackupError(
-            f"a gateway (pid {_lock_holder(storage_path)}) is running on {storage_path}: stop "
+            f"a gateway (pid {exc.holder}) is running on {storage_path}: stop "
             "it first (systemctl stop opstwin-gateway), then restore; nothing was replaced"
         ) from None
+    except StoreError as exc:  # DatabaseFault among them: the directory, the lock file
+        raise BackupError(f"cannot restore into {storage_path.parent}: {exc}") from None
     try:
         # A lock file this (root) restore created must stay openable by the service's user.
         _own_like(lock.path, storage_path.parent)
@@ -470,14 +458,6 @@ def _lock_store(storage_path: Path) -> StoreLock:
         lock.release()
         raise BackupError(f"{lock.path}: cannot give it the directory's owner: {exc}") from None
     return lock
-
-
-def _lock_holder(storage_path: Path) -> str:
-    try:
-        text = lock_path(storage_path).read_text(encoding="ascii", errors="replace").strip()
-    except OSError:
-        return "unknown"
-    return text if text.isdigit() else "unknown"
 
 
 def _stage(source: Path, entry: BackupFile, target: Path) -> Path:

@@ -27,6 +27,7 @@ from gateway.errors import DatabaseFault, StoreError
 __all__ = [
     "PRIVATE_DIR",
     "PRIVATE_FILE",
+    "LockHeld",
     "StoreLock",
     "create_private_dirs",
     "create_private_file",
@@ -37,6 +38,14 @@ __all__ = [
 PRIVATE_DIR = 0o700
 PRIVATE_FILE = 0o600
 _READ_ONLY_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+class LockHeld(StoreError):
+    """Another process (a gateway, a restore) holds the database's lock."""
+
+    def __init__(self, message: str, holder: str) -> None:
+        super().__init__(message)
+        self.holder = holder  # its pid as the lock file says, or "unknown"
 
 
 def lock_path(db_path: Path) -> Path:
@@ -60,10 +69,11 @@ class StoreLock:
         except BlockingIOError:
             holder = _read_pid(fd)
             os.close(fd)
-            raise StoreError(
+            raise LockHeld(
                 f"another gateway (pid {holder}) is running on {self.db_path}: stop it first "
                 f"(systemctl stop opstwin-gateway), or give this one its own storage.path "
-                f"(the lock is {self.path})"
+                f"(the lock is {self.path})",
+                holder,
             ) from None
         except OSError as exc:
             os.close(fd)
