@@ -416,6 +416,7 @@ class Writer:
         self._pid_counts: collections.Counter[int] | None = None
         self._compact: _CompactJob | None = None
         self._compact_waiters: list[_Command] = []
+        self._compact_for_bound = False  # the size bound wants the frames compacted now
 
     @property
     def pending_rows(self) -> int:
@@ -885,6 +886,7 @@ class Writer:
             return bool(self._compact_waiters)
         return (
             bool(self._compact_waiters)
+            or self._compact_for_bound
             or self._uncompacted_rows >= COMPACT_ROWS
             or time.monotonic() - self._uncompacted_since >= COMPACT_S
         )
@@ -906,6 +908,7 @@ class Writer:
                 self._finish_compaction(job)
         except Exception as exc:
             self._compact = None
+            self._compact_for_bound = False  # the bound's next check asks again
             self._pid_counts = None  # the next plan counts from the frames themselves
             if isinstance(exc, sqlite3.Error):
                 self._fail(exc, "compaction")
@@ -1032,6 +1035,7 @@ class Writer:
             self._write_current(conn)
             trimmed = self._trim_log(conn, job.cut)
         self._compact = None
+        self._compact_for_bound = False
         if self._pid_counts is None and self._frames_top == job.cut:
             self._pid_counts = collections.Counter()  # nothing uncompacted: count from here
         self.compactions += 1
@@ -1326,7 +1330,7 @@ class Writer:
         if self._uncompacted_rows and self._compact is None:
             # History still in frames can go only once compacted: compact first (the loop
             # runs a due compaction before the bound's steps), then remove.
-            self._compact_waiters.append(_Command("compact"))
+            self._compact_for_bound = True
         self._bound = _BoundJob(self.max_bytes, self.used_bytes)
         log.warning(
             "%s: the twin database uses %.1f MB, above its bound of %.1f MB "
@@ -1339,7 +1343,7 @@ class Writer:
             BOUND_TARGET * 100,
         )
         # With a compaction to do first, the job's steps come after it, from the next turn.
-        return not self._compact_waiters
+        return not self._compact_due()
 
     def _bound_step(self) -> None:
         job = self._bound
