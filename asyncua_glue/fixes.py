@@ -12,6 +12,13 @@ The same check also swallowed a change of status alone (Good 5.0 -> UncertainLas
 DataChangeFilter); with the default trigger STATUS_VALUE a status change is always reported. The
 gateway serves a STALE point exactly that way, so without this a deadband subscriber would never
 see its point go stale. Not yet offered upstream (docs/upstream/README.md, "Related").
+
+And it measured the deadband from the previous *sample*, not from the last value *reported*
+(Part 4, 7.22.2: "the last cached value", the one sent): a value that creeps less than the
+deadband per sample was never reported at all. The closed-loop bench (bench/closed_loop.py)
+found it: the oven's heater wear (deadband 0.0001) grows ~0.00004 a sample, so the twin kept the
+wear it read at connect, and the maintenance policy never saw it cross 80 %. The reference is
+now the last value that passed, kept on the monitored item's values.
 """
 
 from __future__ import annotations
@@ -32,16 +39,38 @@ def apply() -> None:
     # still needs this.
     @functools.wraps(original)
     def is_deadband_exceeded(self: Any, values: Any, flt: Any) -> bool:
-        cur, old = values.get_current_datavalue(), values.get_old_datavalue()
+        cur = values.get_current_datavalue()
+        # The last value reported; before the first report asyncua's own previous sample.
+        old = getattr(values, _REPORTED, None) or values.get_old_datavalue()
         if cur is not None and old is not None and _status(cur) != _status(old):
-            return True
-        try:
-            return original(self, values, flt)
-        except TypeError:
-            return True
+            passed = True
+        else:
+            try:
+                passed = original(self, _Pair(cur, old), flt)
+            except TypeError:
+                passed = True
+        if passed:
+            setattr(values, _REPORTED, cur)
+        return passed
 
     is_deadband_exceeded._null_safe = True  # type: ignore[attr-defined]
     MonitoredItemService._is_deadband_exceeded = is_deadband_exceeded
+
+
+_REPORTED = "_opstwin_reported"
+
+
+class _Pair:
+    """The two DataValues asyncua's check compares, as its MonitoredItemValues offers them."""
+
+    def __init__(self, current: Any, old: Any) -> None:
+        self._current, self._old = current, old
+
+    def get_current_datavalue(self) -> Any:
+        return self._current
+
+    def get_old_datavalue(self) -> Any:
+        return self._old
 
 
 def _status(dv: Any) -> int:

@@ -4,7 +4,9 @@ Every setpoint change the gateway makes passes here, whoever asks (DESIGN.md §8
 
 - a **policy** fires when its trigger holds (a condition held for `for_s`, checked on every twin
   change of a point it reads and once a second; or an anomaly of its kind) and proposes the
-  value its action computes, once per episode;
+  value its action computes, once per episode. While the rate limit of the point it acts on
+  is spent, a condition's episode waits, armed, and proposes once the limit allows a write
+  (a proposal before then could only be rejected, and the episode would be lost with it);
 - a **person or an agent** proposes through `propose` (the CLI and HTTP routes, with a user or
   token principal), and an **OPC UA client's write** through `on_client_write`.
 
@@ -27,6 +29,10 @@ that of the (first enabled) policy acting on the same point, so "would this keep
 inside 170..190 °C" is asked of every change to the heater setpoint. A point no policy models
 has no simulation: its proposals wait for a person (require_analysis). The policy's bounds, max
 step and rate limit bind the policy; other proposers are held to the point's configured range.
+
+Suspect inputs: an anomaly of a sensor-fault kind (`SENSOR_FAULT_KINDS`: a stuck, jumping or
+silent transmitter) marks its point suspect until a newer sample arrives, whatever the value's
+quality; a proposal that reads the point meanwhile says why, and the gate executes none alone.
 
 Records: every step is an event in the twin's log (ProposalCreated, ProposalDecided,
 ApprovalGranted, ApprovalRejected, ActionSucceeded, ActionFailed, ActionRolledBack), a log line,
@@ -77,6 +83,7 @@ from gateway.policy.gate import (
     decide,
     execution_blockers,
     note_proposal,
+    rate_limit_free_at,
     record_outcome,
     record_write,
 )
@@ -97,6 +104,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "EVENT_TYPES",
+    "SENSOR_FAULT_KINDS",
     "AccessDeniedError",
     "NoModelError",
     "PolicyEngine",
@@ -131,6 +139,10 @@ FINISHED_KEPT = 1000  # finished proposals kept in memory for reads; the audit l
 DEFAULT_EXPIRY_S = 900.0  # a proposal no policy models waits this long for a person
 TICK_S = 1.0
 AUDIT_REASON_MAX = 4096  # gateway.audit.chain.AuditEntry.reason's max_length
+# Anomalies that say the transmitter, not the process, may be wrong: stuck (flatline), faster
+# than physics allows (rate_of_change, "a probe fault" in the site config), silent (stale). On a
+# change-filtered feed its last value stays GOOD, so quality alone would let a policy act on it.
+SENSOR_FAULT_KINDS = ("flatline", "rate_of_change", "stale")
 WriteFn = Callable[[str, float], Awaitable[Any]]
 HistoryFn = Callable[[str, float, float], Sequence[tuple[float, float]]]
 SimulateFn = Callable[..., Any]
@@ -276,9 +288,14 @@ class PolicyEngine:
         self.proposals: OrderedDict[str, ProposalRecord] = OrderedDict()
         self._locks: dict[str, asyncio.Lock] = {}
         self._busy: set[str] = set()  # policies with a proposal being decided or executed
+        # policy -> when its point's rate limit frees up, logged once per deferral (see _fire).
+        self._deferred: dict[str, float] = {}
         # point -> (when, values it may hold) after a write that failed and was not restored:
         # the device may have taken the value or kept the old one (see _unsure_steps).
         self._unsure: dict[str, tuple[float, tuple[float, ...]]] = {}
+        # point -> (ts, kind, score) of its latest sensor-fault anomaly; one entry per declared
+        # point at most. Suspect while no sample newer than ts has arrived (_suspect).
+        self._faults: dict[str, tuple[float, str, float]] = {}
         self._scheduled = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ids = itertools.count(1)
@@ -414,17 +431,24 @@ class PolicyEngine:
                 policy,
                 episode,
                 f"`{trigger.when.text}` held for {now - episode:.0f} s (for_s {trigger.for_s:g})",
+                now,
             )
 
     def on_anomalies(self, anomalies: Sequence[Any]) -> None:
-        """Fire the policies whose anomaly trigger matches (the anomaly watch calls this)."""
+        """Note sensor faults and fire the policies whose anomaly trigger matches (the anomaly
+        watch calls this)."""
         for anomaly in anomalies:
+            if anomaly.kind in SENSOR_FAULT_KINDS and anomaly.point_id in self.points:
+                known = self._faults.get(anomaly.point_id)
+                if known is None or anomaly.ts >= known[0]:
+                    self._faults[anomaly.point_id] = (anomaly.ts, anomaly.kind, anomaly.score)
             for policy in self._anomaly_policies:
                 if anomaly_fires(policy, anomaly.point_id, anomaly.kind, anomaly.score):
                     self._fire(
                         policy,
                         anomaly.ts,
                         f"{anomaly.kind} anomaly on {anomaly.point_id} (score {anomaly.score:.2f})",
+                        self._clock(),
                     )
 
     async def _tick(self) -> None:
@@ -442,7 +466,12 @@ class PolicyEngine:
             except Exception:
                 log.exception("policy engine: periodic check failed; continuing")
 
-    def _fire(self, policy: Policy, episode: float, why: str) -> None:
+    @property
+    def busy(self) -> bool:
+        """Whether a policy's proposal is being decided or written right now."""
+        return bool(self._busy)
+
+    def _fire(self, policy: Policy, episode: float, why: str, now: float) -> None:
         if policy.id in self._busy:
             log.info(
                 "policy %s: fired (%s) while its last proposal is in flight; tried again at "
@@ -453,6 +482,27 @@ class PolicyEngine:
             tracker = self._trackers.get(policy.id)
             if tracker is not None:
                 tracker.fired = False  # the episode has not proposed yet: it may still
+            return
+        tracker = self._trackers.get(policy.id)
+        free_at = rate_limit_free_at(
+            policy.point_id(policy.action.point), policy.action.rate_limit, self.state, now
+        )
+        if tracker is not None and free_at is not None:
+            # The point's rate limit is spent: a proposal now could only be rejected, and would
+            # spend the episode's one proposal on it (the hall went on warming while the oven
+            # waited out its 600 s, and the policy never acted again). The episode stays armed
+            # and fires at the first check after the limit allows a write, with fresh values.
+            tracker.fired = False
+            if self._deferred.get(policy.id) != free_at:
+                self._deferred[policy.id] = free_at
+                log.info(
+                    "policy %s: fired (%s) while the rate limit of %s is spent; it proposes "
+                    "after %.0f s if the condition still holds",
+                    policy.id,
+                    why,
+                    policy.point_id(policy.action.point),
+                    free_at - now,
+                )
             return
         self._busy.add(policy.id)
         self._spawn(self._run_policy(policy, episode, why), f"policy:{policy.id}")
@@ -566,7 +616,12 @@ class PolicyEngine:
         now = self._clock()
         current = values.get(point) or self.store.get(point)
         inputs = tuple(
-            InputSeen(pid, pv.quality, max(0.0, now - pv.gateway_ts) if pv.gateway_ts else 0.0)
+            InputSeen(
+                pid,
+                pv.quality,
+                max(0.0, now - pv.gateway_ts) if pv.gateway_ts else 0.0,
+                self._suspect(pid, pv),
+            )
             for pid, pv in sorted(values.items())
             if pid != point
         )
@@ -583,6 +638,7 @@ class PolicyEngine:
             current_quality=current.quality,
             current_age_s=max(0.0, now - current.gateway_ts) if current.gateway_ts else 0.0,
             inputs=inputs,
+            current_suspect=self._suspect(point, current),
         )
         point_def = self.points[point]
         limits = (
@@ -903,12 +959,16 @@ class PolicyEngine:
             # The step is checked from what the point holds now, not from what the proposer saw:
             # an approval can come long after, and an operator may have moved the setpoint at
             # the HMI since (tests/unit/test_policy_engine_props.py found that case).
+            # Suspicion does not block a write (whoever approved saw it; execution_blockers
+            # ignore quality), but it is recomputed with the other current_* fields so the
+            # fresh proposal describes one reading; the inputs stay as the proposer saw them.
             fresh = replace(
                 p,
                 created_ts=now,
                 current_value=before.value if _finite(before.value) else None,
                 current_quality=before.quality,
                 current_age_s=max(0.0, now - before.gateway_ts) if before.gateway_ts else 0.0,
+                current_suspect=self._suspect(p.point, before),
             )
             blockers = list(execution_blockers(fresh, record.limits, self.state, now))
             blockers += self._interlock_failures(record)
@@ -1226,6 +1286,16 @@ class PolicyEngine:
 
     # -- reading the twin ----------------------------------------------------------------------
 
+    def _suspect(self, point: str, reading: PointValue) -> str | None:
+        """Why `reading` of `point` is suspect, or None: a sensor-fault anomaly, no sample since."""
+        fault = self._faults.get(point)
+        # The anomaly's ts is the gateway clock of the batch that carried the faulty sample (or
+        # of the periodic check), as the twin stamps gateway_ts: a later sample clears it.
+        if fault is None or fault[0] < reading.gateway_ts:
+            return None
+        ts, kind, score = fault
+        return f"{kind} anomaly (score {score:.2f}) at t={ts:.3f}, no sample since"
+
     def _values(self, policy: Policy) -> dict[str, PointValue]:
         reads = self._reads.get(policy.id)
         if reads is None or self._by_id.get(policy.id) is not policy:
@@ -1492,15 +1562,19 @@ def _outcome_line(record: ProposalRecord) -> str:
 
 
 def _inputs(p: Proposal) -> dict[str, Any]:
-    seen = {
+    seen: dict[str, Any] = {
         p.point: {
             "value": p.current_value,
             "quality": p.current_quality.value,
             "age_s": round(p.current_age_s, 3),
         }
     }
+    if p.current_suspect is not None:
+        seen[p.point]["suspect"] = p.current_suspect
     for i in p.inputs:
         seen[i.point] = {"quality": i.quality.value, "age_s": round(i.age_s, 3)}
+        if i.suspect is not None:
+            seen[i.point]["suspect"] = i.suspect
     return seen
 
 

@@ -5,8 +5,8 @@ policy, a person, an AI agent's token, an OPC UA client's write — hands the ga
 `decide` answers with a `Decision` of one kind:
 
     reject            no permission, a hard limit or forbidden action, or a duplicate key
-    auto_execute      confidence >= auto_execute_min, every input GOOD or UNCERTAIN, and the
-                      proposer holds `execute`
+    auto_execute      confidence >= auto_execute_min, every input GOOD or UNCERTAIN and none
+                      suspect, and the proposer holds `execute`
     require_approval  confidence >= approve_min (or auto_execute held back by the two rules above)
     require_analysis  no simulation, a failed one, or confidence below approve_min
 
@@ -21,8 +21,10 @@ The checks run in this order, and the first that decides ends the walk:
 3. idempotency: a key already executed is a duplicate, rejected;
 4. simulation: none, failed, or with no paths → require_analysis;
 5. confidence against the policy's thresholds;
-6. a BAD or STALE input (the point itself, or any point the policy's expressions read) turns an
-   auto_execute into require_approval;
+6. a BAD, STALE or suspect input (the point itself, or any point the policy's expressions read)
+   turns an auto_execute into require_approval. Suspect means the caller gave a reason to
+   distrust the value whatever its quality (`InputSeen.suspect`, `Proposal.current_suspect`;
+   the engine's: a sensor-fault anomaly with no sample since, gateway.policy.engine);
 7. so does a proposer without `execute` on the point (the RBAC module's rule: an agent proposes,
    an executor writes, a supervisor approves).
 
@@ -33,8 +35,9 @@ Confidence (`confidence`), in [0, 1]:
 - p: the share of simulated paths on which every safety constraint held and the objective
   improved. It is the only factor that can raise c: the others can only take a share of it away,
   so c ≤ p always — the gate is never surer than the simulation it trusts (the "dominant" term).
-- q: input quality, the weakest input's: GOOD 1, UNCERTAIN `uncertain_quality` (0.5), BAD or
-  STALE 0. A BAD input costs at most w_q (0.3) of c; rule 6 forbids auto_execute on its own.
+- q: input quality, the weakest input's: GOOD 1, UNCERTAIN `uncertain_quality` (0.5), BAD,
+  STALE or suspect 0. A BAD input costs at most w_q (0.3) of c; rule 6 forbids auto_execute on
+  its own.
 - r: this policy's record of verified outcomes, Laplace-smoothed, (successes + 1) / (outcomes +
   2): a new policy (or a person's proposal) sits at the neutral 0.5 and loses nothing; only a
   record worse than even costs, up to w_r (0.3) at r = 0. A good record earns no bonus, so
@@ -100,6 +103,7 @@ __all__ = [
     "decide",
     "execution_blockers",
     "note_proposal",
+    "rate_limit_free_at",
     "record_outcome",
     "record_write",
 ]
@@ -174,11 +178,14 @@ class InputSeen:
     point: str
     quality: Quality
     age_s: float
+    suspect: str | None = None  # why the value is not to be trusted whatever its quality
 
     def __post_init__(self) -> None:
         _require_text("input point", self.point)
         _require_quality(f"input {self.point}", self.quality)
         _require_age(f"input {self.point}", self.age_s)
+        if self.suspect is not None:
+            _require_text(f"input {self.point}: suspect", self.suspect)
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +208,7 @@ class Proposal:
     current_quality: Quality
     current_age_s: float
     inputs: tuple[InputSeen, ...] = ()
+    current_suspect: str | None = None  # why the point's own value is not to be trusted
 
     def __post_init__(self) -> None:
         _require_text("proposal id", self.id)
@@ -214,6 +222,8 @@ class Proposal:
             raise ValueError(f"created_ts must be a finite time, got {self.created_ts!r}")
         _require_quality(f"point {self.point}", self.current_quality)
         _require_age(f"point {self.point}", self.current_age_s)
+        if self.current_suspect is not None:
+            _require_text(f"point {self.point}: suspect", self.current_suspect)
         if not isinstance(self.inputs, tuple) or not all(
             isinstance(i, InputSeen) for i in self.inputs
         ):
@@ -608,18 +618,30 @@ def _step_violation(
     return []
 
 
+def rate_limit_free_at(
+    point: str, rate: RateLimit | None, state: GateState, now: float
+) -> float | None:
+    """When `rate` next lets a write to `point` through: None if it does now (or is None)."""
+    if rate is None:
+        return None
+    # A write stamped after `now` (a clock stepped back) still counts: it is no less recent.
+    recent = state.writes_after(point, now - rate.per_s)
+    if len(recent) < rate.max_writes:
+        return None
+    return recent[len(recent) - rate.max_writes][0] + rate.per_s
+
+
 def _rate_violation(
     limits: HardLimits, state: GateState, now: float, checked: list[str]
 ) -> list[str]:
     rate = limits.rate
     if rate is None:
         return []
-    # A write stamped after `now` (a clock stepped back) still counts: it is no less recent.
     recent = state.writes_after(limits.point, now - rate.per_s)
     checked.append(f"rate limit {rate.max_writes} per {rate.per_s:g} s ({len(recent)} in window)")
-    if len(recent) < rate.max_writes:
+    next_at = rate_limit_free_at(limits.point, rate, state, now)
+    if next_at is None:
         return []
-    next_at = recent[len(recent) - rate.max_writes][0] + rate.per_s
     return [
         f"rate limit: {len(recent)} writes to {limits.point} in the last {rate.per_s:g} s, at "
         f"most {rate.max_writes}; the next may be written after t={next_at:.3f}"
@@ -647,16 +669,22 @@ def _value_before(proposal: Proposal, state: GateState) -> float | None:
 def _input_quality(proposal: Proposal, now: float, config: GateConfig) -> tuple[float, list[str]]:
     """The weakest input's quality factor, and each input that forbids auto-execution."""
     since = max(0.0, now - proposal.created_ts)
-    seen = [(proposal.point, proposal.current_quality, proposal.current_age_s)]
-    seen += [(i.point, i.quality, i.age_s) for i in proposal.inputs]
+    seen = [
+        (proposal.point, proposal.current_quality, proposal.current_age_s, proposal.current_suspect)
+    ]
+    seen += [(i.point, i.quality, i.age_s, i.suspect) for i in proposal.inputs]
     q = 1.0
     poor = []
-    for point, quality, age in seen:
+    for point, quality, age, suspect in seen:
         if config.max_input_age_s is not None and age + since > config.max_input_age_s:
             poor.append(f"{point} is {age + since:g} s old (over {config.max_input_age_s:g} s)")
             q = 0.0
         elif quality in (Quality.BAD, Quality.STALE):
             poor.append(f"{point} is {quality.value}")
+            q = 0.0
+        elif suspect is not None:
+            # A GOOD value from a stuck or jumping transmitter: trusted no more than a STALE one.
+            poor.append(f"{point} is suspect: {suspect}")
             q = 0.0
         elif quality is Quality.UNCERTAIN:
             q = min(q, config.uncertain_quality)

@@ -106,11 +106,13 @@ class Faults:
 
     # -- signal faults -----------------------------------------------------------------------
 
-    def freeze(self, signal: str, on: bool = True) -> None:
-        """Hold `signal` at the value served now; False lets it move again."""
-        self._check(signal)
+    def freeze(self, signal: str, on: bool = True, value: Value | None = None) -> None:
+        """Hold `signal` at the value served now, or at `value` (a transmitter stuck at a reading
+        of its own); False lets it move again."""
+        stuck_at_number = isinstance(value, int | float) and not isinstance(value, bool)
+        self._check(signal, numeric=stuck_at_number)
         if on:
-            self._frozen[signal] = self._served.get(signal)
+            self._frozen[signal] = self._served.get(signal) if value is None else value
         else:
             self._frozen.pop(signal, None)
         self._changed()

@@ -45,6 +45,9 @@ class OvenParams:
     # A batch is cured after this long within `batch_band_c` of the setpoint.
     batch_s: float = 600.0
     batch_band_c: float = 5.0
+    # Share of the heater's rise over ambient lost while the door stands open (a batch being
+    # loaded): at 180 °C about 16 °C of target, so a one-minute opening dips the oven ~6 °C.
+    door_loss: float = 0.1
     # Integration substep: bounds the step of the ambient random walk for large `dt`.
     max_substep_s: float = 5.0
 
@@ -59,6 +62,8 @@ class OvenModel:
         self.time_s = 0.0
         self._setpoint_c = 180.0
         self.running = True
+        # Set by whoever opens it (a test, the closed-loop bench): the PLC has no door signal.
+        self.door_open = False
         self.heater_wear = round(self._rng.uniform(0.0, 0.05), 4)
         self.batch_count = self._rng.randint(1000, 5000)
         self._day_phase = self._rng.uniform(0.0, 2.0 * math.pi)
@@ -192,7 +197,11 @@ class OvenModel:
             self._history.popleft()
 
     def _target(self, power_pct: float) -> float:
-        return self.ambient_c + self.params.heater_gain_c * self.efficiency * power_pct / 100.0
+        rise = self.params.heater_gain_c * self.efficiency * power_pct / 100.0
+        if self.door_open:
+            # The open door lets the heat out at once: no dead time, the air is right there.
+            rise *= 1.0 - self.params.door_loss
+        return self.ambient_c + rise
 
     def _ambient(self) -> float:
         p = self.params

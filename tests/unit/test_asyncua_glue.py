@@ -74,6 +74,21 @@ def test_numbers_are_still_filtered(deadband_check, new, passes):
     assert deadband_check(None, values(GOOD, double(new)), absolute(0.5)) is passes
 
 
+def test_a_creeping_value_is_measured_from_the_last_value_reported(deadband_check):
+    # Part 4, 7.22.2: against the last value sent, not the previous sample. Heater wear creeps
+    # 0.4 of its deadband a sample: stock asyncua never reported it.
+    mvalues = MonitoredItemValues()
+    passed = []
+    for n in range(8):
+        mvalues.set_current_datavalue(double(1.0 + 0.2 * n))
+        passed.append(deadband_check(None, mvalues, absolute(0.5)))
+    # The first sample (nothing before it) passes; then 1.6 (0.6 past 1.0), then 2.2.
+    assert passed == [True, False, False, True, False, False, True, False]
+    stock = inspect.unwrap(deadband_check)
+    creeping = values(double(1.0), double(1.2))
+    assert stock(None, creeping, absolute(0.5)) is False
+
+
 def test_a_change_of_status_alone_passes_the_deadband(deadband_check):
     # A STALE point: same value, now UncertainLastUsableValue. Must reach a deadband subscriber.
     stale = ua.DataValue(

@@ -52,6 +52,22 @@ def test_freeze_holds_the_value_served_when_frozen(faults):
     assert faults.apply({**VALUES, "level": 4.0})["level"] == 4.0
 
 
+def test_freeze_at_a_value_holds_a_reading_of_its_own(faults):
+    # A transmitter stuck reading high while the water is elsewhere.
+    faults.freeze("level", value=4.4)
+    assert faults.apply({**VALUES, "level": 2.5})["level"] == 4.4
+    assert faults.active()["freeze"] == ["level"]
+    faults.freeze("level", False)
+    assert faults.apply({**VALUES, "level": 2.5})["level"] == 2.5
+
+
+def test_freeze_at_a_number_is_refused_on_a_switch(faults):
+    with pytest.raises(ValueError, match="boolean"):
+        faults.freeze("pump_on", value=1.5)
+    faults.freeze("pump_on", value=False)
+    assert faults.apply(VALUES)["pump_on"] is False
+
+
 def test_noise_is_gaussian_with_the_given_sigma_and_seeded(clock):
     def draws(seed):
         f = Faults({"level"}, seed=seed, clock=clock)

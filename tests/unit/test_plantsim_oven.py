@@ -155,6 +155,23 @@ def test_a_warmer_hall_moves_the_oven_by_as_much_and_leaves_the_heater_curve_alo
     assert oven.temperature_c > 190.0, "a 180 °C cure leaves its 170..190 °C band"
 
 
+def test_an_open_door_loses_a_share_of_the_rise_at_once_and_closing_it_recovers():
+    oven, same = OvenModel(seed=2, params=QUIET), OvenModel(seed=2, params=QUIET)
+    settled = oven.steady_state_c()
+    oven.door_open = True
+    rise = settled - oven.ambient_c
+    assert oven.steady_state_c() == pytest.approx(settled - 0.1 * rise), "no dead time"
+    oven.step(60.0)
+    same.step(60.0)
+    dip = same.temperature_c - oven.temperature_c
+    assert dip == pytest.approx(0.1 * rise * (1 - math.exp(-60 / 120)), rel=1e-4)  # wear creeps
+    assert oven.heater_power_pct == same.heater_power_pct, "the curve does not know the door"
+    oven.door_open = False
+    oven.step(20 * 120.0)
+    same.step(20 * 120.0)
+    assert oven.temperature_c == pytest.approx(same.temperature_c, abs=1e-3)
+
+
 @pytest.mark.parametrize("offset", [math.nan, math.inf, -math.inf])
 def test_an_ambient_offset_that_is_no_number_is_refused(offset):
     oven = OvenModel(seed=2)

@@ -340,7 +340,7 @@ class Run:
             value = self.lim.value(drawn, self.device.held)
             STEP.set("policy")
             self.world.store.ingest([Sample(WANT, value, Quality.GOOD)])
-            engine._fire(self.policy, 1_700_000_000.0 + episode, "test")
+            engine._fire(self.policy, 1_700_000_000.0 + episode, "test", clock())
             await self.settle()
         elif kind == "propose":
             _, who, drawn, key = step

@@ -306,6 +306,37 @@ def test_a_bad_or_stale_input_forbids_auto_execution(quality: Quality) -> None:
     assert own.reasons[-1] == f"auto-execution forbidden: {POINT} is {quality.value}"
 
 
+SUSPECT = "rate_of_change anomaly (score 0.93) at t=1.000, no sample since"
+
+
+@pytest.mark.parametrize("where", ["input", "point"])
+def test_a_suspect_input_forbids_auto_execution_and_says_why(where: str) -> None:
+    # A GOOD value from a transmitter the anomaly detectors distrust counts as a STALE one.
+    temperature = "line1/oven1/temperature"
+    if where == "input":
+        suspect = proposal(inputs=(InputSeen(temperature, Quality.GOOD, 2.0, SUSPECT),))
+        forbidden = f"auto-execution forbidden: {temperature} is suspect: {SUSPECT}"
+    else:
+        suspect = proposal(current_suspect=SUSPECT)
+        forbidden = f"auto-execution forbidden: {POINT} is suspect: {SUSPECT}"
+    decision = run(suspect)
+    assert decision.kind == "require_approval"
+    assert decision.reasons == ("confidence 0.700 >= approve_min 0.7", forbidden)
+    assert decision.confidence is not None and decision.confidence.breakdown["quality"] == 0.0
+    # When quality weighs nothing in the confidence, the rule alone holds it back.
+    blind = run(suspect, state=GateState(GateConfig(weight_quality=0.0)))
+    assert blind.kind == "require_approval"
+    assert blind.reasons == ("confidence 1.000 >= auto_execute_min 0.9", forbidden)
+    assert run().kind == "auto_execute", "the same proposal, trusted, executes"
+
+
+def test_a_suspect_uncertain_input_weighs_as_nothing_not_half() -> None:
+    reading = InputSeen("line1/oven1/temperature", Quality.UNCERTAIN, 2.0, SUSPECT)
+    decision = run(proposal(inputs=(reading,)))
+    assert decision.confidence is not None and decision.confidence.breakdown["quality"] == 0.0
+    assert decision.reasons[-1].endswith(f"is suspect: {SUSPECT}")
+
+
 def test_an_input_older_than_the_age_limit_counts_as_stale() -> None:
     state = GateState(GateConfig(max_input_age_s=30))
     reading = InputSeen("line1/oven1/temperature", Quality.GOOD, 20.0)
@@ -512,6 +543,8 @@ def test_a_value_that_is_no_finite_number_is_rejected_not_raised(value: Any) -> 
         ({"current_age_s": -1.0}, "age must be a finite number of seconds >= 0"),
         ({"current_age_s": math.inf}, "age must be"),
         ({"inputs": [InputSeen("a/b", Quality.GOOD, 0.0)]}, "inputs must be a tuple"),
+        ({"current_suspect": ""}, f"point {POINT}: suspect must be non-empty text"),
+        ({"current_suspect": 0.93}, f"point {POINT}: suspect must be non-empty text"),
     ],
 )
 def test_a_malformed_proposal_is_refused_saying_why(changes: dict[str, Any], message: str) -> None:
@@ -524,6 +557,9 @@ def test_malformed_parts_are_refused_saying_why() -> None:
         Proposer("x", "robot")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="input a/b: age"):
         InputSeen("a/b", Quality.GOOD, math.nan)
+    for why in ("", b"flatline", 1):
+        with pytest.raises(ValueError, match="input a/b: suspect must be non-empty text"):
+            InputSeen("a/b", Quality.GOOD, 0.0, why)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="point_hi must be a finite number"):
         HardLimits(POINT, True, 0.0, math.inf)
     with pytest.raises(ValueError, match="max_step must be above 0"):

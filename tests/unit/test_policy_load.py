@@ -106,6 +106,7 @@ def test_the_shipped_policies_load_against_the_demo_plant(site):
     assert [p.id for p in policies] == [
         "oven-heater-wear",
         "oven-overtemp-drift",
+        "oven-undertemp-drift",
         "tank-level-high",
     ]
     assert policies.files["tank-level-high"] == SHIPPED / "tank-level-high.yaml"
@@ -139,6 +140,28 @@ def test_the_oven_policy_lowers_the_setpoint_by_the_excess():
     )
     assert oven.objective is not None
     assert oven.objective.expression.evaluate({"temperature": 180.5}) == 0.5
+
+
+def test_the_undertemp_policy_raises_the_setpoint_by_the_shortfall_until_the_heater_is_worn():
+    oven = load_policies(SHIPPED).get("oven-undertemp-drift")
+    assert oven is not None
+    env: dict[str, float | bool | str] = {
+        "temperature": 175.5,
+        "setpoint": 180.0,
+        "running": True,
+        "mode": "AUTO",
+        "heater_wear": 0.3,
+    }
+    assert isinstance(oven.trigger, ConditionTrigger)
+    assert oven.trigger.when.evaluate(env) is True
+    assert oven.trigger.for_s == 300, "longer than a door opening's dip"
+    assert oven.action.value.evaluate(env) == 184.5
+    assert all(lock.evaluate(env) is True for lock in oven.action.interlocks)
+    worn = {**env, "heater_wear": 0.85}
+    assert not all(lock.evaluate(worn) is True for lock in oven.action.interlocks)
+    overtemp = load_policies(SHIPPED).get("oven-overtemp-drift")
+    assert overtemp is not None
+    assert oven.simulation == overtemp.simulation, "one plant model for both directions"
 
 
 def test_the_tank_policy_throttles_the_inlet_while_the_water_is_cool():
