@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/web.py
 	$(BIN)/python bench/footprint.py --quick
 	$(BIN)/python bench/retention.py --quick
+	$(BIN)/python bench/closed_loop.py
 
 # The appliance on a factory PC (README, "Install on a factory PC"), run as root: a virtualenv
 # in /opt/opstwin built from this tree, /etc/opstwin/site.yaml, the systemd unit. Not the .venv

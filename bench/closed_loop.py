@@ -85,6 +85,8 @@ from drivers.contract import Quality  # noqa: E402
 from gateway.app import Gateway  # noqa: E402
 from gateway.config import load_config  # noqa: E402
 from gateway.demo import SHIPPED_POLICIES, demo_config_data  # noqa: E402
+from gateway.policy import engine as engine_module  # noqa: E402
+from gateway.policy import watch as watch_module  # noqa: E402
 from plantsim import OvenDevice, OvenParams, TankDevice, TankParams  # noqa: E402
 from plantsim.device_base import Device  # noqa: E402
 
@@ -595,10 +597,20 @@ def site_data(scenario: Scenario, port: int, state: Path, policies: Path) -> dic
     # Sensor faults the engine must not act on (gateway/policy/engine.py, SENSOR_FAULT_KINDS):
     # faster than the physics allows is a probe fault. The tank fills at 12.5 mm/s at most
     # (36 m³/h into 0.8 m²); the oven moves ~0.15 °C/s at most, its probe noise ~0.1 °C/s.
+    if scenario.device == "tank":
+        # Below the transmitter's ~1 mm jitter (TRANSMITTER_NOISE_M), so that a live level
+        # sends a sample every few seconds: a rate of change is then measured over seconds,
+        # and a silence means a dead transmitter. With the demo's 2 mm the twin kept one
+        # sample a minute, and a stuck reading's jump, measured over that minute, looked slow.
+        (level,) = [p for p in device["points"] if p["id"] == MEASURED_POINT["tank"]]
+        level["deadband"] = TRANSMITTER_NOISE_M / 2
     rules = {
         "tank": {
-            "points": ["utilities/cooling/tank1/level"],
-            "detectors": [{"kind": "rate_of_change", "max_rate": 0.05}],
+            "points": [MEASURED_POINT["tank"]],
+            "detectors": [
+                {"kind": "rate_of_change", "max_rate": 0.05},
+                {"kind": "stale", "max_age_s": 20},
+            ],
         },
         "oven": {
             "points": ["line1/oven1/temperature"],
@@ -615,8 +627,30 @@ def site_data(scenario: Scenario, port: int, state: Path, policies: Path) -> dic
 MEASURED_POINT = {"oven": "line1/oven1/temperature", "tank": "utilities/cooling/tank1/level"}
 
 
+def plant_timers(speed: float) -> None:
+    """Run the gateway's own periodic checks once a plant second, as they run once a wall
+    second on a plant that runs in real time: the engine's trigger timer (a condition on a
+    value that stands still fires when its hold is up) and the anomaly watch's stale and
+    flatline checks. Both sleep on asyncio's wall clock; at `speed` x they would otherwise run
+    once every `speed` plant seconds and fire that late."""
+    engine_module.TICK_S = 1.0 / speed
+    interval = watch_module.check_interval
+    if getattr(interval, "scaled", None) == speed:
+        return
+    base = getattr(interval, "__wrapped__", interval)
+
+    def scaled(detectors: Any) -> float | None:
+        seconds = base(detectors)
+        return None if seconds is None else seconds / speed
+
+    scaled.__wrapped__ = base  # type: ignore[attr-defined]
+    scaled.scaled = speed  # type: ignore[attr-defined]
+    watch_module.check_interval = scaled
+
+
 async def run_policy(scenario: Scenario, seed: int, dt: float, speed: float, state: Path) -> Run:
     """`policy`: the plant served on a free port, the gateway reading and writing it."""
+    plant_timers(speed)
     run = Run(scenario.name, "policy", seed, scenario.duration_s)
     device = make_device(scenario, seed)
     plant = Plant(scenario, device, run)
@@ -722,6 +756,33 @@ def print_table(cases: list[tuple[Scenario, int, dict[Controller, Run]]]) -> Non
         )
 
 
+def print_summary(cases: list[tuple[Scenario, int, dict[Controller, Run]]]) -> None:
+    """One line per scenario across its seeds: the worst in-spec share of each controller, the
+    policy's violations, writes on a faulty sensor and approvals, the least reduction."""
+    head = (
+        f"{'scenario':<24} {'seeds':>5} {'none min':>9} {'rule min':>9} {'policy min':>10} "
+        f"{'viol':>4} {'bad-sensor':>10} {'approvals/h':>11} {'vs rule min':>11}"
+    )
+    print(head)
+    print("-" * len(head))
+    names = list(dict.fromkeys(s.name for s, _, _ in cases))
+    for name in names:
+        mine = [runs for s, _, runs in cases if s.name == name]
+        reds = [reduction(r["policy"], r["rule"]) for r in mine]
+        known = [r for r in reds if r is not None]
+        policy = [r["policy"] for r in mine]
+        least = f"{100 * min(known):+.0f} %" if known else "-"
+        print(
+            f"{name:<24} {len(mine):>5} "
+            f"{100 * min(r['none'].in_spec for r in mine):>8.2f}% "
+            f"{100 * min(r['rule'].in_spec for r in mine):>8.2f}% "
+            f"{100 * min(r.in_spec for r in policy):>9.2f}% "
+            f"{sum(r.violations for r in policy):>4} "
+            f"{sum(r.bad_sensor_writes for r in policy):>10} "
+            f"{max(r.approvals_per_hour for r in policy):>11.2f} {least:>11}"
+        )
+
+
 def figures(cases: list[tuple[Scenario, int, dict[Controller, Run]]]) -> dict[str, Any]:
     policy = [runs["policy"] for _, _, runs in cases]
     rule = [runs["rule"] for _, _, runs in cases]
@@ -784,6 +845,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     )
     print()
     print_table(cases)
+    if args.seeds > 1:
+        print()
+        print_summary(cases)
     out = figures(cases)
     print()
     for key, target, ok in TARGETS:

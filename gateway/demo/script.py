@@ -27,6 +27,9 @@ OVEN_TEMPERATURE = "line1/oven1/temperature"
 OVEN_SETPOINT = "line1/oven1/heater_setpoint"
 OVEN_AMBIENT = "line1/oven1/ambient"
 OVEN_POLICY = "oven-overtemp-drift"
+TANK_POLICY = "tank-level-high"
+# Above the policy's 4.2 m and below the 4.5 m alarm (an out_of_range anomaly of its own).
+STUCK_LEVEL_M = 4.45
 CURE_C = 180.0
 # The hall 10 °C warmer: the open-loop oven would settle ~10 °C higher, above its 190 °C limit
 # from any start the plant's seeds give (176..183 °C), and the policy corrects it in one step
@@ -69,8 +72,10 @@ STEPS: list[tuple[float, tuple]] = [
     (36.0, ("health", "ok")),
     (32.0, ("cloud",)),
     (38.0, ("cloud_outage",)),
+    (40.0, ("stuck",)),
     (44.0, ("storage",)),
     (46.0, ("cloud_back",)),
+    (47.0, ("unstick",)),
     (48.0, ("backup",)),
     (51.0, ("reload",)),
     (50.0, ("write", VALVE, 50.0)),
@@ -199,6 +204,27 @@ class Script:
                 flush=True,
             )
         await self._plant(f"oven:ambient:{offset:g}", "the hall warms up", quiet=True)
+
+    async def _stuck(self) -> None:
+        """A level transmitter sticks reading high: the policy fires on it, but the jump is a
+        sensor-fault anomaly, so the level is a suspect input and nothing is written alone."""
+        print(
+            f"  plant: the tank's level transmitter sticks reading {STUCK_LEVEL_M:g} m "
+            f"(tank:freeze:level,{STUCK_LEVEL_M:g}) while the water stays where it is; "
+            f"{TANK_POLICY} will fire on the reading, but the jump (faster than any tank fills: "
+            "a rate_of_change anomaly) makes the level a suspect input, so its proposal waits "
+            "for a person instead of closing the valve",
+            flush=True,
+        )
+        await self._plant(f"tank:freeze:level,{STUCK_LEVEL_M:g}", "", quiet=True)
+
+    async def _unstick(self) -> None:
+        print(
+            "  plant: the level transmitter reads true again (tank:freeze:level,off); its next "
+            "sample clears the suspicion",
+            flush=True,
+        )
+        await self._plant("tank:freeze:level,off", "", quiet=True)
 
     async def _warm_check(self) -> None:
         """Say so if the plant did not warm (an old plantsim without the ambient command)."""

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .device_base import Device
+from .faults import Faults
 
 USAGE = """\
 faults (DEVICE:FAULT[:ARGS][@DELAY_S]):
@@ -21,7 +22,7 @@ faults (DEVICE:FAULT[:ARGS][@DELAY_S]):
   exception:CODE[,TABLE[,ADDR|LO-HI]...]   answer matching requests with a Modbus exception
   ignore_writes:ABOVE[,TABLE[,ADDR|LO-HI]...]  acknowledge writes of raw values > ABOVE, keep old
   bad_status:SIGNAL,STATUS[,on|off]        serve an OPC UA status (BadSensorFailure, 0x808C0000)
-  freeze:SIGNAL[,on|off]           hold a signal at its current value
+  freeze:SIGNAL[,on|off|VALUE]     hold a signal at its current value, or stuck at VALUE
   spike:SIGNAL,DELTA,DURATION_S    add DELTA to a signal for a while
   noise:SIGNAL,SIGMA               extra Gaussian noise (0 turns it off)
   slow:SECONDS                     delay every response
@@ -103,7 +104,7 @@ async def apply_fault(command: FaultCommand, devices: Mapping[str, Device]) -> s
             case "ambient":
                 _ambient(device, a, t)
             case "freeze":
-                f.freeze(_arg(a, 0, t, "SIGNAL"), _flag(a[1:], t))
+                _freeze(f, a, t)
             case "spike":
                 f.spike(
                     _arg(a, 0, t, "SIGNAL"),
@@ -181,6 +182,15 @@ def _arg(args: tuple[str, ...], i: int, text: str, name: str) -> str:
     if len(args) <= i or not args[i]:
         raise FaultSpecError(f"{text!r}: missing {name}\n{USAGE}")
     return args[i]
+
+
+def _freeze(faults: Faults, args: tuple[str, ...], text: str) -> None:
+    signal = _arg(args, 0, text, "SIGNAL")
+    if len(args) > 1 and args[1].lower() not in _ON:
+        # A transmitter stuck at a reading of its own: `tank:freeze:level,4.4`.
+        faults.freeze(signal, value=_number(args[1], text, "value"))
+    else:
+        faults.freeze(signal, _flag(args[1:], text))
 
 
 def _flag(args: tuple[str, ...], text: str) -> bool:

@@ -143,6 +143,28 @@ def test_demo_agent_proposal_waits_for_a_supervisor_who_approves_it(demo):
 
 
 @slow
+def test_demo_a_stuck_level_transmitter_waits_for_a_person_instead_of_closing_the_valve(demo):
+    _, out = demo
+    stuck = out.index("plant: the tank's level transmitter sticks reading 4.45 m")
+    story = out[stuck : out.index("plant: the level transmitter reads true again")]
+    proposed = re.search(
+        r"proposal (p-\w+-\d+): policy `tank-level-high` proposes "
+        r"utilities/cooling/tank1/inlet_valve \d+ -> \d+ %",
+        story,
+    )
+    assert proposed, "the policy fires on the stuck reading"
+    decided = re.search(
+        # Confidence is p x 0.7 (a suspect input's quality 0): approval at p = 1, else analysis.
+        r"decision: require_(approval|analysis) at confidence [\d.]+ .*auto-execution forbidden: "
+        r"utilities/cooling/tank1/level is suspect: rate_of_change anomaly",
+        story[proposed.end() :],
+    )
+    assert decided, "the jump made the level suspect: a person decides"
+    assert f"proposal {proposed[1]}: approved" not in out
+    assert f"proposal {proposed[1]}: written" not in out
+
+
+@slow
 def test_demo_scada_client_reads_the_twin_and_cannot_write(demo):
     _, out = demo
     assert "scada: connected to opc.tcp://" in out and "SignAndEncrypt" in out

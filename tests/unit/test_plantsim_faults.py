@@ -165,9 +165,15 @@ async def test_fault_commands_flip_the_device_switches():
     assert f.refusing and f.delay_s == 0.25 and f.active()["freeze"] == ["level"]
     await apply_fault(parse_fault("tank:refuse:off"), devices)
     assert not f.refusing
+    await apply_fault(parse_fault("tank:freeze:level,4.4"), devices)
+    assert tank.served["level"] == 4.4, "stuck at a reading of its own"
+    await apply_fault(parse_fault("tank:freeze:level,off"), devices)
+    assert tank.served["level"] == tank.model.level_m
     for bad in [
         "pump:clear",
         "tank:explode",
+        "tank:freeze:level,high",
+        "tank:freeze:pump_on,1.5",
         "tank:spike:level,1",
         "tank:noise:nope,1",
         "tank:garbage:maybe",
