@@ -100,6 +100,7 @@ DEVICE_NAMES = {"oven": "oven-plc", "tank": "tank1"}
 OVEN_WRITABLE = "heater_setpoint"
 TRANSMITTER_NOISE_M = 0.001
 NOISY_SIGMA_M = 0.25
+EOL_MARGIN = 0.005  # heater wear below 0.8 at the start of the end-of-life scenario
 TANK_WRITABLE = "valve_pct"
 
 # -- what a scenario is ---------------------------------------------------------------------------
@@ -287,6 +288,12 @@ def scenarios(quick: bool) -> list[Scenario]:
 
         return setup
 
+    # The heater's life at full power, and when its wear crosses 0.8 from 0.8 - EOL_MARGIN at a
+    # 180 °C cure's power (OvenModel: wear grows by power/100 per wear_full_power_h hours).
+    eol_life_h = 22.5 * scale
+    cure_power = (180.0 - OvenParams.ambient_c) / OvenParams.heater_gain_c
+    eol_crossing_s = EOL_MARGIN * eol_life_h * 3600.0 / cure_power
+
     def derated(d: OvenDevice) -> bool:
         # The maintenance policy's own spec: past 80 % wear the cure runs derated (<= 170 °C).
         return not (d.model.heater_wear > 0.8 and d.model.heater_setpoint_c > 170.0)
@@ -340,7 +347,7 @@ def scenarios(quick: bool) -> list[Scenario]:
             device="oven",
             what="heater wear crosses 80 % (Weibull maintenance policy)",
             duration_s=2 * h * scale,
-            disturbance_s=600.0 * scale,
+            disturbance_s=eol_crossing_s,
             measure="temperature_c",
             unit="°C",
             spec=Band(160.0, 200.0),
@@ -349,9 +356,9 @@ def scenarios(quick: bool) -> list[Scenario]:
             rule=WEAR_RULE,
             disturb=lambda t, d: None,
             # An element that keeps its output until it breaks (no efficiency loss), worn
-            # 0.01 per 20 min at 180 °C: it crosses 0.8 ten minutes in.
-            params=OvenParams(wear_loss=0.0, wear_full_power_h=22.5 * scale),
-            setup=worn(0.8 - 0.005),
+            # 0.02 an hour at 180 °C: it crosses 0.8 fifteen minutes in.
+            params=OvenParams(wear_loss=0.0, wear_full_power_h=eol_life_h),
+            setup=worn(0.8 - EOL_MARGIN),
             in_spec=derated,
             spec_text="setpoint <= 170 °C once wear > 0.8",
         ),
