@@ -19,11 +19,14 @@ one, a heater nearing the end of its life), run three times on the same seed:
 Time. The plant is stepped by this script, `--dt` plant seconds at a time (2 s), and the
 process's `time.time()` is the plant's clock (`PlantClock`, installed before the gateway is
 imported): every timestamp, trigger hold, rate limit, approval expiry and anomaly window in the
-gateway runs in plant seconds, so the shipped policies run as written, only faster. Between
-steps the script waits `1/--speed` of a wall second for the drivers to read the plant, and
-while the policy engine is deciding or writing it does not step the plant at all: a decision
-takes no plant time, as ~0.1 s against a 2-minute oven is nearly none. asyncio's own clock
-(poll intervals, timeouts) stays the wall's. The drivers read every few plant seconds; which
+gateway runs in plant seconds, so the shipped policies run as written, only faster (the
+gateway's log is stamped in plant time too). Between steps the script waits `--dt`/`--speed`
+wall seconds (10 ms) for the drivers to read the plant, and while the policy engine is deciding
+or writing it does not step the plant at all: a decision takes no plant time, as ~0.1 s against
+a 2-minute oven is nearly none. asyncio's own clock (poll intervals, timeouts) stays the wall's,
+except that the engine's trigger timer and the anomaly watch's checks are made to run once a
+plant second, as they would on a real-time plant (`plant_timers`). The drivers read every few
+plant seconds; which
 step a reading lands on depends on the machine's scheduling, so figures of the policy runs
 move a little between runs of the same seed, while `none` and `rule` are bit-identical.
 
