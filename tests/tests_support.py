@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import os
 import socket
 import time
 from collections.abc import Callable, Mapping
@@ -206,3 +207,38 @@ def drop_meter(data: dict[str, Any]) -> None:
         if rule["points"]:
             rules.append(rule)
     data["anomalies"]["rules"] = rules
+
+
+NOBODY = 65534  # the unprivileged user and group a child drops to
+
+
+def as_nobody(work: Callable[[], str], *, cwd: Path | None = None) -> str:
+    """Run `work` in a forked child as user nobody (when root: root ignores permission bits)
+    and return the text it returns, or `Type: message` of what it raised.
+
+    Forked rather than a new interpreter: nobody cannot read the interpreter under /root. The
+    child changes into `cwd` first, while it still may.
+    """
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.close(read)
+            if cwd is not None:
+                os.chdir(cwd)
+            if os.geteuid() == 0:
+                os.setgroups([])
+                os.setresgid(NOBODY, NOBODY, NOBODY)
+                os.setresuid(NOBODY, NOBODY, NOBODY)
+            try:
+                outcome = work()
+            except BaseException as exc:
+                outcome = f"{type(exc).__name__}: {exc}"
+            os.write(write, outcome.encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        outcome = pipe.read().decode()
+    os.waitpid(pid, 0)
+    return outcome

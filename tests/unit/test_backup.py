@@ -36,6 +36,7 @@ from backup_support import (
     users,
     write_site,
 )
+from tests_support import NOBODY, as_nobody
 
 import gateway.backup_cli  # noqa: F401  (imported before a fork: the child cannot read /root)
 from gateway.backup import FORMAT, FORMAT_VERSION, read_manifest
@@ -44,8 +45,6 @@ from gateway.control import AccountStore, ControlDB
 from gateway.control import db as control_schema
 from gateway.twin import schema as twin_schema
 from gateway.twin.store import TwinStore, load_current
-
-NOBODY = 65534
 
 
 @pytest.fixture
@@ -202,32 +201,18 @@ def test_backup_refuses_a_destination_it_cannot_write(open_tree: Path) -> None:
 
 
 def main_as_nobody(*argv: str) -> tuple[int, str]:
-    """Run `main(argv)` in a forked child as user nobody; return its exit code and stderr.
+    """Run `main(argv)` as user nobody (tests_support.as_nobody); its exit code and stderr."""
 
-    Forked rather than a new interpreter: nobody cannot read the interpreter under /root.
-    """
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
+    def run() -> str:
+        sys.stderr = io.StringIO()
+        sys.stdout = io.StringIO()
         try:
-            os.close(read)
-            os.setgroups([])
-            os.setresgid(NOBODY, NOBODY, NOBODY)
-            os.setresuid(NOBODY, NOBODY, NOBODY)
-            sys.stderr = io.StringIO()
-            sys.stdout = io.StringIO()
-            try:
-                code = main(list(argv))
-            except BaseException as exc:
-                code, sys.stderr = 99, io.StringIO(f"{type(exc).__name__}: {exc}")
-            os.write(write, json.dumps([code, sys.stderr.getvalue()]).encode())
-        finally:
-            os._exit(0)
-    os.close(write)
-    with os.fdopen(read, "rb") as pipe:
-        outcome = pipe.read().decode()
-    os.waitpid(pid, 0)
-    code, err = json.loads(outcome)
+            code = main(list(argv))
+        except BaseException as exc:
+            code, sys.stderr = 99, io.StringIO(f"{type(exc).__name__}: {exc}")
+        return json.dumps([code, sys.stderr.getvalue()])
+
+    code, err = json.loads(as_nobody(run))
     return code, err
 
 

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from tests_support import FakeClock, stored_revs
+from tests_support import FakeClock, as_nobody, stored_revs
 
 from drivers.contract import Quality, Sample
 from gateway.demo import write_demo_config
@@ -35,7 +35,6 @@ from gateway.twin.store import TwinStore
 
 POINTS = [PointDef(f"area/line/asset{i}/value", "dev", "float64") for i in range(10)]
 TEXT = PointDef("area/line/asset/label", "dev", "string")
-NOBODY = 65534
 
 
 @pytest.fixture
@@ -231,31 +230,15 @@ def open_unprivileged(directory: Path, name: str) -> str:
     As root, permission bits do not apply, so the child drops to `nobody` (after changing into
     the directory, so the path up to it need not be traversable). Returns the outcome as text.
     """
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
+
+    def open_store() -> str:
         try:
-            os.close(read)
-            os.chdir(directory)
-            if os.geteuid() == 0:
-                os.setgroups([])
-                os.setresgid(NOBODY, NOBODY, NOBODY)
-                os.setresuid(NOBODY, NOBODY, NOBODY)
-            try:
-                TwinStore(Path(name), POINTS).open()
-                outcome = "opened"
-            except StoreError as exc:
-                outcome = f"StoreError: {exc}"
-            except BaseException as exc:
-                outcome = f"{type(exc).__name__}: {exc}"
-            os.write(write, outcome.encode())
-        finally:
-            os._exit(0)
-    os.close(write)
-    with os.fdopen(read, "rb") as pipe:
-        outcome = pipe.read().decode()
-    os.waitpid(pid, 0)
-    return outcome
+            TwinStore(Path(name), POINTS).open()
+        except StoreError as exc:
+            return f"StoreError: {exc}"
+        return "opened"
+
+    return as_nobody(open_store, cwd=directory)
 
 
 def test_a_read_only_state_directory_says_read_only(tmp_path: Path) -> None:
