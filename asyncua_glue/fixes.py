@@ -41,7 +41,9 @@ def apply() -> None:
     def is_deadband_exceeded(self: Any, values: Any, flt: Any) -> bool:
         cur = values.get_current_datavalue()
         # The last value reported; before the first report asyncua's own previous sample.
-        old = getattr(values, _REPORTED, None) or values.get_old_datavalue()
+        old = getattr(values, _REPORTED, None)
+        if old is None:
+            old = values.get_old_datavalue()
         if cur is not None and old is not None and _status(cur) != _status(old):
             passed = True
         else:

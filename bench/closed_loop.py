@@ -75,7 +75,7 @@ import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 from collections.abc import Callable  # noqa: E402
-from dataclasses import dataclass, field, replace  # noqa: E402
+from dataclasses import asdict, dataclass, field, replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Literal, cast  # noqa: E402
 
@@ -100,6 +100,7 @@ CONTROLLERS: tuple[Controller, ...] = ("none", "rule", "policy")
 DT_S = 2.0
 SPEED = 200.0  # plant seconds per wall second while nothing is being decided
 DEVICE_NAMES = {"oven": "oven-plc", "tank": "tank1"}
+MEASURED_POINT = {"oven": "line1/oven1/temperature", "tank": "utilities/cooling/tank1/level"}
 OVEN_WRITABLE = "heater_setpoint"
 TRANSMITTER_NOISE_M = 0.001
 NOISY_SIGMA_M = 0.25
@@ -136,15 +137,6 @@ class Rule:
     lo: float  # it never writes outside these (the policy's bounds)
     hi: float
     cooldown_s: float
-
-    def text(self) -> str:
-        parts = []
-        if self.high is not None:
-            parts.append(f"{self.signal} > {self.high:g}: -{self.step:g}")
-        if self.low is not None:
-            parts.append(f"{self.signal} < {self.low:g}: +{self.step:g}")
-        limits = f" (every {self.cooldown_s:g} s at most, {self.lo:g}..{self.hi:g})"
-        return ", ".join(parts) + limits
 
 
 # What a scenario does to its device (an OvenDevice or a TankDevice), at plant time t.
@@ -452,23 +444,14 @@ class Run:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "scenario": self.scenario,
-            "controller": self.controller,
-            "seed": self.seed,
-            "duration_s": self.duration_s,
+            **asdict(self),
             "in_spec": round(self.in_spec, 5),
+            "in_spec_s": round(self.in_spec_s, 1),
             "out_of_spec_s": round(self.out_of_spec_s, 1),
-            "violations": self.violations,
             "outside_hard_s": round(self.outside_hard_s, 1),
-            "writes": self.writes,
-            "approvals": self.approvals,
             "approvals_per_hour": round(self.approvals_per_hour, 3),
-            "bad_sensor_writes": self.bad_sensor_writes,
-            "first_action_s": self.first_action_s,
-            "decisions": self.decisions,
             "wall_s": round(self.wall_s, 2),
             "cpu_s": round(self.cpu_s, 2),
-            "readings": self.readings,
         }
 
 
@@ -500,9 +483,10 @@ class Plant:
         def counted(signal: str, value: Any) -> None:
             # Every write the plant receives, from the rule or through the gateway's driver
             # (a policy's write, or its restore of the previous value after a failed one).
-            before = device.model.signals().get(_served_name(signal))
+            # The model serves its writable signals under the names it takes them by.
+            before = device.model.signals().get(signal)
             model_write(signal, value)
-            if device.model.signals().get(_served_name(signal)) != before:
+            if device.model.signals().get(signal) != before:
                 self.note_write()
 
         device.model.write = counted  # type: ignore[method-assign]
@@ -534,11 +518,6 @@ class Plant:
             if not self._outside:
                 run.violations += 1
         self._outside = outside
-
-
-def _served_name(signal: str) -> str:
-    # The model's writable signals and the names it serves them by.
-    return {"valve_pct": "valve_pct", "heater_setpoint": "heater_setpoint"}.get(signal, signal)
 
 
 class RuleController:
@@ -634,33 +613,24 @@ def site_data(scenario: Scenario, port: int, state: Path, policies: Path) -> dic
     return data
 
 
-MEASURED_POINT = {"oven": "line1/oven1/temperature", "tank": "utilities/cooling/tank1/level"}
-
-
 def plant_timers(speed: float) -> None:
     """Run the gateway's own periodic checks once a plant second, as they run once a wall
     second on a plant that runs in real time: the engine's trigger timer (a condition on a
     value that stands still fires when its hold is up) and the anomaly watch's stale and
     flatline checks. Both sleep on asyncio's wall clock; at `speed` x they would otherwise run
-    once every `speed` plant seconds and fire that late."""
+    once every `speed` plant seconds and fire that late. Once per process, before any run."""
     engine_module.TICK_S = 1.0 / speed
-    interval = watch_module.check_interval
-    if getattr(interval, "scaled", None) == speed:
-        return
-    base = getattr(interval, "__wrapped__", interval)
+    base = watch_module.check_interval
 
     def scaled(detectors: Any) -> float | None:
         seconds = base(detectors)
         return None if seconds is None else seconds / speed
 
-    scaled.__wrapped__ = base  # type: ignore[attr-defined]
-    scaled.scaled = speed  # type: ignore[attr-defined]
     watch_module.check_interval = scaled
 
 
 async def run_policy(scenario: Scenario, seed: int, dt: float, speed: float, state: Path) -> Run:
     """`policy`: the plant served on a free port, the gateway reading and writing it."""
-    plant_timers(speed)
     run = Run(scenario.name, "policy", seed, scenario.duration_s)
     device = make_device(scenario, seed)
     plant = Plant(scenario, device, run)
@@ -687,7 +657,7 @@ async def run_policy(scenario: Scenario, seed: int, dt: float, speed: float, sta
             remove = gw.store.add_listener(count)
             await _until(lambda: _all_good(gw), 30.0, "every point GOOD")
             wall, cpu = time.perf_counter(), cpu_s()
-            pause = 1.0 / speed * dt
+            pause = dt / speed
             while plant.t < scenario.duration_s - 1e-9:
                 plant.step(dt)
                 CLOCK.plant_s += dt
@@ -833,6 +803,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     if unknown:
         raise SystemExit(f"closed_loop: unknown scenario(s) {', '.join(sorted(unknown))}")
     cases: list[tuple[Scenario, int, dict[Controller, Run]]] = []
+    plant_timers(args.speed)
     with tempfile.TemporaryDirectory(prefix="opstwin-closed-loop-") as tmp:
         log_to_file(Path(tmp) / "gateway.log" if args.log is None else args.log)
         for n, scenario in enumerate(chosen):

@@ -248,12 +248,21 @@ async def ticks(engine: PolicyEngine, n: int, monkeypatch: pytest.MonkeyPatch) -
     await eventually(lambda: count[0] >= n, what=f"{n} runs of the engine's timer")
 
 
-async def hold_hot(rig: Rig, engine: PolicyEngine, seconds: float = 60.0, t: float = 185.0) -> None:
-    """The oven runs hot for `seconds`; new readings keep arriving (each a twin change)."""
+async def hold_hot(
+    rig: Rig,
+    engine: PolicyEngine,
+    seconds: float = 60.0,
+    t: float = 185.0,
+    anomalies: Iterable[tuple[str, str, float]] = (),
+) -> None:
+    """The oven runs hot for `seconds`; new readings keep arriving (each a twin change). The
+    last reading comes with `anomalies` (point, kind, score), as the anomaly watch, a twin
+    listener too, reports them within the same ingest."""
     rig.device.set(TEMP, t)
     await settle(engine)
     rig.clock.advance(seconds)
     rig.device.set(TEMP, t + 0.1)
+    engine.on_anomalies([Anomaly(p, kind, score, rig.clock(), {}) for p, kind, score in anomalies])
     await settle(engine)
 
 
@@ -414,13 +423,7 @@ async def test_a_probe_fault_on_a_policys_input_holds_its_proposal_for_a_person(
 ) -> None:
     rig.oven(temperature=180.0)
     engine = await rig.start([drift])
-    rig.device.set(TEMP, 185.0)
-    await settle(engine)
-    rig.clock.advance(60)
-    # The probe jumps; the anomaly watch, a twin listener too, reports it within the same ingest.
-    rig.device.set(TEMP, 185.1)
-    engine.on_anomalies([Anomaly(TEMP, "rate_of_change", 0.93, rig.clock(), {})])
-    await settle(engine)
+    await hold_hot(rig, engine, anomalies=[(TEMP, "rate_of_change", 0.93)])  # the probe jumps
     record = one(engine.recent())
     assert record.status == "pending_approval", record.to_json()
     why = f"rate_of_change anomaly (score 0.93) at t={rig.clock():.3f}, no sample since"
@@ -462,12 +465,7 @@ async def test_an_anomaly_of_the_process_not_the_sensor_changes_nothing(
 ) -> None:
     rig.oven(temperature=180.0)
     engine = await rig.start([drift])
-    rig.device.set(TEMP, 185.0)
-    await settle(engine)
-    rig.clock.advance(60)
-    rig.device.set(TEMP, 185.1)
-    engine.on_anomalies([Anomaly(p, kind, 1.0, rig.clock(), {}) for p in (TEMP, SP)])
-    await settle(engine)
+    await hold_hot(rig, engine, anomalies=[(TEMP, kind, 1.0), (SP, kind, 1.0)])
     record = one(engine.recent())
     assert record.status == "succeeded", record.to_json()
     assert "suspect" not in reasons(record)
